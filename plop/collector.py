@@ -1,0 +1,332 @@
+"""Forward-hook collector: streaming NFN statistics per linear module.
+
+``NFNCollector`` is a context manager. On entry it registers one forward hook per linear-like
+module; on exit (also when the forward raises) it removes every one of them. Each hook turns the
+module's input and output into a handful of float64 sums that live on the CPU, so memory is
+O(number of modules) however much data flows through, and nothing is stored per token.
+
+Per module and per forward call the hook reads::
+
+    ||z_t||          from the input (shared inputs, e.g. q/k/v, are normed once)
+    ||W z_t||        from the output minus the bias: no extra matmul
+    ratio_t = ||W z_t|| / ||z_t||
+
+over the non-padding tokens given by the batch's attention mask. It also keeps, for a streaming
+Poisson bootstrap, the per-sample ratio sums weighted by ``R`` resampling weights per sample.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from .nfn import normalized_feature_norm, random_baseline, random_unit_vectors
+
+# Indices into the packed per-call statistics vector (see NFNCollector._hook).
+_COUNT, _SUM, _SUMSQ, _IN_SUM, _IN_MAX, _OUT_SUM, _MC_SUM = range(7)
+_N_SCALARS = 7
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+class NonFiniteError(ValueError):
+    """A module produced a non-finite norm (overflow in fp16, NaN weights, ...)."""
+
+
+def module_type(name: str) -> str:
+    """The module's type as PEFT's ``target_modules`` matches it: the last name component."""
+    return name.rsplit(".", 1)[-1]
+
+
+def layer_index(name: str) -> int | None:
+    """The block index in ``...layers.N...``, ``h.N``, ``layer.N``, ``blocks.N``; else None."""
+    match = _LAYER_RE.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) stores its weight as (d_in, d_out); matched by name so that
+    # plop does not need transformers to inspect a plain torch model.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """nn.Linear and its subclasses (bitsandbytes Linear4bit/8bitLt among them) and Conv1D."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a dense ``(d_out, d_in)`` tensor, dequantized when needed."""
+    weight = module.weight
+    if _is_conv1d(module):
+        return weight.T
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnbf
+
+        return bnbf.dequantize_4bit(weight.data, quant_state)
+    if getattr(weight, "CB", None) is not None and getattr(weight, "SCB", None) is not None:  # bnb 8-bit
+        return weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
+    return weight
+
+
+def find_linear_modules(model: nn.Module, include_head: bool = False) -> dict[str, nn.Module]:
+    """Every linear-like module by full name, without the output head unless asked for.
+
+    The head is ``model.get_output_embeddings()`` where the model has one (lm_head, or a tied
+    output embedding). Adapter sub-layers of an already-wrapped PEFT model are skipped, and a
+    PEFT ``base_layer`` is reported under its parent's name.
+    """
+    head = None
+    if not include_head and hasattr(model, "get_output_embeddings"):
+        head = model.get_output_embeddings()
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not is_linear_like(module) or module is head:
+            continue
+        parts = name.split(".")
+        if any(p.startswith("lora_") for p in parts):
+            continue
+        if parts[-1] == "base_layer":
+            name = ".".join(parts[:-1])
+        found[name] = module
+    return found
+
+
+@dataclass
+class ModuleStats:
+    """Streaming accumulator for one module (float64, on the CPU)."""
+
+    name: str
+    shape: tuple[int, int]  # (d_out, d_in)
+    baseline: float  # ||W||_F / sqrt(d_in), or the Monte-Carlo E||Wu|| once finalised
+    has_bias: bool
+    n_replicates: int
+    sums: np.ndarray = field(init=False)
+    boot_sum: np.ndarray = field(init=False)
+    boot_count: np.ndarray = field(init=False)
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = np.zeros(_N_SCALARS, dtype=np.float64)
+        self.boot_sum = np.zeros(self.n_replicates, dtype=np.float64)
+        self.boot_count = np.zeros(self.n_replicates, dtype=np.float64)
+
+    @property
+    def count(self) -> int:
+        return int(self.sums[_COUNT])
+
+    @property
+    def ratio_mean(self) -> float:
+        return self.sums[_SUM] / self.sums[_COUNT]
+
+    @property
+    def denominator(self) -> float:
+        """``E_u ||W u||`` as estimated: closed form, or the Monte-Carlo running mean."""
+        if self.sums[_MC_SUM] > 0:
+            return self.sums[_MC_SUM] / self.sums[_COUNT]
+        return self.baseline
+
+    @property
+    def nfn(self) -> float:
+        return normalized_feature_norm(self.ratio_mean, self.denominator)
+
+    @property
+    def nfn_std(self) -> float:
+        """Standard deviation of the per-token ratio, in NFN units."""
+        n = self.sums[_COUNT]
+        var = max(self.sums[_SUMSQ] / n - self.ratio_mean**2, 0.0)
+        return float(np.sqrt(var)) / self.denominator
+
+    @property
+    def input_norm_mean(self) -> float:
+        return self.sums[_IN_SUM] / self.sums[_COUNT]
+
+    @property
+    def input_norm_max(self) -> float:
+        return float(self.sums[_IN_MAX])
+
+    @property
+    def output_norm_mean(self) -> float:
+        return self.sums[_OUT_SUM] / self.sums[_COUNT]
+
+    def bootstrap_nfn(self) -> np.ndarray:
+        """NFN under each Poisson-bootstrap replicate, shape ``(R,)``."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.boot_sum / self.boot_count / self.denominator
+
+
+class NFNCollector:
+    """Registers NFN hooks on ``modules`` for the duration of a ``with`` block.
+
+    Call :meth:`start_batch` with the batch's attention mask before each forward, so padding
+    tokens are excluded and bootstrap weights are drawn per sample. ``estimator`` is
+    ``"closed_form"`` (default, no extra compute) or ``"monte_carlo"`` (the authors' estimator:
+    a fresh random unit vector per token and a second matmul; for validation).
+    """
+
+    def __init__(
+        self,
+        modules: dict[str, nn.Module],
+        *,
+        estimator: str = "closed_form",
+        n_bootstrap: int = 200,
+        seed: int = 0,
+    ) -> None:
+        if estimator not in ("closed_form", "monte_carlo"):
+            raise ValueError(f"estimator must be 'closed_form' or 'monte_carlo', not {estimator!r}")
+        if not modules:
+            raise ValueError("no linear modules to collect from")
+        self.modules = modules
+        self.estimator = estimator
+        self.seed = seed
+        self.stats: dict[str, ModuleStats] = {}
+        for name, module in modules.items():
+            weight = dense_weight(module)
+            self.stats[name] = ModuleStats(
+                name=name,
+                shape=(int(weight.shape[0]), int(weight.shape[1])),
+                baseline=random_baseline(weight),
+                has_bias=getattr(module, "bias", None) is not None,
+                n_replicates=n_bootstrap,
+            )
+        self._boot_rng = np.random.default_rng(seed)
+        self._mc_generators: dict[torch.device, torch.Generator] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._mask: torch.Tensor | None = None
+        self._weights: np.ndarray | None = None  # (batch, R) Poisson(1) bootstrap weights
+        self._masks_by_device: dict[torch.device, torch.Tensor] = {}
+        self._cached_input: torch.Tensor | None = None
+        self._cached_input_version = -1
+        self._cached_norm: torch.Tensor | None = None
+        self.samples = 0
+        self.tokens = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def __enter__(self) -> NFNCollector:
+        try:
+            for name, module in self.modules.items():
+                self._handles.append(module.register_forward_hook(self._make_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook and drop references to activations; safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._drop_cache()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def start_batch(self, attention_mask: torch.Tensor) -> None:
+        """Declare the next forward's ``(batch, seq)`` mask and draw its bootstrap weights."""
+        self._drop_cache()
+        self._mask = attention_mask.bool()
+        self._masks_by_device = {}
+        n = attention_mask.shape[0]
+        replicates = next(iter(self.stats.values())).n_replicates
+        self._weights = self._boot_rng.poisson(1.0, size=(n, replicates)).astype(np.float64)
+        self.samples += n
+        self.tokens += int(self._mask.sum())
+
+    def _drop_cache(self) -> None:
+        self._cached_input = None
+        self._cached_norm = None
+
+    # -- the hook ----------------------------------------------------------------------------
+    def _make_hook(self, name: str):
+        stats = self.stats[name]
+
+        def hook(module: nn.Module, args, output) -> None:
+            self._accumulate(name, module, stats, args[0], output)
+
+        return hook
+
+    def _input_norm(self, x: torch.Tensor) -> torch.Tensor:
+        # q/k/v (and gate/up) read the very same tensor: norm it once.
+        if x is self._cached_input and x._version == self._cached_input_version:
+            return self._cached_norm
+        norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
+        self._cached_input, self._cached_input_version, self._cached_norm = x, x._version, norm
+        return norm
+
+    def _mask_for(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+        mask = self._mask
+        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+            return None  # tokens not laid out as (batch, seq): count them all
+        if device not in self._masks_by_device:
+            self._masks_by_device[device] = mask.to(device, non_blocking=True)
+        return self._masks_by_device[device]
+
+    @torch.no_grad()
+    def _accumulate(self, name, module, stats: ModuleStats, x, output) -> None:
+        y = output[0] if isinstance(output, tuple) else output
+        in_norm = self._input_norm(x)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            y = y - bias
+        out_norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
+        ratio = (out_norm / in_norm).double()
+
+        mask = self._mask_for(in_norm.shape, in_norm.device)
+        valid = in_norm != 0  # zero inputs carry no direction; NaN stays in and is reported
+        if mask is not None:
+            valid &= mask
+        v = valid.double()
+        r = torch.where(valid, ratio, 0.0)
+        in_valid = in_norm.double() * v
+        scalars = [v.sum(), r.sum(), (r * r).sum(), in_valid.sum(), in_valid.max(), (out_norm.double() * v).sum()]
+        if self.estimator == "monte_carlo":
+            scalars.append(self._monte_carlo_sum(module, x, v))
+        else:
+            scalars.append(torch.zeros((), dtype=torch.float64, device=r.device))
+        per_sample = mask is not None and r.ndim >= 2
+        parts = [torch.stack(scalars)]
+        if per_sample:
+            parts += [r.flatten(1).sum(1), v.flatten(1).sum(1)]
+        packed = torch.cat(parts).cpu().numpy()  # one device->host copy per call
+
+        head = packed[:_N_SCALARS]
+        if not np.isfinite(head).all():
+            raise NonFiniteError(
+                f"module {name!r} produced a non-finite feature norm (input or output is inf/NaN); "
+                "try --dtype float32 or check the model's weights"
+            )
+        stats.calls += 1
+        stats.sums[[_COUNT, _SUM, _SUMSQ, _IN_SUM, _OUT_SUM, _MC_SUM]] += head[
+            [_COUNT, _SUM, _SUMSQ, _IN_SUM, _OUT_SUM, _MC_SUM]
+        ]
+        stats.sums[_IN_MAX] = max(stats.sums[_IN_MAX], head[_IN_MAX])
+        if per_sample:
+            n = (len(packed) - _N_SCALARS) // 2
+            sample_sum, sample_count = packed[_N_SCALARS : _N_SCALARS + n], packed[_N_SCALARS + n :]
+            stats.boot_sum += sample_sum @ self._weights
+            stats.boot_count += sample_count @ self._weights
+        else:
+            stats.boot_sum += head[_SUM]
+            stats.boot_count += head[_COUNT]
+
+    def _monte_carlo_sum(self, module: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Sum over valid tokens of ``||W u_t||``, one fresh random unit ``u_t`` per token."""
+        device = x.device
+        if device not in self._mc_generators:
+            self._mc_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        tokens = x.reshape(-1, x.shape[-1])
+        u = random_unit_vectors(
+            tokens.shape[0], tokens.shape[1], generator=self._mc_generators[device], device=device, dtype=x.dtype
+        )
+        wu = u @ module.weight if _is_conv1d(module) else torch.nn.functional.linear(u, dense_weight(module))
+        norms = torch.linalg.vector_norm(wu, dim=-1, dtype=torch.float32).double()
+        return (norms * v.reshape(-1)).sum()
