@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
+from rich import box
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -13,7 +14,7 @@ from rich.text import Text
 if TYPE_CHECKING:
     from .report import Report
 
-_BAR_WIDTH = 24
+_BAR_WIDTH = 10
 
 
 def _bar(value: float, lo: float, hi: float) -> Text:
@@ -40,15 +41,15 @@ def render(report: Report) -> Group:
     )
     lo = min(t.nfn_min for t in report.types)
     hi = max(t.nfn_mean for t in report.types)
-    table = Table(title="Module types by NFN (low = least aligned with the task: put LoRA here)", expand=False)
-    for col, justify in (("#", "right"), ("type", "left"), ("NFN mean ± std", "right"), ("", "left"),
-                         ("min–max over layers", "right"), ("modules", "right"), ("P(selected)", "right"),
-                         (f"LoRA params @ r={rec.rank}", "right")):
-        table.add_column(col, justify=justify)
+    table = Table(title="Module types by mean NFN over layers (low: least aligned with the task, put LoRA here)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col, justify in (("#", "right"), ("type", "left"), ("NFN ± std", "right"), ("", "left"),
+                         ("min–max", "right"), ("n", "right"), ("P(sel)", "right"), (f"params@r{rec.rank}", "right")):
+        table.add_column(col, justify=justify, no_wrap=True)
     for t in report.types:
         prob = "–" if t.selection_probability is None else f"{t.selection_probability:.0%}"
         table.add_row(
-            str(t.rank), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", _bar(t.nfn_mean, lo, hi),
+            str(t.rank), t.type, f"{t.nfn_mean:.3f}±{t.nfn_std:.3f}", _bar(t.nfn_mean, lo, hi),
             f"{t.nfn_min:.2f}–{t.nfn_max:.2f}", str(t.n_modules), prob, f"{t.lora_params_per_rank * rec.rank:,}",
             style="bold green" if t.type in chosen else None,
         )
@@ -68,7 +69,7 @@ def render(report: Report) -> Group:
         title="recommendation",
         border_style="green",
     )
-    costs = Table(title="Cost of each placement", expand=False)
+    costs = Table(title="Cost of each placement", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("placement", "types", f"params @ r={rec.rank}", "MB"):
         costs.add_column(col, justify="left" if col in ("placement", "types") else "right")
     for name, cost in report.costs.items():

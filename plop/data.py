@@ -1,0 +1,212 @@
+"""Task data: load rows with Hugging Face ``datasets``, turn them into (prompt, response) text.
+
+Sources: a local JSON/JSONL/CSV/Parquet/text file or folder, a hub dataset name (when the hub is
+reachable), or ``None`` for the demo data shipped with plop (``plop/data/demo.jsonl``).
+
+Each row becomes an :class:`Example` with a ``prompt`` and a ``response``; diagnosis reads
+``prompt + response``, training puts the loss on the response only (``prompt`` is empty when
+the text comes from a single field).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import PlopError
+
+DEMO_DATA = Path(__file__).parent / "data" / "demo.jsonl"
+_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
+# Field pairs recognised without any flag, in order of preference.
+_PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"), ("input", "output"),
+          ("prompt", "completion"), ("query", "response"))
+
+
+@dataclass(frozen=True)
+class Example:
+    prompt: str
+    response: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.response
+
+
+@dataclass
+class TextFormat:
+    """How rows become text. At most one of ``text_field``, ``template`` and ``chat``; with none,
+    a ``text`` field or a known prompt/response pair (``prompt``/``response``,
+    ``question``/``answer``, ...) is used."""
+
+    text_field: str | None = None
+    template: str | None = None
+    chat: bool = False
+    prompt_field: str | None = None
+    response_field: str | None = None
+
+    def __post_init__(self) -> None:
+        if sum([self.text_field is not None, self.template is not None, self.chat]) > 1:
+            raise PlopError("choose one of --text-field, --template and --chat")
+
+    def resolve(self, fields: list[str]) -> TextFormat:
+        """Fill in the fields this format needs from the dataset's columns, or say what's missing."""
+        def need(*names: str | None) -> None:
+            missing = [n for n in names if n is not None and n not in fields]
+            if missing:
+                raise PlopError(f"field {missing[0]!r} is not in the data", f"available fields: {', '.join(fields)}")
+
+        if self.text_field is not None:
+            need(self.text_field)
+            return self
+        if self.template is not None:
+            try:
+                self.template.format_map({f: "" for f in fields})
+            except KeyError as e:
+                raise PlopError(f"template field {e.args[0]!r} is not in the data",
+                                f"available fields: {', '.join(fields)}") from None
+            return self
+        if self.prompt_field and self.response_field:
+            need(self.prompt_field, self.response_field)
+            return self
+        for p, r in _PAIRS:
+            if p in fields and r in fields:
+                return TextFormat(chat=self.chat, prompt_field=p, response_field=r)
+        if not self.chat and "text" in fields:
+            return TextFormat(text_field="text")
+        raise PlopError(
+            "cannot tell which fields hold the text",
+            f"available fields: {', '.join(fields)}; pass --text-field, --template or --prompt-field/--response-field",
+        )
+
+    def example(self, row: dict[str, Any], tokenizer=None) -> Example:
+        if self.text_field is not None:
+            return Example("", str(row[self.text_field] or ""))
+        if self.template is not None:
+            # a template that ends in the response field splits there: the loss goes on the response
+            cut = "{" + (self.response_field or "") + "}"
+            if self.response_field and self.template.endswith(cut):
+                return Example(self.template[: -len(cut)].format_map(row), str(row[self.response_field]))
+            return Example("", self.template.format_map(row))
+        prompt, response = str(row[self.prompt_field] or ""), str(row[self.response_field] or "")
+        if not self.chat:
+            return Example(prompt + "\n", response)
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise PlopError("--chat needs a tokenizer with a chat template", "use --template instead")
+        user = [{"role": "user", "content": prompt}]
+        head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+        return Example(head, full[len(head):]) if full.startswith(head) else Example("", full)
+
+
+def _first_bad_json_line(path: Path) -> str | None:
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    return f"line {lineno}: {e.msg}"
+    return None
+
+
+def _sha256(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_rows(source: str | None = None, *, split: str = "train", config: str | None = None):
+    """``(datasets.Dataset, info)`` for a file, folder, hub name, or the demo data (``None``)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = DEMO_DATA if source is None else Path(source).expanduser()
+    if path.is_file():
+        builder = _BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise PlopError(f"{path}: unknown file type {path.suffix!r}", f"use one of {', '.join(_BUILDERS)}")
+        files = [path]
+        if builder == "json" and path.suffix.lower() == ".jsonl":
+            bad = _first_bad_json_line(path)
+            if bad:
+                raise PlopError(f"{path}: malformed JSON at {bad}")
+        args: tuple = (builder,)
+        kwargs: dict = {"data_files": str(path), "split": "train"}
+    elif path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS]
+        if not files:
+            raise PlopError(f"{path}: no data files (.json, .jsonl, .csv, .parquet, .txt) in this folder")
+        args, kwargs = (str(path),), {"split": split}
+    elif source is not None and (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS):
+        raise PlopError(f"data file {source} does not exist")
+    else:
+        files = []
+        args, kwargs = (source,), {"name": config, "split": split}
+    try:
+        ds = datasets.load_dataset(*args, **kwargs)
+    except PermissionError as e:
+        raise PlopError(f"cannot read {path}: permission denied") from e
+    except Exception as e:  # datasets wraps parse errors in several exception types
+        if files:
+            raise PlopError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
+        raise PlopError(f"dataset {source!r} not found locally, and the hub could not provide it: "
+                        f"{str(e).splitlines()[0]}", "pass a local file or folder") from e
+    info = {
+        "source": "demo" if source is None else str(source),
+        "sha256": _sha256(files) if files else getattr(ds, "_fingerprint", None),
+        "rows": len(ds),
+        "fields": list(ds.column_names),
+    }
+    if source is not None and not files:
+        info.update(split=split, config=config)
+    return ds, info
+
+
+def sample_indices(n_rows: int, samples: int | None, seed: int) -> list[int]:
+    """A seeded random subset of row indices (all rows, shuffled, when ``samples`` is None)."""
+    if samples is not None and samples > n_rows:
+        warnings.warn(f"asked for {samples} samples but the data has {n_rows} rows; using all of them", stacklevel=2)
+    order = np.random.default_rng(seed).permutation(n_rows)
+    return [int(i) for i in order[: samples or n_rows]]
+
+
+def load_examples(
+    source: str | None = None,
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    text_format: TextFormat | None = None,
+    tokenizer=None,
+    split: str = "train",
+    config: str | None = None,
+) -> tuple[list[Example], dict[str, Any]]:
+    """Load, sample and format rows; ``info`` records the source, its hash and the row indices.
+
+    Rows whose text is empty are dropped (and counted in ``info["dropped_empty"]``).
+    """
+    ds, info = load_rows(source, split=split, config=config)
+    if len(ds) == 0:
+        raise PlopError(f"{info['source']}: the data is empty")
+    fmt = (text_format or TextFormat()).resolve(list(ds.column_names))
+    indices = sample_indices(len(ds), samples, seed)
+    rows = ds.select(indices)
+    examples, kept = [], []
+    for i, row in zip(indices, rows):
+        ex = fmt.example(row, tokenizer)
+        if ex.text.strip():
+            examples.append(ex)
+            kept.append(i)
+    if not examples:
+        raise PlopError(f"{info['source']}: no non-empty text left in the selected rows")
+    info.update(indices=kept, dropped_empty=len(indices) - len(kept), seed=seed,
+                format={k: v for k, v in vars(fmt).items() if v not in (None, False)})
+    return examples, info
