@@ -84,9 +84,16 @@ def _batches(
                 max_length=config.max_length, return_tensors="pt", padding_side="right",
             )
     else:
+        left = config.samples if isinstance(config.samples, int) else None  # rows, not batches
         for batch in data:
             if "input_ids" not in batch:
                 raise ValueError("each batch must hold 'input_ids' (and ideally 'attention_mask')")
+            if left is not None:
+                if left <= 0:
+                    return
+                if len(batch["input_ids"]) > left:
+                    batch = {k: v[:left] for k, v in batch.items()}
+                left -= len(batch["input_ids"])
             yield batch
 
 
@@ -134,13 +141,14 @@ def _model_info(model: nn.Module, model_id: str | None) -> dict[str, Any]:
 
 
 def _progress(total: int | None, enabled: bool):
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
         TimeRemainingColumn
 
     return Progress(
         TextColumn("[bold]diagnosing[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
         TextColumn("{task.fields[tps]:>8.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), disable=not enabled, transient=False,
+        TimeRemainingColumn(), disable=not enabled, console=Console(stderr=True),  # stdout may carry --json
     )
 
 
@@ -174,9 +182,12 @@ def diagnose(
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)):
         if len(data) == 0:
             raise ValueError("no data to diagnose on")
-        if isinstance(config.samples, int):
-            data = data[: config.samples]
-        total = len(data)
+        if isinstance(data[0], str):
+            if isinstance(config.samples, int):
+                data = data[: config.samples]
+            total = len(data)
+        else:  # token batches: samples and the progress total count rows, see _batches
+            total = None
     else:
         total = None
 

@@ -142,6 +142,9 @@ def load_model(
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
+        if "trust_remote_code" in str(e):
+            raise PlopError(f"model {name_or_path!r} runs code of its own, which plop only runs when asked",
+                            "pass --trust-remote-code if you trust its source") from e
         if Path(source).exists():
             raise PlopError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
         where = "the Hugging Face hub is unreachable (offline)" if _hub_offline() else "no such model on the hub"
@@ -150,5 +153,8 @@ def load_model(
             "pass a local model directory or a .gguf file",
         ) from e
     auto = AutoModelForCausalLM if type(config) in AutoModelForCausalLM._model_mapping else AutoModel
-    model = auto.from_pretrained(source, **kwargs)
+    try:
+        model = auto.from_pretrained(source, **kwargs)
+    except OSError as e:  # weights missing or unreadable
+        raise PlopError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from e
     return model, tokenizer, model_id

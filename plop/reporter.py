@@ -41,7 +41,7 @@ def render(report: Report) -> Group:
     )
     lo = min(t.nfn_min for t in report.types)
     hi = max(t.nfn_mean for t in report.types)
-    table = Table(title="Module types by mean NFN over layers (low: least aligned with the task, put LoRA here)",
+    table = Table(title="Module types by mean NFN over layers (low NFN: put LoRA here)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for col, justify in (("#", "right"), ("type", "left"), ("NFN ± std", "right"), ("", "left"),
                          ("min–max", "right"), ("n", "right"), ("P(sel)", "right"), (f"params@r{rec.rank}", "right")):
@@ -100,7 +100,7 @@ def plot_report(report: Report, path: str | os.PathLike | None = None):
     fig, (ax_map, ax_bar) = plt.subplots(
         1, 2, figsize=(12, max(4.0, 0.22 * len(layers) + 2)), gridspec_kw={"width_ratios": [1.2, 1]}
     )
-    image = ax_map.imshow(grid, aspect="auto", cmap="viridis_r", interpolation="nearest")
+    image = ax_map.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
     ax_map.set_xticks(range(len(types)), types, rotation=45, ha="right")
     ax_map.set_ylabel("layer")
     if layers:
