@@ -26,8 +26,9 @@ from torch import nn
 
 from .nfn import normalized_feature_norm, random_baseline, random_unit_vectors
 
-# Indices into the packed per-call statistics vector (see NFNCollector._hook).
-_COUNT, _SUM, _SUMSQ, _IN_SUM, _IN_MAX, _OUT_SUM, _MC_SUM = range(7)
+# Rows of the per-call statistics (one column per sample, see NFNCollector._accumulate): the first
+# three depend only on the input, so modules that share an input share them.
+_COUNT, _IN_SUM, _IN_MAX, _SUM, _SUMSQ, _OUT_SUM, _MC_SUM = range(7)
 _N_SCALARS = 7
 
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
@@ -59,9 +60,21 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
 
 
+def parameter(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>``, also when accelerate offloaded it (``device_map`` with "cpu"/"disk"):
+    such a parameter sits on the meta device outside the module's own forward, and its values
+    live in the accelerate hook's ``weights_map``."""
+    value = getattr(module, name, None)
+    if value is not None and value.device.type == "meta":
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return weights_map[name]
+    return value
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight as a dense ``(d_out, d_in)`` tensor, dequantized when needed."""
-    weight = module.weight
+    weight = parameter(module, "weight")
     if _is_conv1d(module):
         return weight.T
     quant_state = getattr(weight, "quant_state", None)
@@ -191,7 +204,7 @@ class NFNCollector:
                 name=name,
                 shape=(int(weight.shape[0]), int(weight.shape[1])),
                 baseline=random_baseline(weight),
-                has_bias=getattr(module, "bias", None) is not None,
+                has_bias=parameter(module, "bias") is not None,
                 n_replicates=n_bootstrap,
             )
         self._boot_rng = np.random.default_rng(seed)
@@ -202,7 +215,8 @@ class NFNCollector:
         self._masks_by_device: dict[torch.device, torch.Tensor] = {}
         self._cached_input: torch.Tensor | None = None
         self._cached_input_version = -1
-        self._cached_norm: torch.Tensor | None = None
+        self._cached_rows: tuple | None = None
+        self._pending: list[tuple[ModuleStats, torch.Tensor]] = []
         self.samples = 0
         self.tokens = 0
 
@@ -216,8 +230,12 @@ class NFNCollector:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.flush()
+        finally:
+            self.remove()
 
     def remove(self) -> None:
         """Remove every hook and drop references to activations; safe to call twice."""
@@ -225,6 +243,7 @@ class NFNCollector:
             handle.remove()
         self._handles.clear()
         self._drop_cache()
+        self._pending, self._mask, self._masks_by_device, self._weights = [], None, {}, None
 
     @property
     def active(self) -> bool:
@@ -232,7 +251,7 @@ class NFNCollector:
 
     def start_batch(self, attention_mask: torch.Tensor) -> None:
         """Declare the next forward's ``(batch, seq)`` mask and draw its bootstrap weights."""
-        self._drop_cache()
+        self.flush()
         self._mask = attention_mask.bool()
         self._masks_by_device = {}
         n = attention_mask.shape[0]
@@ -243,83 +262,91 @@ class NFNCollector:
 
     def _drop_cache(self) -> None:
         self._cached_input = None
-        self._cached_norm = None
+        self._cached_rows = None
 
     # -- the hook ----------------------------------------------------------------------------
     def _make_hook(self, name: str):
         stats = self.stats[name]
 
         def hook(module: nn.Module, args, output) -> None:
-            self._accumulate(name, module, stats, args[0], output)
+            self._accumulate(module, stats, args[0], output)
 
         return hook
-
-    def _input_norm(self, x: torch.Tensor) -> torch.Tensor:
-        # q/k/v (and gate/up) read the very same tensor: norm it once.
-        if x is self._cached_input and x._version == self._cached_input_version:
-            return self._cached_norm
-        norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-        self._cached_input, self._cached_input_version, self._cached_norm = x, x._version, norm
-        return norm
 
     def _mask_for(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
         mask = self._mask
         if mask is None or tuple(mask.shape) != tuple(leading_shape):
-            return None  # tokens not laid out as (batch, seq): count them all
+            return None  # tokens not laid out as (batch, seq): count them all, as one group
         if device not in self._masks_by_device:
             self._masks_by_device[device] = mask.to(device, non_blocking=True)
         return self._masks_by_device[device]
 
-    @torch.no_grad()
-    def _accumulate(self, name, module, stats: ModuleStats, x, output) -> None:
-        y = output[0] if isinstance(output, tuple) else output
-        in_norm = self._input_norm(x)
-        bias = getattr(module, "bias", None)
-        if bias is not None:
-            y = y - bias
-        out_norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32)
-        ratio = (out_norm / in_norm).double()
-
+    def _input_rows(self, x: torch.Tensor):
+        """``(in_norm, valid, rows)`` for an input; ``rows`` holds per-sample token count, input
+        norm sum and max. q/k/v (and gate/up) read the very same tensor: computed once."""
+        if x is self._cached_input and x._version == self._cached_input_version:
+            return self._cached_rows
+        in_norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
         mask = self._mask_for(in_norm.shape, in_norm.device)
+        if mask is None or in_norm.ndim < 2:
+            in_norm = in_norm.reshape(1, -1)
+        else:
+            in_norm = in_norm.flatten(1)
+            mask = mask.flatten(1)
         valid = in_norm != 0  # zero inputs carry no direction; NaN stays in and is reported
-        if mask is not None:
+        if mask is not None and mask.shape == valid.shape:
             valid &= mask
-        v = valid.double()
-        r = torch.where(valid, ratio, 0.0)
-        in_valid = in_norm.double() * v
-        scalars = [v.sum(), r.sum(), (r * r).sum(), in_valid.sum(), in_valid.max(), (out_norm.double() * v).sum()]
+        masked = torch.where(valid, in_norm, 0.0)
+        rows = torch.stack([valid.sum(-1, dtype=torch.float32), masked.sum(-1), masked.amax(-1)])
+        self._cached_input, self._cached_input_version = x, x._version
+        self._cached_rows = (in_norm, valid, rows)
+        return self._cached_rows
+
+    @torch.no_grad()
+    def _accumulate(self, module, stats: ModuleStats, x, output) -> None:
+        # Everything stays on the module's device until flush(): no host sync inside the forward.
+        y = output[0] if isinstance(output, tuple) else output
+        in_norm, valid, in_rows = self._input_rows(x)
+        bias = parameter(module, "bias")
+        if bias is not None:
+            y = y - bias.to(y.device, y.dtype)
+        out_norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).reshape(in_norm.shape)
+        ratio = torch.where(valid, out_norm / in_norm, 0.0)
+        parts = [ratio, ratio * ratio, torch.where(valid, out_norm, 0.0)]
         if self.estimator == "monte_carlo":
-            scalars.append(self._monte_carlo_sum(module, x, v))
-        else:
-            scalars.append(torch.zeros((), dtype=torch.float64, device=r.device))
-        per_sample = mask is not None and r.ndim >= 2
-        parts = [torch.stack(scalars)]
-        if per_sample:
-            parts += [r.flatten(1).sum(1), v.flatten(1).sum(1)]
-        packed = torch.cat(parts).cpu().numpy()  # one device->host copy per call
+            parts.append(torch.where(valid, self._monte_carlo_norms(module, x).reshape(in_norm.shape), 0.0))
+        self._pending.append((stats, torch.cat([in_rows, torch.stack(parts).sum(-1)])))
 
-        head = packed[:_N_SCALARS]
-        if not np.isfinite(head).all():
-            raise NonFiniteError(
-                f"module {name!r} produced a non-finite feature norm (input or output is inf/NaN); "
-                "try --dtype float32 or check the model's weights"
-            )
-        stats.calls += 1
-        stats.sums[[_COUNT, _SUM, _SUMSQ, _IN_SUM, _OUT_SUM, _MC_SUM]] += head[
-            [_COUNT, _SUM, _SUMSQ, _IN_SUM, _OUT_SUM, _MC_SUM]
-        ]
-        stats.sums[_IN_MAX] = max(stats.sums[_IN_MAX], head[_IN_MAX])
-        if per_sample:
-            n = (len(packed) - _N_SCALARS) // 2
-            sample_sum, sample_count = packed[_N_SCALARS : _N_SCALARS + n], packed[_N_SCALARS + n :]
-            stats.boot_sum += sample_sum @ self._weights
-            stats.boot_count += sample_count @ self._weights
-        else:
-            stats.boot_sum += head[_SUM]
-            stats.boot_count += head[_COUNT]
+    def flush(self) -> None:
+        """Move the pending per-call statistics to the CPU accumulators: one copy per device."""
+        pending, self._pending = self._pending, []
+        self._drop_cache()
+        groups: dict[tuple, list] = {}
+        for stats, rows in pending:
+            groups.setdefault((rows.device, rows.shape), []).append((stats, rows))
+        for entries in groups.values():
+            block = torch.stack([rows for _, rows in entries]).cpu().double().numpy()  # (K, rows, G)
+            per_sample = self._weights is not None and block.shape[2] == self._weights.shape[0]
+            if per_sample:
+                with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are reported below
+                    boot_sum, boot_count = block[:, _SUM] @ self._weights, block[:, _COUNT] @ self._weights
+            for k, (stats, _) in enumerate(entries):
+                totals = block[k].sum(-1)
+                totals[_IN_MAX] = block[k, _IN_MAX].max()
+                if not np.isfinite(totals).all():
+                    raise NonFiniteError(
+                        f"module {stats.name!r} produced a non-finite feature norm (input or output is inf/NaN); "
+                        "try --dtype float32 or check the model's weights"
+                    )
+                stats.calls += 1
+                stats.sums[_IN_MAX] = max(stats.sums[_IN_MAX], totals[_IN_MAX])
+                totals[_IN_MAX] = 0.0
+                stats.sums[: len(totals)] += totals
+                stats.boot_sum += boot_sum[k] if per_sample else totals[_SUM]
+                stats.boot_count += boot_count[k] if per_sample else totals[_COUNT]
 
-    def _monte_carlo_sum(self, module: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Sum over valid tokens of ``||W u_t||``, one fresh random unit ``u_t`` per token."""
+    def _monte_carlo_norms(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``||W u_t||`` for one fresh random unit vector ``u_t`` per token (the authors' way)."""
         device = x.device
         if device not in self._mc_generators:
             self._mc_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
@@ -327,6 +354,5 @@ class NFNCollector:
         u = random_unit_vectors(
             tokens.shape[0], tokens.shape[1], generator=self._mc_generators[device], device=device, dtype=x.dtype
         )
-        wu = u @ module.weight if _is_conv1d(module) else torch.nn.functional.linear(u, dense_weight(module))
-        norms = torch.linalg.vector_norm(wu, dim=-1, dtype=torch.float32).double()
-        return (norms * v.reshape(-1)).sum()
+        weight = dense_weight(module).to(device, x.dtype)
+        return torch.linalg.vector_norm(torch.nn.functional.linear(u, weight), dim=-1, dtype=torch.float32)

@@ -213,11 +213,11 @@ def diagnose(
                     mask = torch.ones_like(ids)
                 collector.start_batch(mask)
                 target(input_ids=ids.to(device), attention_mask=mask.to(device), **call_kwargs)
+                collector.flush()
                 records = _records(collector)
-                if selector is None:
-                    selector = Selector(records, config.strategy, top_k=config.top_k, budget=config.budget,
-                                        rank=config.rank)
-                selector.records = records
+                # rebuilt per batch: a module first called late must still be costed and ranked
+                selector = Selector(records, config.strategy, top_k=config.top_k, budget=config.budget,
+                                    rank=config.rank)
                 checkpoints.append((collector.samples, selector(np.array([m.nfn for m in records]))))
                 bar.update(task, advance=ids.shape[0], tps=collector.tokens / (time.perf_counter() - start))
                 if config.samples == "auto" and collector.samples >= AUTO_MIN_SAMPLES:

@@ -95,6 +95,12 @@ class ReportError(ValueError):
     """A report file that cannot be read: the message says which field and why."""
 
 
+def _build(cls, values: dict[str, Any]):
+    """``cls(**values)`` without the keys ``cls`` does not know (fields a later plop may add)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
 @dataclass
 class Report:
     """Everything a diagnosis found, and what it recommends.
@@ -153,22 +159,23 @@ class Report:
             where = "/".join(str(p) for p in error.absolute_path) or "top level"
             raise ReportError(f"{source}: not a valid plop report at {where}: {error.message}")
         fields = dict(raw)
-        fields["modules"] = [ModuleRecord(**m) for m in raw["modules"]]
-        fields["types"] = [TypeRanking(**t) for t in raw["types"]]
-        fields["recommendation"] = Recommendation(**raw["recommendation"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in fields.items() if k in known})
+        fields["modules"] = [_build(ModuleRecord, m) for m in raw["modules"]]
+        fields["types"] = [_build(TypeRanking, t) for t in raw["types"]]
+        fields["recommendation"] = _build(Recommendation, raw["recommendation"])
+        return _build(cls, fields)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
         """Read and validate a saved report; errors name the file, the field and the problem."""
         path = Path(path)
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ReportError(f"{path}: no such report file") from None
         except OSError as e:
             raise ReportError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ReportError(f"{path}: not JSON (not UTF-8 text; a binary file?)") from None
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
@@ -208,6 +215,8 @@ class Report:
     def task_type(self) -> str | None:
         """PEFT's task type, read off the architecture name (``...ForCausalLM`` -> CAUSAL_LM)."""
         arch = self.model.get("architecture", "")
+        if arch.endswith("LMHeadModel") and not arch.endswith("WithLMHeadModel"):  # GPT2LMHeadModel & co.
+            return "CAUSAL_LM"
         for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                              ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                              ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
