@@ -8,7 +8,8 @@ A LLaMA-shaped model (random weights, 12 layers, hidden 1024) saved once, then d
   bitsandbytes 8-bit and 4-bit       quantized weights: dequantized-weight baseline, NFN close to float32
                                      (the quantization itself moves the weights, hence a looser bound)
 
-and the time of a diagnosis against a plain no-grad forward in bfloat16. Prints one line per check
+and the time of a diagnosis against a plain no-grad forward in bfloat16, on that model and on a wide
+one (hidden 4096) where the GPU, not the hooks' kernel launches, sets the pace. Prints one line per check
 and writes $OUT/gpu_check.json (or benchmarks/results/gpu_check.json).
 
     python benchmarks/gpu_check.py
@@ -52,6 +53,22 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def time_against_forward(model, data, label: str) -> dict:
+    """Best of three: a plain no-grad forward (logits included) vs a diagnosis, same batches."""
+    def forward() -> None:
+        with torch.no_grad():
+            for b in data:
+                model(**{k: v.cuda() for k, v in b.items()}, use_cache=False)
+
+    forward()
+    diagnose(model, data)  # warm-up both
+    t_forward = min(timed(forward) for _ in range(3))
+    t_diagnose = min(timed(lambda: diagnose(model, data)) for _ in range(3))
+    print(f"bf16 timing, {label}: forward {t_forward:.3f} s, diagnose {t_diagnose:.3f} s, "
+          f"ratio {t_diagnose / t_forward:.2f}")
+    return {"model": label, "forward_s": t_forward, "diagnose_s": t_diagnose, "ratio": t_diagnose / t_forward}
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "this check needs a CUDA GPU"
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -91,17 +108,13 @@ def main() -> None:
             results["bnb"] = f"skipped: {e}"
             print(f"bitsandbytes: skipped ({e})")
 
-        def forward() -> None:
-            with torch.no_grad():
-                for b in data:
-                    bf16(**{k: v.cuda() for k, v in b.items()}, use_cache=False)
-
-        forward()
-        diagnose(bf16, data)  # warm-up both
-        t_forward = min(timed(forward) for _ in range(3))
-        t_diagnose = min(timed(lambda: diagnose(bf16, data)) for _ in range(3))
-        results["timing_bf16"] = {"forward_s": t_forward, "diagnose_s": t_diagnose, "ratio": t_diagnose / t_forward}
-        print(f"bf16 timing: forward {t_forward:.3f} s, diagnose {t_diagnose:.3f} s, ratio {t_diagnose / t_forward:.2f}")
+        results["timing_bf16"] = time_against_forward(bf16, data, "hidden 1024 x 12 layers, 8 x 256 tokens")
+        del bf16
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                                        num_hidden_layers=6, num_attention_heads=32, num_key_value_heads=8))
+    results["timing_bf16_wide"] = time_against_forward(wide.to("cuda", torch.bfloat16), batches(seq=1024),
+                                                       "hidden 4096 x 6 layers, 8 x 1024 tokens")
 
     out = Path(os.environ.get("OUT") or Path(__file__).parent / "results") / "gpu_check.json"
     out.parent.mkdir(parents=True, exist_ok=True)

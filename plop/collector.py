@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .nfn import normalized_feature_norm, random_baseline, random_unit_vectors
+from .nfn import normalized_feature_norm, random_baselines, random_unit_vectors
 
 # Rows of the per-call statistics (one column per sample, see NFNCollector._accumulate): the first
 # three depend only on the input, so modules that share an input share them.
@@ -197,16 +197,17 @@ class NFNCollector:
         self.modules = modules
         self.estimator = estimator
         self.seed = seed
-        self.stats: dict[str, ModuleStats] = {}
-        for name, module in modules.items():
-            weight = dense_weight(module)
-            self.stats[name] = ModuleStats(
+        weights = [dense_weight(module) for module in modules.values()]
+        self.stats: dict[str, ModuleStats] = {
+            name: ModuleStats(
                 name=name,
                 shape=(int(weight.shape[0]), int(weight.shape[1])),
-                baseline=random_baseline(weight),
+                baseline=baseline,
                 has_bias=parameter(module, "bias") is not None,
                 n_replicates=n_bootstrap,
             )
+            for (name, module), weight, baseline in zip(modules.items(), weights, random_baselines(weights))
+        }
         self._boot_rng = np.random.default_rng(seed)
         self._mc_generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -216,7 +217,8 @@ class NFNCollector:
         self._cached_input: torch.Tensor | None = None
         self._cached_input_version = -1
         self._cached_rows: tuple | None = None
-        self._pending: list[tuple[ModuleStats, torch.Tensor]] = []
+        # (stats, valid, 1/||z||, input rows, output norms) per module call, until flush()
+        self._pending: list[tuple] = []
         self.samples = 0
         self.tokens = 0
 
@@ -282,7 +284,7 @@ class NFNCollector:
         return self._masks_by_device[device]
 
     def _input_rows(self, x: torch.Tensor):
-        """``(in_norm, valid, rows)`` for an input; ``rows`` holds per-sample token count, input
+        """``(valid, 1/||z||, rows)`` for an input; ``rows`` holds per-sample token count, input
         norm sum and max. q/k/v (and gate/up) read the very same tensor: computed once."""
         if x is self._cached_input and x._version == self._cached_input_version:
             return self._cached_rows
@@ -296,54 +298,66 @@ class NFNCollector:
         valid = in_norm != 0  # zero inputs carry no direction; NaN stays in and is reported
         if mask is not None and mask.shape == valid.shape:
             valid &= mask
-        masked = torch.where(valid, in_norm, 0.0)
+        zero = in_norm.new_zeros(())
+        masked = torch.where(valid, in_norm, zero)
+        inverse = torch.where(valid, in_norm.reciprocal(), zero)
         rows = torch.stack([valid.sum(-1, dtype=torch.float32), masked.sum(-1), masked.amax(-1)])
         self._cached_input, self._cached_input_version = x, x._version
-        self._cached_rows = (in_norm, valid, rows)
+        self._cached_rows = (valid, inverse, rows)
         return self._cached_rows
 
     @torch.no_grad()
     def _accumulate(self, module, stats: ModuleStats, x, output) -> None:
-        # Everything stays on the module's device until flush(): no host sync inside the forward.
+        # A hook only takes the output's per-token norm: on a GPU, kernel launches are what a
+        # hook costs, so the arithmetic on the norms is batched over all modules in flush().
         y = output[0] if isinstance(output, tuple) else output
-        in_norm, valid, in_rows = self._input_rows(x)
+        valid, inverse, in_rows = self._input_rows(x)
         bias = parameter(module, "bias")
         if bias is not None:
             y = y - bias.to(y.device, y.dtype)
-        out_norm = torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).reshape(in_norm.shape)
-        ratio = torch.where(valid, out_norm / in_norm, 0.0)
-        parts = [ratio, ratio * ratio, torch.where(valid, out_norm, 0.0)]
+        norms = [torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).reshape(valid.shape)]
         if self.estimator == "monte_carlo":
-            parts.append(torch.where(valid, self._monte_carlo_norms(module, x).reshape(in_norm.shape), 0.0))
-        self._pending.append((stats, torch.cat([in_rows, torch.stack(parts).sum(-1)])))
+            norms.append(self._monte_carlo_norms(module, x).reshape(valid.shape))
+        self._pending.append((stats, valid, inverse, in_rows, torch.stack(norms)))
 
     def flush(self) -> None:
-        """Move the pending per-call statistics to the CPU accumulators: one copy per device."""
+        """Reduce the pending per-token norms and move them to the CPU accumulators: a few
+        kernels and one copy per device and batch, no host sync inside the forward."""
         pending, self._pending = self._pending, []
         self._drop_cache()
         groups: dict[tuple, list] = {}
-        for stats, rows in pending:
-            groups.setdefault((rows.device, rows.shape), []).append((stats, rows))
+        for entry in pending:
+            norms = entry[-1]
+            groups.setdefault((norms.device, norms.shape), []).append(entry)
         for entries in groups.values():
-            block = torch.stack([rows for _, rows in entries]).cpu().double().numpy()  # (K, rows, G)
-            per_sample = self._weights is not None and block.shape[2] == self._weights.shape[0]
-            if per_sample:
-                with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are reported below
-                    boot_sum, boot_count = block[:, _SUM] @ self._weights, block[:, _COUNT] @ self._weights
-            for k, (stats, _) in enumerate(entries):
-                totals = block[k].sum(-1)
-                totals[_IN_MAX] = block[k, _IN_MAX].max()
-                if not np.isfinite(totals).all():
-                    raise NonFiniteError(
-                        f"module {stats.name!r} produced a non-finite feature norm (input or output is inf/NaN); "
-                        "try --dtype float32 or check the model's weights"
-                    )
-                stats.calls += 1
-                stats.sums[_IN_MAX] = max(stats.sums[_IN_MAX], totals[_IN_MAX])
-                totals[_IN_MAX] = 0.0
-                stats.sums[: len(totals)] += totals
-                stats.boot_sum += boot_sum[k] if per_sample else totals[_SUM]
-                stats.boot_count += boot_count[k] if per_sample else totals[_COUNT]
+            valid = torch.stack([e[1] for e in entries]).unsqueeze(1)  # (K, 1, G, T)
+            norms = torch.where(valid, torch.stack([e[4] for e in entries]), 0.0)  # padding may hold inf
+            ratio = norms[:, 0] * torch.stack([e[2] for e in entries])
+            rows = [torch.stack([e[3] for e in entries]), torch.stack([ratio, ratio * ratio, norms[:, 0]], 1).sum(-1)]
+            if norms.shape[1] > 1:
+                rows.append(norms[:, 1:].sum(-1))
+            block = torch.cat(rows, 1).cpu().double().numpy()  # (K, rows, G)
+            self._accumulate_block([e[0] for e in entries], block)
+
+    def _accumulate_block(self, stats: list[ModuleStats], block: np.ndarray) -> None:
+        per_sample = self._weights is not None and block.shape[2] == self._weights.shape[0]
+        if per_sample:
+            with np.errstate(invalid="ignore", over="ignore"):  # non-finite rows are reported below
+                boot_sum, boot_count = block[:, _SUM] @ self._weights, block[:, _COUNT] @ self._weights
+        for k, s in enumerate(stats):
+            totals = block[k].sum(-1)
+            totals[_IN_MAX] = block[k, _IN_MAX].max()
+            if not np.isfinite(totals).all():
+                raise NonFiniteError(
+                    f"module {s.name!r} produced a non-finite feature norm (input or output is inf/NaN); "
+                    "try --dtype float32 or check the model's weights"
+                )
+            s.calls += 1
+            s.sums[_IN_MAX] = max(s.sums[_IN_MAX], totals[_IN_MAX])
+            totals[_IN_MAX] = 0.0
+            s.sums[: len(totals)] += totals
+            s.boot_sum += boot_sum[k] if per_sample else totals[_SUM]
+            s.boot_count += boot_count[k] if per_sample else totals[_COUNT]
 
     def _monte_carlo_norms(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``||W u_t||`` for one fresh random unit vector ``u_t`` per token (the authors' way)."""

@@ -42,19 +42,35 @@ from a forward hook (see :mod:`plop.collector`).
 from __future__ import annotations
 
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 
 
 def random_baseline(weight: torch.Tensor) -> float:
-    """``sqrt(E_u ||W u||^2) = ||W||_F / sqrt(d_in)`` for a dense ``(d_out, d_in)`` weight.
+    """``sqrt(E_u ||W u||^2) = ||W||_F / sqrt(d_in)`` for a dense ``(d_out, d_in)`` weight."""
+    return random_baselines([weight])[0]
 
-    Computed in float64 so fp16/bf16 weights do not lose the norm to rounding.
+
+def random_baselines(weights: Sequence[torch.Tensor]) -> list[float]:
+    """:func:`random_baseline` for many weights, with one device-to-host copy per device.
+
+    The squares are summed in float64 (fp16/bf16 weights are upcast inside the reduction), so
+    the norm does not lose digits to the weight's own precision.
     """
-    if weight.ndim != 2:
-        raise ValueError(f"expected a 2-D (d_out, d_in) weight, got shape {tuple(weight.shape)}")
-    frobenius = torch.linalg.matrix_norm(weight.detach().to(torch.float64)).item()
-    return frobenius / math.sqrt(weight.shape[1])
+    for w in weights:
+        if w.ndim != 2:
+            raise ValueError(f"expected a 2-D (d_out, d_in) weight, got shape {tuple(w.shape)}")
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, w in enumerate(weights):
+        by_device[w.device].append(i)
+    out = [0.0] * len(weights)
+    for indices in by_device.values():
+        norms = torch.stack([torch.linalg.vector_norm(weights[i].detach(), dtype=torch.float64) for i in indices])
+        for i, norm in zip(indices, norms.cpu().tolist()):
+            out[i] = norm / math.sqrt(weights[i].shape[1])
+    return out
 
 
 def random_unit_vectors(n: int, d: int, *, generator: torch.Generator, device, dtype) -> torch.Tensor:
