@@ -264,8 +264,20 @@ def placement_types(records: Sequence[ModuleRecord], placement: str) -> list[str
     ``qv``: query and value projections (a fused qkv counts); ``attention``: types under an
     attention block; ``mlp``: the other types; ``all-linear``: every type.
     """
-    attention = {m.type for m in records if _ATTENTION_PARENTS.search(m.name.rsplit(".", 1)[0])}
-    every = sorted({m.type for m in records})
+    return _placement_types([(m.name, m.type) for m in records], placement)
+
+
+def placement_types_for_names(names: Sequence[str], placement: str) -> list[str]:
+    """:func:`placement_types` for a model without a report: from its linear module names
+    (:func:`plop.collector.find_linear_modules`), so training can place adapters undiagnosed."""
+    from .collector import module_type  # lazily: the ranker itself needs no torch
+
+    return _placement_types([(n, module_type(n)) for n in names], placement)
+
+
+def _placement_types(modules: Sequence[tuple[str, str]], placement: str) -> list[str]:
+    attention = {t for name, t in modules if _ATTENTION_PARENTS.search(name.rsplit(".", 1)[0])}
+    every = sorted({t for _, t in modules})
     if placement == "all-linear":
         return every
     if placement == "attention":

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 if TYPE_CHECKING:
+    from .compare import Comparison
     from .report import Report
 
 _BAR_WIDTH = 10
@@ -78,16 +79,69 @@ def render(report: Report) -> Group:
     return Group(header, table, costs, summary)
 
 
-def plot_report(report: Report, path: str | os.PathLike | None = None):
-    """Left: NFN heatmap, layers x types (types in rank order). Right: per-type mean NFN with its
-    spread over layers, recommended types in green. Saved to ``path`` when given."""
+def _pyplot(path):
     import matplotlib
 
     if path is not None:
-        matplotlib.use("Agg")
+        matplotlib.use("Agg")  # writing a file needs no display
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, plt, path):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+    return fig
+
+
+def plot_comparison(comparison: Comparison, path: str | os.PathLike | None = None):
+    """Left: eval loss after training per placement, best first (dot: mean over seeds, bar:
+    min-max, dashed line: before training). Right: trainable parameters per placement."""
     import numpy as np
 
+    plt = _pyplot(path)
+    rows = sorted(comparison.aggregate(), key=lambda r: r["eval_loss_after_mean"])
+    names = [r["placement"] for r in rows]
+    losses = {p: [r.eval_loss_after for r in comparison.rows if r.placement == p] for p in names}
+    means = np.array([np.mean(losses[p]) for p in names])
+    low = means - np.array([min(losses[p]) for p in names])
+    high = np.array([max(losses[p]) for p in names]) - means
+    colors = ["tab:green" if p == "recommended" else "tab:gray" for p in names]
+    fig, (ax_loss, ax_params) = plt.subplots(1, 2, figsize=(12, 0.5 * len(names) + 2.5),
+                                             gridspec_kw={"width_ratios": [1.4, 1]})
+    y = np.arange(len(names))
+    ax_loss.errorbar(means, y, xerr=[low, high], fmt="none", ecolor="black", capsize=4)
+    ax_loss.scatter(means, y, c=colors, s=80, zorder=3)
+    before = [r["eval_loss_before_mean"] for r in rows if r["eval_loss_before_mean"] is not None]
+    if before:
+        ax_loss.axvline(np.mean(before), color="tab:red", linestyle="--", linewidth=1, label="before training")
+        ax_loss.legend(loc="lower right")
+    labels = [f"{r['placement']} (r={r['rank']})" for r in rows]
+    ax_loss.set_yticks(y, labels)
+    ax_loss.invert_yaxis()
+    seeds = max(r["seeds"] for r in rows)
+    ax_loss.set_xlabel(f"eval loss after training (dot: mean of {seeds} seed(s), bar: min–max)")
+    ax_loss.set_title("Lower is better; green = plop's recommendation")
+    ax_params.barh(y, [r["trainable_params"] for r in rows], color=colors)
+    ax_params.axvline(comparison.budget, color="black", linestyle=":", linewidth=1)
+    ax_params.set_yticks(y, [])
+    ax_params.invert_yaxis()
+    ax_params.set_xlabel("trainable LoRA parameters (dotted: the matched budget)")
+    ax_params.set_title("Budget matched within 10 %")
+    fig.suptitle(f"plop compare · {comparison.settings.get('model', '')} · "
+                 f"{comparison.settings.get('steps') or ''} steps")
+    return _finish(fig, plt, path)
+
+
+def plot_report(report: Report, path: str | os.PathLike | None = None):
+    """Left: NFN heatmap, layers x types (types in rank order). Right: per-type mean NFN with its
+    spread over layers, recommended types in green. Saved to ``path`` when given."""
+    import numpy as np
+
+    plt = _pyplot(path)
     types = report.module_types
     layers = sorted({m.layer for m in report.modules if m.layer is not None})
     grid = np.full((max(len(layers), 1), len(types)), np.nan)
@@ -124,8 +178,4 @@ def plot_report(report: Report, path: str | os.PathLike | None = None):
     ax_bar.set_xlabel("mean NFN over layers (bars: min–max); 1 = random alignment")
     ax_bar.set_title(f"Ranking: green = recommended ({report.recommendation.strategy})")
     fig.suptitle(f"plop · {report.model['id']} · {report.data['samples']} samples")
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-    return fig
+    return _finish(fig, plt, path)

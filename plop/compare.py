@@ -1,0 +1,259 @@
+"""``plop.compare``: fine-tune several placements at one trainable-parameter budget.
+
+A placement only wins fairly if it gets no more parameters than the others. The budget is the
+recommended placement's LoRA parameters at rank ``r``; every other placement gets the rank that
+brings its parameters closest to that budget (``round(budget / params_per_rank)``, at least 1),
+and the achieved ratio is recorded and flagged when it misses by more than 10 %. Everything else
+(data, split, steps, learning rate, seed, alpha/rank) is the same, and every run starts from the
+same base weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from .collector import module_type
+from .data import Example
+from .errors import PlopError
+from .ranker import PLACEMENTS, ModuleRecord, adapter_cost, placement_types
+from .report import Report
+from .trainer import Targets, TrainConfig, check_report_matches, train_on_targets
+
+BUDGET_TOLERANCE = 0.10
+COMPARE_PLACEMENTS = ("recommended", *PLACEMENTS, "inverse", "kappatune")
+
+
+@dataclass
+class Candidate:
+    """A placement before training: its targets and the LoRA parameters it costs per unit of rank."""
+
+    targets: Targets
+    params_per_rank: int
+
+    def rank_for(self, budget: int) -> int:
+        return max(1, round(budget / self.params_per_rank))
+
+
+@dataclass
+class CompareRow:
+    """One fine-tune. ``budget_ratio``: its LoRA parameters over the budget."""
+
+    placement: str
+    types: list[str]
+    rank: int
+    trainable_params: int
+    budget_ratio: float
+    within_budget: bool
+    eval_loss_before: float | None
+    eval_loss_after: float | None
+    eval_ppl_after: float | None
+    seconds_per_step: float | None
+    seed: int
+
+
+@dataclass
+class Comparison:
+    """All runs of a comparison, with the budget they were matched to."""
+
+    budget: int
+    rank: int
+    rows: list[CompareRow]
+    settings: dict[str, Any]
+
+    def aggregate(self) -> list[dict[str, Any]]:
+        """Per placement, in run order: mean and standard deviation (ddof=1) over seeds."""
+        out = []
+        for placement in dict.fromkeys(r.placement for r in self.rows):
+            rows = [r for r in self.rows if r.placement == placement]
+            entry = {"placement": placement, "types": rows[0].types, "rank": rows[0].rank,
+                     "trainable_params": rows[0].trainable_params, "budget_ratio": rows[0].budget_ratio,
+                     "within_budget": rows[0].within_budget, "seeds": len(rows)}
+            for key in ("eval_loss_before", "eval_loss_after", "eval_ppl_after", "seconds_per_step"):
+                values = np.array([getattr(r, key) for r in rows if getattr(r, key) is not None], dtype=float)
+                entry[f"{key}_mean"] = float(values.mean()) if values.size else None
+                entry[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0 if values.size else None
+            out.append(entry)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"budget": self.budget, "rank": self.rank, "tolerance": BUDGET_TOLERANCE, "settings": self.settings,
+                "rows": [asdict(r) for r in self.rows], "aggregate": self.aggregate()}
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def table(self):
+        """A rich table: one line per placement, mean ±std over seeds; the lowest eval loss in bold.
+        Narrow enough for 80 columns: only the types wrap."""
+        from rich import box
+        from rich.table import Table
+
+        def loss(entry: dict) -> str:
+            mean, std = entry["eval_loss_after_mean"], entry["eval_loss_after_std"]
+            if mean is None:
+                return "-"
+            return f"{mean:.3f}" + (f"±{std:.3f}" if entry["seeds"] > 1 else "")
+
+        aggregate = self.aggregate()
+        losses = [e["eval_loss_after_mean"] for e in aggregate if e["eval_loss_after_mean"] is not None]
+        seeds = aggregate[0]["seeds"] if aggregate else 0
+        # every run starts from the same base on the same split: one loss before training for all
+        before = f"{aggregate[0]['eval_loss_before_mean']:.3f}" if losses else "-"
+        table = Table(box=box.SIMPLE_HEAD, title=f"placements at {self.budget:,} LoRA parameters "
+                      f"(the recommendation at rank {self.rank}), {seeds} seed(s)",
+                      caption=f"budget: parameters over the budget (! when off by more than 10 %)\n"
+                              f"eval loss before training: {before}")
+        for column in ("placement", "types", "r", "params", "budget", "loss after", "s/step"):
+            table.add_column(column, justify="left" if column in ("placement", "types") else "right",
+                             no_wrap=column != "types", min_width=10 if column == "types" else None)
+        for e in aggregate:
+            best = losses and e["eval_loss_after_mean"] == min(losses)
+            budget = f"{e['budget_ratio']:.0%}" + ("" if e["within_budget"] else " !")
+            table.add_row(f"[bold]{e['placement']}[/]" if best else e["placement"], ", ".join(e["types"]),
+                          str(e["rank"]), f"{e['trainable_params']:,}", budget, loss(e),
+                          f"{e['seconds_per_step_mean']:.2f}")
+        return table
+
+    def __rich_console__(self, console, options):
+        yield self.table()
+
+    def plot(self, path: str | Path | None = None):
+        """Eval loss after training per placement (mean, min-max over seeds) and its parameters."""
+        from .reporter import plot_comparison
+
+        return plot_comparison(self, path)
+
+
+def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> list[Candidate]:
+    """The targets of each placement, on the report's modules. ``inverse``: as many types as the
+    recommendation, but the highest-NFN ones; ``kappatune``: as many modules as the
+    recommendation, the best-conditioned ones by PEFT's KappaTune. A placement this model has no
+    module for is skipped with a warning."""
+    unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]
+    if unknown:
+        raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
+    rec = report.recommendation
+    by_name = {m.name: m for m in report.modules}
+    out = []
+    for placement in placements:
+        if placement == "recommended":
+            targets, modules = Targets(placement, rec.target_modules, list(rec.types)), rec.modules
+        elif placement == "kappatune":
+            names = _kappatune_modules(model, by_name, len(rec.modules))
+            targets, modules = Targets(placement, names, sorted({module_type(n) for n in names})), names
+        else:
+            types = ([t.type for t in report.types][-len(rec.types):] if placement == "inverse"
+                     else placement_types(report.modules, placement))
+            targets, modules = Targets(placement, types, types), [m.name for m in report.modules if m.type in types]
+        if not modules:
+            warnings.warn(f"placement {placement!r}: no module of this model fits it; skipped", stacklevel=2)
+            continue
+        out.append(Candidate(targets, _params_per_rank([by_name[n] for n in modules])))
+    return out
+
+
+def _params_per_rank(records: Sequence[ModuleRecord]) -> int:
+    return adapter_cost(records, 1)[0]
+
+
+def _kappatune_modules(model: nn.Module, diagnosed: dict[str, ModuleRecord], count: int) -> list[str]:
+    try:
+        from peft.helpers import KappaTuneSelector
+    except ImportError:
+        raise PlopError("placement 'kappatune' needs a peft with KappaTune (peft.helpers.KappaTuneSelector)",
+                        "upgrade peft, or leave kappatune out") from None
+    ranked = KappaTuneSelector(model, show_progress=False).get_best_targets()  # lowest condition number first
+    return [n for n in ranked if n in diagnosed][:count]
+
+
+def compare(
+    model: nn.Module | Callable[[], nn.Module],
+    tokenizer,
+    examples: Sequence[Example],
+    report: Report,
+    *,
+    placements: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+    rank: int = 16,
+    config: TrainConfig | None = None,
+    output_dir: str | Path | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    progress: bool = False,
+    **overrides,
+) -> Comparison:
+    """Fine-tune each placement once per seed at the recommendation's budget at ``rank``.
+
+    ``model``: the base model (deep-copied for every run, never trained itself) or a factory
+    returning a fresh one. ``config``: the shared training settings, ``overrides`` replace its
+    fields (``steps=``, ``lr=``, ...); ``alpha`` scales with each run's rank so that
+    ``alpha / rank`` (the LoRA scale) is the same everywhere. ``output_dir``: keep each run's
+    adapter in ``<output_dir>/<placement>-seed<seed>/`` (default: a temporary directory).
+    ``placements`` default to all of :data:`COMPARE_PLACEMENTS` (``kappatune`` when the
+    installed peft has it). ``eval_examples``: a fixed held-out set for every run (default: each
+    seed's own ``eval_fraction`` split).
+    """
+    config = replace(config or TrainConfig(), **overrides)
+    if placements is None:
+        placements = [p for p in COMPARE_PLACEMENTS if p != "kappatune" or _has_kappatune()]
+    base = model if isinstance(model, nn.Module) else model()
+    check_report_matches(report, base)
+    found = candidates(report, base, placements)
+    recommended = candidates(report, base, ["recommended"])[0]
+    budget = rank * recommended.params_per_rank
+    scale = config.alpha / config.rank
+
+    rows = []
+    keep = nullcontext(output_dir) if output_dir is not None else tempfile.TemporaryDirectory(prefix="plop-compare-")
+    with keep as where:
+        root = Path(where)
+        for seed in seeds:
+            for candidate in found:
+                r = candidate.rank_for(budget)
+                run_config = replace(config, rank=r, alpha=scale * r, seed=seed, adapter_name="default",
+                                     resume=False, output_dir=str(root / f"{candidate.targets.placement}-seed{seed}"))
+                fresh = copy.deepcopy(base) if isinstance(model, nn.Module) else model()
+                result = train_on_targets(fresh, tokenizer, examples, run_config, candidate.targets,
+                                          report=report, eval_examples=eval_examples, progress=progress)
+                rows.append(_row(result.summary, candidate, r, budget, seed))
+                del fresh, result
+                gc.collect()  # one model copy at a time, however many runs
+    settings = {k: v for k, v in asdict(config).items() if k not in ("rank", "alpha", "seed", "adapter_name",
+                                                                     "resume", "output_dir")}
+    settings.update(placements=list(placements), seeds=list(seeds), alpha_over_rank=scale,
+                    model=report.model.get("id"))
+    return Comparison(budget, rank, rows, settings)
+
+
+def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int) -> CompareRow:
+    ratio = rank * candidate.params_per_rank / budget
+    before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
+    return CompareRow(
+        placement=candidate.targets.placement, types=candidate.targets.types, rank=rank,
+        trainable_params=summary["trainable_params"], budget_ratio=round(ratio, 4),
+        within_budget=abs(ratio - 1) <= BUDGET_TOLERANCE, eval_loss_before=before.get("loss"),
+        eval_loss_after=after.get("loss"), eval_ppl_after=after.get("ppl"),
+        seconds_per_step=summary["seconds_per_step"], seed=seed,
+    )
+
+
+def _has_kappatune() -> bool:
+    try:
+        from peft.helpers import KappaTuneSelector  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,114 @@
+"""Placement comparison at a matched trainable-parameter budget, on a tiny real LLaMA."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+from plop import TrainConfig, compare, diagnose
+from plop.compare import COMPARE_PLACEMENTS, candidates
+from plop.errors import PlopError
+from tiny_lm import examples, make_model, make_tokenizer
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def report(tokenizer):
+    return diagnose(make_model(), [e.text for e in examples(16)], tokenizer)
+
+
+@pytest.fixture(scope="module")
+def comparison(tokenizer, report):
+    base = make_model()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    result = compare(base, tokenizer, examples(32), report, seeds=(0, 1), rank=16,
+                     config=TrainConfig(steps=2, lr=1e-2, batch_size=8, eval_fraction=0.25))
+    return result, base, state
+
+
+def test_every_placement_runs_once_per_seed(comparison):
+    result, _, _ = comparison
+    assert [(r.placement, r.seed) for r in result.rows] == [(p, s) for s in (0, 1) for p in COMPARE_PLACEMENTS]
+
+
+def test_budgets_match_the_recommendation_within_ten_percent(comparison, report):
+    result, _, _ = comparison
+    recommended = next(r for r in result.rows if r.placement == "recommended")
+    assert recommended.rank == 16 and result.budget == recommended.trainable_params
+    for row in result.rows:
+        assert abs(row.trainable_params / result.budget - 1) <= 0.10, row
+        assert row.within_budget and row.budget_ratio == pytest.approx(row.trainable_params / result.budget, abs=1e-4)
+    ranks = {r.placement: r.rank for r in result.rows}
+    assert ranks["all-linear"] < ranks["recommended"] < ranks["qv"]  # more modules, lower rank
+
+
+def test_inverse_and_kappatune_placements(comparison, report):
+    result, _, _ = comparison
+    rows = {r.placement: r for r in result.rows}
+    k = len(report.recommendation.types)
+    assert rows["inverse"].types == [t.type for t in report.types[-k:]]  # the k highest mean NFNs
+    assert not set(rows["inverse"].types) & set(report.recommendation.types)
+    [kappa] = candidates(report, make_model(), ["kappatune"])
+    assert len(kappa.targets.target_modules) == len(report.recommendation.modules)
+
+
+def test_every_run_starts_from_the_same_base_weights(comparison):
+    result, base, state = comparison
+    for key, value in base.state_dict().items():  # the model handed in is never trained
+        assert torch.equal(value, state[key]), key
+    for seed in (0, 1):
+        before = {r.eval_loss_before for r in result.rows if r.seed == seed}
+        assert len(before) == 1  # same base, same held-out split: the same loss before training
+    assert all(r.eval_loss_after is not None and r.seconds_per_step > 0 for r in result.rows)
+
+
+def test_aggregate_table_and_json(comparison, tmp_path):
+    result, _, _ = comparison
+    aggregate = {a["placement"]: a for a in result.aggregate()}
+    losses = [r.eval_loss_after for r in result.rows if r.placement == "qv"]
+    assert aggregate["qv"]["eval_loss_after_mean"] == pytest.approx(np.mean(losses))
+    assert aggregate["qv"]["eval_loss_after_std"] == pytest.approx(np.std(losses, ddof=1))
+    assert aggregate["qv"]["seeds"] == 2
+
+    saved = json.loads(result.save(tmp_path / "results.json").read_text())
+    assert saved["budget"] == result.budget and len(saved["rows"]) == 14 and len(saved["aggregate"]) == 7
+    assert saved["settings"]["steps"] == 2 and saved["settings"]["seeds"] == [0, 1]
+
+    console = Console(record=True, width=200)
+    console.print(result)
+    text = console.export_text()
+    assert all(p in text for p in COMPARE_PLACEMENTS) and f"{result.budget:,}" in text
+
+
+def test_a_model_factory_and_kept_adapters(tmp_path, tokenizer, report):
+    result = compare(make_model, tokenizer, examples(16), report, placements=["recommended", "mlp"], rank=4,
+                     config=TrainConfig(steps=1, batch_size=8), output_dir=tmp_path)
+    assert [r.placement for r in result.rows] == ["recommended", "mlp"]
+    assert (tmp_path / "mlp-seed0" / "adapter_model.safetensors").is_file()
+
+
+def test_unknown_placement_is_refused(tokenizer, report):
+    with pytest.raises(PlopError, match="unknown placement 'everything'"):
+        compare(make_model(), tokenizer, examples(8), report, placements=["everything"])
+
+
+def test_fixed_eval_set_gives_every_run_the_same_before_loss(tokenizer, report, tmp_path):
+    held_out = examples(40)[32:]
+    result = compare(make_model(), tokenizer, examples(32), report, placements=["recommended", "qv"], seeds=(0, 1),
+                     rank=8, config=TrainConfig(steps=1, lr=1e-2, batch_size=8), eval_examples=held_out)
+    before = {round(r.eval_loss_before, 6) for r in result.rows}
+    assert len(before) == 1  # same base weights, same held-out rows: one "before" for all four runs
+    assert all(r.eval_loss_after is not None for r in result.rows)
+    png = tmp_path / "compare.png"
+    result.plot(png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
