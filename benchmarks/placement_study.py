@@ -9,7 +9,7 @@ rows before and after. Question = prompt, answer = response (loss on the answer 
 Writes benchmarks/results/placement_study.json and placement_study.png and prints a Markdown table
 for benchmarks/README.md. Calibrated to finish within about 45 minutes on 2 CPU cores:
 
-    python benchmarks/placement_study.py [--steps 40] [--seeds 0,1,2]
+    python benchmarks/placement_study.py [--steps 32] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=192)
+    parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--diagnose-samples", type=int, default=128)
-    parser.add_argument("--eval-samples", type=int, default=64)
+    parser.add_argument("--eval-samples", type=int, default=40)
     parser.add_argument("--placements", default=None, help="comma-separated (default: all of plop compare's)")
     args = parser.parse_args()
     if not (GSM8K / "train.jsonl").is_file():
