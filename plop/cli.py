@@ -6,7 +6,6 @@ Every user error ends as one line on stderr and exit code 2 (``--debug`` shows t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -79,6 +78,15 @@ def add_data_args(p: argparse.ArgumentParser, samples_default: int | None) -> No
     g.add_argument("--max-length", type=_positive, default=256, help="tokens per sample")
     g.add_argument("--batch-size", type=_positive, default=8)
     g.add_argument("--seed", type=int, default=0)
+
+
+def model_command(sub, name: str, help: str, epilog: str, description: str,
+                  samples_default: int | None = None) -> argparse.ArgumentParser:
+    """A subcommand that loads a model and reads data: the shared options, examples in --help."""
+    p = sub.add_parser(name, help=help, formatter_class=_Formatter, epilog=epilog, description=description)
+    add_model_args(p)
+    add_data_args(p, samples_default=samples_default)
+    return p
 
 
 def text_format(args):
@@ -329,11 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("diagnose", help="rank module types by NFN and recommend target_modules",
-                       formatter_class=_Formatter, epilog=DIAGNOSE_EXAMPLES,
-                       description="One no-grad pass over a data sample: NFN per linear module, ranked by type.")
-    add_model_args(p)
-    add_data_args(p, samples_default=100)
+    p = model_command(sub, "diagnose", "rank module types by NFN and recommend target_modules", DIAGNOSE_EXAMPLES,
+                      "One no-grad pass over a data sample: NFN per linear module, ranked by type.",
+                      samples_default=100)
     g = p.add_argument_group("recommendation")
     how = g.add_mutually_exclusive_group()
     how.add_argument("--top-k", type=_positive, default=None, help="the k lowest-NFN types (default 3)")
@@ -410,12 +416,9 @@ def add_train_parsers(sub) -> None:
     """``train``, ``compare`` and ``adapters``: the bundled fine-tuning."""
     from .trainer import PLACEMENT_CHOICES
 
-    p = sub.add_parser("train", help="fine-tune LoRA / LoRA+ / DoRA where the diagnosis says",
-                       formatter_class=_Formatter, epilog=TRAIN_EXAMPLES,
-                       description="Fine-tune adapters with transformers' Trainer. Without --report, --target-modules "
-                                   "or --placement, the model is diagnosed on the same data first.")
-    add_model_args(p)
-    add_data_args(p, samples_default=None)
+    p = model_command(sub, "train", "fine-tune LoRA / LoRA+ / DoRA where the diagnosis says", TRAIN_EXAMPLES,
+                      "Fine-tune adapters with transformers' Trainer. Without --report, --target-modules or "
+                      "--placement, the model is diagnosed on the same data first.")
     where = p.add_argument_group("where the adapters go").add_mutually_exclusive_group()
     where.add_argument("--report", help="a report from plop diagnose: train on its recommendation")
     where.add_argument("--target-modules", type=_names, metavar="A,B", help="module types or names, e.g. q_proj,v_proj")
@@ -432,12 +435,9 @@ def add_train_parsers(sub) -> None:
 
     from .compare import COMPARE_PLACEMENTS
 
-    p = sub.add_parser("compare", help="fine-tune several placements at one parameter budget",
-                       formatter_class=_Formatter, epilog=COMPARE_EXAMPLES,
-                       description="Each placement gets the rank that matches the recommendation's trainable "
-                                   "parameters at --rank (within 10%); same data, steps, seed and learning rate.")
-    add_model_args(p)
-    add_data_args(p, samples_default=None)
+    p = model_command(sub, "compare", "fine-tune several placements at one parameter budget", COMPARE_EXAMPLES,
+                      "Each placement gets the rank that matches the recommendation's trainable parameters at "
+                      "--rank (within 10%); same data, steps, seed and learning rate.")
     p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
     p.add_argument("--placements", type=_names, default=None, metavar="A,B",
                    help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: all)")

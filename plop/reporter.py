@@ -116,19 +116,18 @@ def plot_comparison(comparison: Comparison, path: str | os.PathLike | None = Non
     ax_loss.errorbar(means, y, xerr=[low, high], fmt="none", ecolor="black", capsize=4)
     ax_loss.scatter(means, y, c=colors, s=80, zorder=3)
     before = [r["eval_loss_before_mean"] for r in rows if r["eval_loss_before_mean"] is not None]
-    if before:
-        ax_loss.axvline(np.mean(before), color="tab:red", linestyle="--", linewidth=1, label="before training")
-        ax_loss.legend(loc="lower right")
+    before_text = f" (before training: {np.mean(before):.3f})" if before else ""
     labels = [f"{r['placement']} (r={r['rank']})" for r in rows]
     ax_loss.set_yticks(y, labels)
     ax_loss.invert_yaxis()
     seeds = max(r["seeds"] for r in rows)
-    ax_loss.set_xlabel(f"eval loss after training (dot: mean of {seeds} seed(s), bar: min–max)")
+    ax_loss.set_xlabel(f"eval loss after training{before_text}\ndot: mean of {seeds} seed(s), bar: min–max")
     ax_loss.set_title("Lower is better; green = plop's recommendation")
     ax_params.barh(y, [r["trainable_params"] for r in rows], color=colors)
     ax_params.axvline(comparison.budget, color="black", linestyle=":", linewidth=1)
     ax_params.set_yticks(y, [])
     ax_params.invert_yaxis()
+    ax_params.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:.1f}M")
     ax_params.set_xlabel("trainable LoRA parameters (dotted: the matched budget)")
     ax_params.set_title("Budget matched within 10 %")
     fig.suptitle(f"plop compare · {comparison.settings.get('model', '')} · "
