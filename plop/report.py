@@ -138,6 +138,9 @@ class Report:
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(text + "\n")
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the report private
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 
 import pytest
 import torch
@@ -53,6 +55,15 @@ def test_from_dict_accepts_fields_a_later_plop_may_add(report):
 def test_save_creates_parent_directories(report, tmp_path):
     path = report.save(tmp_path / "a" / "b" / "report.json")
     assert Report.load(path) == report
+
+
+def test_saved_report_has_the_usual_permissions(report, tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = report.save(tmp_path / "r.json")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not mkstemp's private 0600
 
 
 def test_save_is_atomic(report, saved):
