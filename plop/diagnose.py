@@ -226,7 +226,6 @@ def diagnose(
                         break
             if selector is None:
                 raise ValueError("no data to diagnose on")
-            records = _records(collector)
             replicates = _replicates(collector, records)
             samples, tokens = collector.samples, collector.tokens
     finally:
