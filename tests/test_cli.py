@@ -15,7 +15,6 @@ import torch
 from safetensors.torch import save_file
 
 from plop import Report
-from plop.data import DEMO_DATA
 
 PLOP = [sys.executable, "-m", "plop.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
@@ -37,24 +36,12 @@ def one_line_error(proc: subprocess.CompletedProcess) -> str:
     return errors[0]
 
 
-def make_tokenizer():
-    """A small BPE tokenizer trained in-process on the demo data (no hub, no files)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    texts = [json.loads(line)["prompt"] for line in DEMO_DATA.read_text().splitlines()]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A tiny LLaMA saved like any local checkpoint (eager attention, so a huge batch really
     allocates its seq x seq scores)."""
     from conftest import make_llama
+    from tiny_lm import make_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-llama")
     model = make_llama()
