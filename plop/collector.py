@@ -289,14 +289,11 @@ class NFNCollector:
         if x is self._cached_input and x._version == self._cached_input_version:
             return self._cached_rows
         in_norm = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32)
-        mask = self._mask_for(in_norm.shape, in_norm.device)
-        if mask is None or in_norm.ndim < 2:
+        mask = self._mask_for(in_norm.shape, in_norm.device)  # None unless shaped (batch, seq)
+        if mask is None:
             in_norm = in_norm.reshape(1, -1)
-        else:
-            in_norm = in_norm.flatten(1)
-            mask = mask.flatten(1)
         valid = in_norm != 0  # zero inputs carry no direction; NaN stays in and is reported
-        if mask is not None and mask.shape == valid.shape:
+        if mask is not None:
             valid &= mask
         zero = in_norm.new_zeros(())
         masked = torch.where(valid, in_norm, zero)
@@ -312,7 +309,7 @@ class NFNCollector:
         # hook costs, so the arithmetic on the norms is batched over all modules in flush().
         y = output[0] if isinstance(output, tuple) else output
         valid, inverse, in_rows = self._input_rows(x)
-        bias = parameter(module, "bias")
+        bias = parameter(module, "bias") if stats.has_bias else None
         if bias is not None:
             y = y - bias.to(y.device, y.dtype)
         norms = [torch.linalg.vector_norm(y, dim=-1, dtype=torch.float32).reshape(valid.shape)]
