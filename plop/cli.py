@@ -127,16 +127,14 @@ def cmd_diagnose(args) -> int:
 
     from .diagnose import DiagnoseConfig, diagnose
 
-    if args.budget is not None and args.top_k is not None:
-        raise PlopError("--budget and --top-k are two different strategies", "pass one of them")
+    if args.out and Path(args.out).is_dir():  # before the slow loading, not after
+        raise PlopError(f"--out {args.out} is a directory", "name a .json file")
     strategy = "budget" if args.budget is not None else ("per_layer" if args.per_layer else "top_k")
     config = DiagnoseConfig(samples=args.samples, max_length=args.max_length, batch_size=args.batch_size,
                             seed=args.seed, strategy=strategy, top_k=args.top_k or 3, budget=args.budget,
                             rank=args.rank, estimator=args.estimator, include_head=args.include_head)
     wanted = AUTO_SAMPLE_CAP if args.samples == "auto" else args.samples
     model, tokenizer, model_id, examples, info = load_model_and_data(args, wanted)
-    if args.out and Path(args.out).is_dir():
-        raise PlopError(f"--out {args.out} is a directory", "name a .json file")
     report = diagnose(model, [e.text for e in examples], tokenizer, config, model_id=model_id, data_info=info,
                       progress=True)
     console = Console(stderr=args.json)
