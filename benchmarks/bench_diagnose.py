@@ -78,7 +78,8 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
     import torch
 
     from plop import diagnose
-    from plop.collector import NFNCollector, find_linear_modules
+    from plop.collector import NFNCollector
+    from plop.layers import find_linear_modules
 
     model, tokenizer = load_default()
     texts, _ = questions(samples)
@@ -137,7 +138,9 @@ def sample_efficiency(rows: int, seeds: int) -> dict:
     import numpy as np
     import torch
 
-    from plop.collector import _COUNT, _SUM, NFNCollector, find_linear_modules, module_type
+    from plop.collector import _COUNT, _SUM, NFNCollector
+    from plop.layers import find_linear_modules
+    from plop.roles import role_types
 
     model, tokenizer = load_default()
     texts, source = questions(rows, with_answers=True)
@@ -158,7 +161,8 @@ def sample_efficiency(rows: int, seeds: int) -> dict:
             if i % 128 == 127:
                 print(f"  {i + 1}/{len(texts)} rows, {time.perf_counter() - start:.0f} s", flush=True)
     baselines = np.array([collector.stats[n].baseline for n in names])
-    types = [module_type(n) for n in names]
+    role_map = role_types(names)
+    types = [role_map[n] for n in names]
     order = sorted(set(types))
 
     def ranking(subset: np.ndarray) -> list[str]:

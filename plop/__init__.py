@@ -1,11 +1,57 @@
-"""plop: where to put LoRA adapters, measured before you fine-tune (PLoP, arXiv 2506.20629)."""
+"""plop: where to put LoRA adapters, measured before you fine-tune (PLoP, arXiv 2506.20629).
 
-__version__ = "0.1.0"
+The top level is lazy (PEP 562): ``import plop`` costs nothing, and each name below imports its
+module (and torch, where that module needs it) on first use.
+"""
 
-from .diagnose import DiagnoseConfig, diagnose  # noqa: E402
-from .report import Report, ReportError  # noqa: E402
-from .trainer import TrainConfig, TrainResult, train  # noqa: E402
-from .compare import Comparison, compare  # noqa: E402  (binds plop.compare to the function, not the module)
+from __future__ import annotations
 
-__all__ = ["Comparison", "DiagnoseConfig", "Report", "ReportError", "TrainConfig", "TrainResult", "compare",
-           "diagnose", "train", "__version__"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .version import __version__
+
+_EXPORTS = {
+    "diagnose": "plop.diagnosis",
+    "DiagnoseConfig": "plop.config",
+    "Report": "plop.report",
+    "train": "plop.finetune.trainer",
+    "TrainResult": "plop.finetune.trainer",
+    "TrainingInterrupted": "plop.finetune.trainer",
+    "TrainConfig": "plop.finetune.config",
+    "compare": "plop.finetune.compare",
+    "Comparison": "plop.finetune.compare",
+    "PlopError": "plop.errors",
+    "ConfigError": "plop.errors",
+    "DataError": "plop.errors",
+    "ModelError": "plop.errors",
+    "NonFiniteError": "plop.errors",
+    "ReportError": "plop.errors",
+    "FileError": "plop.errors",
+    "UnsafeRegexError": "plop.errors",
+    "FieldTypeError": "plop.errors",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolves the same names
+    from .config import DiagnoseConfig
+    from .diagnosis import diagnose
+    from .errors import (ConfigError, DataError, FieldTypeError, FileError, ModelError, NonFiniteError, PlopError,
+                         ReportError, UnsafeRegexError)
+    from .finetune.compare import Comparison, compare
+    from .finetune.config import TrainConfig
+    from .finetune.trainer import TrainingInterrupted, TrainResult, train
+    from .report import Report
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'plop' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # resolved once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -17,97 +17,21 @@ Poisson bootstrap, the per-sample ratio sums weighted by ``R`` resampling weight
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from .nfn import normalized_feature_norm, random_baselines, random_unit_vectors
+from .config import ESTIMATORS, check_choice
+from .errors import NonFiniteError
+from .layers import dense_weight, is_offloaded, module_shape, parameter
+from .nfn import normalized_feature_norm, random_baseline, random_baselines, random_unit_vectors
 
 # Rows of the per-call statistics (one column per sample, see NFNCollector._accumulate): the first
 # three depend only on the input, so modules that share an input share them.
 _COUNT, _IN_SUM, _IN_MAX, _SUM, _SUMSQ, _OUT_SUM, _MC_SUM = range(7)
 _N_SCALARS = 7
-
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)(?:\.|$)")
-
-
-class NonFiniteError(ValueError):
-    """A module produced a non-finite norm (overflow in fp16, NaN weights, ...)."""
-
-
-def module_type(name: str) -> str:
-    """The module's type as PEFT's ``target_modules`` matches it: the last name component."""
-    return name.rsplit(".", 1)[-1]
-
-
-def layer_index(name: str) -> int | None:
-    """The block index in ``...layers.N...``, ``h.N``, ``layer.N``, ``blocks.N``; else None."""
-    match = _LAYER_RE.search(name)
-    return int(match.group(1)) if match else None
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) stores its weight as (d_in, d_out); matched by name so that
-    # plop does not need transformers to inspect a plain torch model.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """nn.Linear and its subclasses (bitsandbytes Linear4bit/8bitLt among them) and Conv1D."""
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def parameter(module: nn.Module, name: str) -> torch.Tensor | None:
-    """``module.<name>``, also when accelerate offloaded it (``device_map`` with "cpu"/"disk"):
-    such a parameter sits on the meta device outside the module's own forward, and its values
-    live in the accelerate hook's ``weights_map``."""
-    value = getattr(module, name, None)
-    if value is not None and value.device.type == "meta":
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        if weights_map is not None:
-            return weights_map[name]
-    return value
-
-
-def dense_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight as a dense ``(d_out, d_in)`` tensor, dequantized when needed."""
-    weight = parameter(module, "weight")
-    if _is_conv1d(module):
-        return weight.T
-    quant_state = getattr(weight, "quant_state", None)
-    if quant_state is not None:  # bitsandbytes 4-bit
-        import bitsandbytes.functional as bnbf
-
-        return bnbf.dequantize_4bit(weight.data, quant_state)
-    if getattr(weight, "CB", None) is not None and getattr(weight, "SCB", None) is not None:  # bnb 8-bit
-        return weight.CB.float() * weight.SCB.float().unsqueeze(1) / 127.0
-    return weight
-
-
-def find_linear_modules(model: nn.Module, include_head: bool = False) -> dict[str, nn.Module]:
-    """Every linear-like module by full name, without the output head unless asked for.
-
-    The head is ``model.get_output_embeddings()`` where the model has one (lm_head, or a tied
-    output embedding). Adapter sub-layers of an already-wrapped PEFT model are skipped, and a
-    PEFT ``base_layer`` is reported under its parent's name.
-    """
-    head = None
-    if not include_head and hasattr(model, "get_output_embeddings"):
-        head = model.get_output_embeddings()
-    found: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if not is_linear_like(module) or module is head:
-            continue
-        parts = name.split(".")
-        if any(p.startswith("lora_") for p in parts):
-            continue
-        if parts[-1] == "base_layer":
-            name = ".".join(parts[:-1])
-        found[name] = module
-    return found
 
 
 @dataclass
@@ -167,6 +91,26 @@ class ModuleStats:
     def output_norm_mean(self) -> float:
         return self.sums[_OUT_SUM] / self.sums[_COUNT]
 
+    def vector(self) -> np.ndarray:
+        """Every accumulator in one float64 row, the layout :meth:`merge` reads: what processes
+        exchange in a data-parallel diagnosis."""
+        return np.concatenate([self.sums, self.boot_sum, self.boot_count, [self.calls]])
+
+    def merge(self, vector: np.ndarray) -> None:
+        """Add another accumulator's :meth:`vector` (the input-norm maximum is a maximum)."""
+        sums, boot_sum, boot_count, calls = np.split(vector, np.cumsum([_N_SCALARS, self.n_replicates,
+                                                                         self.n_replicates]))
+        in_max = max(self.sums[_IN_MAX], sums[_IN_MAX])
+        self.sums += sums
+        self.sums[_IN_MAX] = in_max
+        self.boot_sum += boot_sum
+        self.boot_count += boot_count
+        self.calls += int(calls[0])
+
+    def reset(self) -> None:
+        self.__post_init__()
+        self.calls = 0
+
     def bootstrap_nfn(self) -> np.ndarray:
         """NFN under each Poisson-bootstrap replicate, shape ``(R,)``."""
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -190,30 +134,32 @@ class NFNCollector:
         n_bootstrap: int = 200,
         seed: int = 0,
     ) -> None:
-        if estimator not in ("closed_form", "monte_carlo"):
-            raise ValueError(f"estimator must be 'closed_form' or 'monte_carlo', not {estimator!r}")
+        check_choice("estimator", estimator, ESTIMATORS)
         if not modules:
             raise ValueError("no linear modules to collect from")
         self.modules = modules
         self.estimator = estimator
         self.seed = seed
-        weights = [dense_weight(module) for module in modules.values()]
+        if any(is_offloaded(module) for module in modules.values()):  # one weight in memory at a time
+            baselines = [random_baseline(dense_weight(module)) for module in modules.values()]
+        else:
+            baselines = random_baselines([dense_weight(module) for module in modules.values()])
         self.stats: dict[str, ModuleStats] = {
             name: ModuleStats(
                 name=name,
-                shape=(int(weight.shape[0]), int(weight.shape[1])),
+                shape=module_shape(module),
                 baseline=baseline,
                 has_bias=parameter(module, "bias") is not None,
                 n_replicates=n_bootstrap,
             )
-            for (name, module), weight, baseline in zip(modules.items(), weights, random_baselines(weights))
+            for (name, module), baseline in zip(modules.items(), baselines)
         }
         self._boot_rng = np.random.default_rng(seed)
         self._mc_generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._mask: torch.Tensor | None = None
+        self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # by (batch, seq) shape
         self._weights: np.ndarray | None = None  # (batch, R) Poisson(1) bootstrap weights
-        self._masks_by_device: dict[torch.device, torch.Tensor] = {}
+        self._masks_by_device: dict[tuple, torch.Tensor] = {}
         self._cached_input: torch.Tensor | None = None
         self._cached_input_version = -1
         self._cached_rows: tuple | None = None
@@ -245,22 +191,37 @@ class NFNCollector:
             handle.remove()
         self._handles.clear()
         self._drop_cache()
-        self._pending, self._mask, self._masks_by_device, self._weights = [], None, {}, None
+        self._pending, self._masks, self._masks_by_device, self._weights = [], {}, {}, None
 
     @property
     def active(self) -> bool:
         return bool(self._handles)
 
-    def start_batch(self, attention_mask: torch.Tensor) -> None:
-        """Declare the next forward's ``(batch, seq)`` mask and draw its bootstrap weights."""
+    @property
+    def weights(self) -> np.ndarray | None:
+        """The current batch's ``(batch, R)`` bootstrap weights (for other per-sample statistics)."""
+        return self._weights
+
+    def start_batch(self, attention_mask: torch.Tensor, *other_masks: torch.Tensor) -> None:
+        """Declare the next forward's ``(batch, seq)`` mask and draw its bootstrap weights.
+
+        ``other_masks``: masks of the same samples' other token streams (an encoder-decoder's
+        decoder), each told apart by its shape, which must differ from the others'.
+        """
         self.flush()
-        self._mask = attention_mask.bool()
+        self._masks = {tuple(m.shape): m.bool() for m in (*other_masks, attention_mask)}
         self._masks_by_device = {}
         n = attention_mask.shape[0]
-        replicates = next(iter(self.stats.values())).n_replicates
-        self._weights = self._boot_rng.poisson(1.0, size=(n, replicates)).astype(np.float64)
+        self._weights = self.skip_batch(n)
         self.samples += n
-        self.tokens += int(self._mask.sum())
+        self.tokens += int(attention_mask.sum())
+
+    def skip_batch(self, n: int) -> np.ndarray:
+        """Draw (and return) the bootstrap weights of a batch of ``n`` samples. A data-parallel
+        diagnosis calls it for the batches other processes run, so a sample's weights depend on
+        its place in the data, not on which process saw it."""
+        replicates = next(iter(self.stats.values())).n_replicates
+        return self._boot_rng.poisson(1.0, size=(n, replicates)).astype(np.float64)
 
     def _drop_cache(self) -> None:
         self._cached_input = None
@@ -276,12 +237,12 @@ class NFNCollector:
         return hook
 
     def _mask_for(self, leading_shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-        mask = self._mask
-        if mask is None or tuple(mask.shape) != tuple(leading_shape):
+        key = tuple(leading_shape)
+        if key not in self._masks:
             return None  # tokens not laid out as (batch, seq): count them all, as one group
-        if device not in self._masks_by_device:
-            self._masks_by_device[device] = mask.to(device, non_blocking=True)
-        return self._masks_by_device[device]
+        if (device, key) not in self._masks_by_device:
+            self._masks_by_device[device, key] = self._masks[key].to(device, non_blocking=True)
+        return self._masks_by_device[device, key]
 
     def _input_rows(self, x: torch.Tensor):
         """``(valid, 1/||z||, rows)`` for an input; ``rows`` holds per-sample token count, input

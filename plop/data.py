@@ -1,7 +1,10 @@
-"""Task data: load rows with Hugging Face ``datasets``, turn them into (prompt, response) text.
+"""Task data: load rows, turn them into (prompt, response) text.
 
 Sources: a local JSON/JSONL/CSV/Parquet/text file or folder, a hub dataset name (when the hub is
-reachable), or ``None`` for the demo data shipped with plop (``plop/data/demo.jsonl``).
+reachable), or ``None`` for the demo data shipped with plop (``plop/resources/demo.jsonl``).
+JSON-lines files (the demo data among them) are read with the standard library: importing
+Hugging Face ``datasets`` (and pandas with it) takes longer than a whole small diagnosis. Every
+other source goes through ``datasets``.
 
 Each row becomes an :class:`Example` with a ``prompt`` and a ``response``; diagnosis reads
 ``prompt + response``, training puts the loss on the response only (``prompt`` is empty when
@@ -10,18 +13,22 @@ the text comes from a single field).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import string
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import PlopError
+from .errors import DataError, first_line
+from .fsio import kind_of
+from .untrusted import check_text_field, plain_safe
 
-DEMO_DATA = Path(__file__).parent / "data" / "demo.jsonl"
+DEMO_DATA = Path(__file__).parent / "resources" / "demo.jsonl"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Field pairs recognised without any flag, in order of preference.
 _PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"), ("input", "output"),
@@ -52,14 +59,14 @@ class TextFormat:
 
     def __post_init__(self) -> None:
         if sum([self.text_field is not None, self.template is not None, self.chat]) > 1:
-            raise PlopError("choose one of --text-field, --template and --chat")
+            raise DataError("choose one of --text-field, --template and --chat")
 
     def resolve(self, fields: list[str]) -> TextFormat:
         """Fill in the fields this format needs from the dataset's columns, or say what's missing."""
         def need(*names: str | None) -> None:
             missing = [n for n in names if n is not None and n not in fields]
             if missing:
-                raise PlopError(f"field {missing[0]!r} is not in the data", f"available fields: {', '.join(fields)}")
+                raise DataError(f"field {missing[0]!r} is not in the data", f"available fields: {', '.join(fields)}")
 
         if self.text_field is not None:
             need(self.text_field)
@@ -68,7 +75,7 @@ class TextFormat:
             try:
                 self.template.format_map({f: "" for f in fields})
             except KeyError as e:
-                raise PlopError(f"template field {e.args[0]!r} is not in the data",
+                raise DataError(f"template field {e.args[0]!r} is not in the data",
                                 f"available fields: {', '.join(fields)}") from None
             return self
         if self.prompt_field and self.response_field:
@@ -79,40 +86,58 @@ class TextFormat:
                 return TextFormat(chat=self.chat, prompt_field=p, response_field=r)
         if not self.chat and "text" in fields:
             return TextFormat(text_field="text")
-        raise PlopError(
+        raise DataError(
             "cannot tell which fields hold the text",
             f"available fields: {', '.join(fields)}; pass --text-field, --template or --prompt-field/--response-field",
         )
 
-    def example(self, row: dict[str, Any], tokenizer=None) -> Example:
+    def example(self, row: dict[str, Any], tokenizer=None, index: int = 0) -> Example:
+        """Row ``index`` (named in errors) as an :class:`Example`."""
+        row = {field: check_text_field(value, field, index) for field, value in row.items() if field in self._used}
         if self.text_field is not None:
-            return Example("", str(row[self.text_field] or ""))
+            return Example("", row[self.text_field])
         if self.template is not None:
             # a template that ends in the response field splits there: the loss goes on the response
             cut = "{" + (self.response_field or "") + "}"
             if self.response_field and self.template.endswith(cut):
-                return Example(self.template[: -len(cut)].format_map(row), str(row[self.response_field]))
+                return Example(self.template[: -len(cut)].format_map(row), row[self.response_field])
             return Example("", self.template.format_map(row))
-        prompt, response = str(row[self.prompt_field] or ""), str(row[self.response_field] or "")
+        prompt, response = row[self.prompt_field], row[self.response_field]
         if not self.chat:
             return Example(prompt + "\n", response)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise PlopError("--chat needs a tokenizer with a chat template", "use --template instead")
+            raise DataError("--chat needs a tokenizer with a chat template", "use --template instead")
         user = [{"role": "user", "content": prompt}]
         head = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
         return Example(head, full[len(head):]) if full.startswith(head) else Example("", full)
 
+    @functools.cached_property
+    def _used(self) -> set[str]:
+        """The fields the text is made of: only these must hold text."""
+        fields = {self.text_field, self.prompt_field, self.response_field}
+        if self.template is not None:
+            fields |= {name for _, name, _, _ in string.Formatter().parse(self.template) if name}
+        return fields - {None}
 
-def _first_bad_json_line(path: Path) -> str | None:
+
+def _read_jsonl(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """Rows of a JSON-lines file and its fields (in order of first appearance); a row lacking a
+    field holds None there, as with ``datasets``. Blank lines are skipped."""
+    rows, fields = [], {}
     with path.open(encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except json.JSONDecodeError as e:
-                    return f"line {lineno}: {e.msg}"
-    return None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: malformed JSON at line {lineno}: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+            fields.update(dict.fromkeys(row))
+    return [{k: row.get(k) for k in fields} for row in rows], list(fields)
 
 
 def _sha256(paths: list[Path]) -> str:
@@ -125,41 +150,46 @@ def _sha256(paths: list[Path]) -> str:
 
 
 def load_rows(source: str | None = None, *, split: str = "train", config: str | None = None):
-    """``(datasets.Dataset, info)`` for a file, folder, hub name, or the demo data (``None``)."""
+    """``(rows, info)`` for a file, folder, hub name, or the demo data (``None``): a list of dicts
+    for a JSON-lines file, else a ``datasets.Dataset``."""
+    path = DEMO_DATA if source is None else Path(source).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise DataError(f"{plain_safe(str(path))} is not a regular file ({kind_of(path.stat().st_mode)})")
+    if path.is_file() and path.stat().st_size == 0:
+        raise DataError(f"{plain_safe(str(path))}: the file is empty")
+    if path.is_file() and path.suffix.lower() == ".jsonl":
+        rows, fields = _read_jsonl(path)
+        info = {"source": "demo" if source is None else str(source), "sha256": _sha256([path])}
+        return rows, {**info, "rows": len(rows), "fields": fields}
     import datasets
 
     datasets.disable_progress_bars()
-    path = DEMO_DATA if source is None else Path(source).expanduser()
     if path.is_file():
         builder = _BUILDERS.get(path.suffix.lower())
         if builder is None:
-            raise PlopError(f"{path}: unknown file type {path.suffix!r}", f"use one of {', '.join(_BUILDERS)}")
+            raise DataError(f"{path}: unknown file type {path.suffix!r}", f"use one of {', '.join(_BUILDERS)}")
         files = [path]
-        if builder == "json" and path.suffix.lower() == ".jsonl":
-            bad = _first_bad_json_line(path)
-            if bad:
-                raise PlopError(f"{path}: malformed JSON at {bad}")
         args: tuple = (builder,)
         kwargs: dict = {"data_files": str(path), "split": "train"}
     elif path.is_dir():
         files = [p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in _BUILDERS]
         if not files:
-            raise PlopError(f"{path}: no data files (.json, .jsonl, .csv, .parquet, .txt) in this folder")
+            raise DataError(f"{path}: no data files (.json, .jsonl, .csv, .parquet, .txt) in this folder")
         args, kwargs = (str(path),), {"split": split}
     elif source is not None and (source.startswith((".", "/", "~")) or Path(source).suffix.lower() in _BUILDERS):
-        raise PlopError(f"data file {source} does not exist")
+        raise DataError(f"data file {source} does not exist")
     else:
         files = []
         args, kwargs = (source,), {"name": config, "split": split}
     try:
         ds = datasets.load_dataset(*args, **kwargs)
     except PermissionError as e:
-        raise PlopError(f"cannot read {path}: permission denied") from e
+        raise DataError(f"cannot read {path}: permission denied") from e
     except Exception as e:  # datasets wraps parse errors in several exception types
         if files:
-            raise PlopError(f"cannot read {path}: {str(e).splitlines()[0]}") from e
-        raise PlopError(f"dataset {source!r} not found locally, and the hub could not provide it: "
-                        f"{str(e).splitlines()[0]}", "pass a local file or folder") from e
+            raise DataError(f"cannot read {path}: {first_line(e)}") from e
+        raise DataError(f"dataset {source!r} not found locally, and the hub could not provide it: "
+                        f"{first_line(e)}", "pass a local file or folder") from e
     info = {
         "source": "demo" if source is None else str(source),
         "sha256": _sha256(files) if files else getattr(ds, "_fingerprint", None),
@@ -195,18 +225,18 @@ def load_examples(
     """
     ds, info = load_rows(source, split=split, config=config)
     if len(ds) == 0:
-        raise PlopError(f"{info['source']}: the data is empty")
-    fmt = (text_format or TextFormat()).resolve(list(ds.column_names))
+        raise DataError(f"{info['source']}: the data is empty")
+    fmt = (text_format or TextFormat()).resolve(info["fields"])
     indices = sample_indices(len(ds), samples, seed)
-    rows = ds.select(indices)
+    rows = [ds[i] for i in indices] if isinstance(ds, list) else ds.select(indices)  # select: one Arrow take
     examples, kept = [], []
     for i, row in zip(indices, rows):
-        ex = fmt.example(row, tokenizer)
+        ex = fmt.example(row, tokenizer, i)
         if ex.text.strip():
             examples.append(ex)
             kept.append(i)
     if not examples:
-        raise PlopError(f"{info['source']}: no non-empty text left in the selected rows")
+        raise DataError(f"{info['source']}: no non-empty text left in the selected rows")
     info.update(indices=kept, dropped_empty=len(indices) - len(kept), seed=seed,
-                format={k: v for k, v in vars(fmt).items() if v not in (None, False)})
+                format={k: v for k, v in asdict(fmt).items() if v not in (None, False)})
     return examples, info

@@ -9,6 +9,10 @@ Selection strategies
                    still fit in the budget.
     ``per_layer``  the lowest-NFN individual modules (``k`` per layer on average, or under a
                    budget), emitted as a regex that PEFT's ``target_modules`` full-matches.
+    ``allocate``   a LoRA rank per type under a budget, growing as the type's NFN falls below
+                   the others: ``r_t ~ s * (min_u NFN_u / NFN_t)^p`` rounded to the nearest of
+                   :data:`ALLOCATION_RANKS` (types below the smallest get none), with the scale
+                   ``s`` that spends the most of the budget without exceeding it.
 
 Stability comes from a streaming Poisson bootstrap over samples (see :mod:`plop.collector`):
 the selection is recomputed under every replicate, giving each type the probability that it
@@ -17,74 +21,20 @@ lands in the recommended set.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
-STRATEGIES = ("top_k", "budget", "per_layer")
+from .config import STRATEGIES, check_choice
+from .errors import ConfigError
+from .report import ModuleRecord, Recommendation, TypeRanking
+
 STABLE_AGREEMENT = 0.9  # a selection is "stable" when >= 90 % of bootstrap replicates reproduce it
 BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 by default
-
-# Names PEFT users know these families by; a placement keeps the types a model actually has.
-_QV = {"q_proj", "v_proj", "query", "value", "q", "v", "c_attn", "query_key_value", "Wqkv", "qkv_proj", "qkv"}
-_ATTENTION_PARENTS = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-@dataclass
-class ModuleRecord:
-    """One linear module's diagnosis."""
-
-    name: str
-    type: str
-    layer: int | None
-    d_out: int
-    d_in: int
-    nfn: float
-    nfn_std: float
-    tokens: int
-    calls: int
-    baseline: float
-    input_norm_mean: float
-    input_norm_max: float
-    output_norm_mean: float
-
-    @property
-    def lora_params_per_rank(self) -> int:
-        """LoRA adds ``r * (d_in + d_out)`` parameters (A is r x d_in, B is d_out x r)."""
-        return self.d_in + self.d_out
-
-
-@dataclass
-class TypeRanking:
-    """One module type, aggregated over layers."""
-
-    type: str
-    rank: int
-    nfn_mean: float
-    nfn_std: float
-    nfn_min: float
-    nfn_max: float
-    n_modules: int
-    lora_params_per_rank: int
-    selection_probability: float | None = None
-
-
-@dataclass
-class Recommendation:
-    strategy: str
-    types: list[str]
-    target_modules: list[str] | str
-    modules: list[str]
-    rank: int
-    trainable_params: int
-    size_mb: float
-    stable: bool | None = None
-    agreement: float | None = None
-    samples_to_stable: int | None = None
-
+ALLOCATION_RANKS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 def adapter_cost(records: Sequence[ModuleRecord], rank: int) -> tuple[int, float]:
     """Trainable LoRA parameters at ``rank`` over ``records`` and the adapter size in MB."""
@@ -140,6 +90,30 @@ def _select_budget(means: Mapping[str, float], cost: Mapping[str, int], budget: 
     return chosen
 
 
+def _nearest_rank(x: float) -> int:
+    """The allowed rank nearest to ``x`` in log scale; 0 below the smallest one's lower half-step."""
+    if x < ALLOCATION_RANKS[0] / math.sqrt(2):
+        return 0
+    return min(ALLOCATION_RANKS, key=lambda r: abs(math.log(r / x)))
+
+
+def allocate_ranks(means: Mapping[str, float], per_rank: Mapping[str, int], budget: int,
+                   power: float) -> dict[str, int]:
+    """A rank per type (types that get none are left out): ``r_t ~ s * (min NFN / NFN_t)^power``,
+    each rounded to an allowed rank, with the scale ``s`` whose total ``sum_t r_t * per_rank[t]``
+    comes closest to ``budget`` from below. Deterministic: ``s`` runs over a fixed grid."""
+    lowest = min(means.values())
+    weight = {t: (lowest / max(m, 1e-12)) ** power for t, m in means.items()}
+    best: dict[str, int] = {}
+    spent = 0
+    for scale in np.geomspace(ALLOCATION_RANKS[0] / 2, ALLOCATION_RANKS[-1], 200):
+        ranks = {t: r for t in sorted(means, key=lambda t: (means[t], t)) if (r := _nearest_rank(scale * weight[t]))}
+        cost = sum(r * per_rank[t] for t, r in ranks.items())
+        if spent < cost <= budget:
+            best, spent = ranks, cost
+    return best
+
+
 def _select_modules(
     records: Sequence[ModuleRecord], nfn: np.ndarray, rank: int, count: int, budget: int | None
 ) -> list[str]:
@@ -155,6 +129,21 @@ def _select_modules(
         chosen.append(m.name)
         spent += cost
     return chosen
+
+
+def data_free_choices(records: Sequence[ModuleRecord], k: int) -> dict[str, list[str]]:
+    """The ``k`` types each score would pick, by its mean over layers: NFN (lowest first), KappaTune's
+    condition number (lowest first) and Spectrum's SNR (highest first). Needs the records' scores."""
+    def top(value) -> list[str]:
+        groups: dict[str, list[float]] = defaultdict(list)
+        for m in records:
+            groups[m.type].append(value(m))
+        means = {t: float(np.mean(vs)) for t, vs in groups.items()}
+        return sorted(means, key=lambda t: (means[t], t))[:k]
+
+    return {"nfn": top(lambda m: m.nfn),
+            "kappatune": top(lambda m: math.inf if m.kappa is None else m.kappa),
+            "spectrum": top(lambda m: -m.snr)}
 
 
 def modules_regex(names: Sequence[str]) -> str:
@@ -192,20 +181,23 @@ class Selector:
         top_k: int = 3,
         budget: int | None = None,
         rank: int = 16,
+        power: float = 2.0,
     ) -> None:
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, not {strategy!r}")
+        check_choice("strategy", strategy, STRATEGIES)
         if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
+            raise ConfigError(f"top_k must be >= 1, got {top_k}")
         if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+            raise ConfigError(f"rank must be >= 1, got {rank}")
         if strategy == "budget" and (budget is None or budget <= 0):
-            raise ValueError("the budget strategy needs a positive parameter budget")
+            raise ConfigError("the budget strategy needs a positive parameter budget")
         self.records = list(records)
-        self.strategy, self.top_k, self.budget, self.rank = strategy, top_k, budget, rank
-        self.type_cost: dict[str, int] = defaultdict(int)
+        self.strategy, self.top_k, self.budget, self.rank, self.power = strategy, top_k, budget, rank, power
+        self.per_rank: dict[str, int] = defaultdict(int)
         for m in self.records:
-            self.type_cost[m.type] += rank * m.lora_params_per_rank
+            self.per_rank[m.type] += m.lora_params_per_rank
+        self.type_cost = {t: rank * c for t, c in self.per_rank.items()}
+        if strategy == "allocate" and budget is None:  # what the paper's top-k placement costs at this rank
+            self.budget = sum(self.type_cost[t] for t in _select_top_k(type_means(self.records), top_k))
         layers = {m.layer for m in self.records if m.layer is not None}
         self.per_layer_count = top_k * max(len(layers), 1)
 
@@ -216,6 +208,8 @@ class Selector:
         means = type_means(self.records, nfn)
         if self.strategy == "top_k":
             return frozenset(_select_top_k(means, self.top_k))
+        if self.strategy == "allocate":
+            return frozenset(allocate_ranks(means, self.per_rank, self.budget, self.power))
         return frozenset(_select_budget(means, self.type_cost, self.budget))
 
     def recommend(self, replicates: np.ndarray | None = None) -> tuple[Recommendation, dict[str, float] | None]:
@@ -223,7 +217,7 @@ class Selector:
         selection probabilities."""
         point = self(np.array([m.nfn for m in self.records]))
         if not point:
-            raise ValueError(
+            raise ConfigError(
                 f"no module type fits a budget of {self.budget:,} parameters at rank {self.rank}; "
                 f"the cheapest type needs {min(self.type_cost.values()):,}"
             )
@@ -239,11 +233,24 @@ class Selector:
             target = list(types)
         params, size = adapter_cost(chosen, self.rank)
         rec = Recommendation(self.strategy, types, target, names, self.rank, params, size)
+        if self.strategy == "allocate":
+            self._allocated(rec)
         probabilities = None
         if replicates is not None:
             rec.agreement, probabilities = self.stability(point, replicates)
             rec.stable = rec.agreement >= STABLE_AGREEMENT
         return rec, probabilities
+
+    def _allocated(self, rec: Recommendation) -> None:
+        """Fill in an allocation's ranks, the alphas that keep alpha / rank = 2, and its cost."""
+        ranks = allocate_ranks(type_means(self.records), self.per_rank, self.budget, self.power)
+        rec.rank_pattern = {t: ranks[t] for t in rec.types}
+        rec.alpha_pattern = {t: 2 * r for t, r in rec.rank_pattern.items()}
+        rec.rank = max(ranks.values())
+        rec.trainable_params = sum(r * self.per_rank[t] for t, r in ranks.items())
+        rec.size_mb = rec.trainable_params * BYTES_PER_PARAM / 1e6
+        rec.allocation = {"rule": "rank ~ s * (min NFN / NFN)^power, nearest allowed rank, most of the budget",
+                          "power": self.power, "ranks": list(ALLOCATION_RANKS), "budget": self.budget}
 
     def stability(self, point: frozenset[str], replicates: np.ndarray) -> tuple[float, dict[str, float] | None]:
         """Share of replicates that reproduce ``point``, and per-type selection probability."""
@@ -256,48 +263,3 @@ class Selector:
             return agreement, None
         types = {m.type for m in self.records}
         return agreement, {t: float(np.mean([t in s for s in selections])) for t in sorted(types)}
-
-
-def placement_types(records: Sequence[ModuleRecord], placement: str) -> list[str]:
-    """Module types of a named placement, for this model's names.
-
-    ``qv``: query and value projections (a fused qkv counts); ``attention``: types under an
-    attention block; ``mlp``: the other types; ``all-linear``: every type.
-    """
-    return _placement_types([(m.name, m.type) for m in records], placement)
-
-
-def placement_types_for_names(names: Sequence[str], placement: str) -> list[str]:
-    """:func:`placement_types` for a model without a report: from its linear module names
-    (:func:`plop.collector.find_linear_modules`), so training can place adapters undiagnosed."""
-    from .collector import module_type  # lazily: the ranker itself needs no torch
-
-    return _placement_types([(n, module_type(n)) for n in names], placement)
-
-
-def _placement_types(modules: Sequence[tuple[str, str]], placement: str) -> list[str]:
-    attention = {t for name, t in modules if _ATTENTION_PARENTS.search(name.rsplit(".", 1)[0])}
-    every = sorted({t for _, t in modules})
-    if placement == "all-linear":
-        return every
-    if placement == "attention":
-        return [t for t in every if t in attention]
-    if placement == "mlp":
-        return [t for t in every if t not in attention]
-    if placement == "qv":
-        return [t for t in every if t in _QV]
-    raise ValueError(f"unknown placement {placement!r}; choose from {', '.join(PLACEMENTS)}")
-
-
-PLACEMENTS = ("qv", "attention", "mlp", "all-linear")
-
-
-def placement_costs(records: Sequence[ModuleRecord], rank: int, recommended: Recommendation) -> dict[str, dict]:
-    """Trainable parameters and adapter size of the recommendation and each named placement."""
-    costs = {"recommended": {"types": recommended.types, "trainable_params": recommended.trainable_params,
-                             "size_mb": recommended.size_mb}}
-    for placement in PLACEMENTS:
-        types = placement_types(records, placement)
-        params, size = adapter_cost([m for m in records if m.type in types], rank)
-        costs[placement] = {"types": types, "trainable_params": params, "size_mb": size}
-    return costs

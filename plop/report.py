@@ -1,31 +1,104 @@
 """The diagnosis ``Report``: one dataclass, a versioned JSON schema, and exports.
 
 A report is plain data: it can be saved, loaded on a machine without the model, rendered again
-(:mod:`plop.reporter`), turned into a pandas DataFrame or a ``peft.LoraConfig``.
+(:mod:`plop.render`), turned into a pandas DataFrame or a ``peft.LoraConfig``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 
-from . import __version__
-from .ranker import ModuleRecord, Recommendation, TypeRanking
+from .config import STRATEGIES
+from .errors import ConfigError, FileError, ReportError, UnsafeRegexError
+from .fsio import atomic_write, read_text_capped
+from .untrusted import check_regex, plain_safe
+from .version import __version__
 
 SCHEMA_VERSION = 1
 SCHEMA_ID = "plop.report"
 
-_num = {"type": "number"}
+
+@dataclass
+class ModuleRecord:
+    """One linear module's diagnosis."""
+
+    name: str
+    type: str
+    layer: int | None
+    d_out: int
+    d_in: int
+    nfn: float
+    nfn_std: float
+    tokens: int
+    calls: int
+    baseline: float
+    input_norm_mean: float
+    input_norm_max: float
+    output_norm_mean: float
+    kappa: float | None = None  # data-free scores, when asked for (plop.weight_scores)
+    snr: float | None = None
+    experts: int | None = None  # a 3-D expert weight (E, d_out, d_in); its NFN is the routed tokens' mean
+    expert_nfn: list[float | None] | None = None  # per expert; None for an expert no token reached
+
+    @property
+    def lora_params_per_rank(self) -> int:
+        """LoRA adds ``r * (d_in + d_out)`` parameters (A is r x d_in, B is d_out x r); PEFT's
+        ``target_parameters`` give each of a 3-D weight's experts its own pair."""
+        return (self.experts or 1) * (self.d_in + self.d_out)
+
+
+@dataclass
+class TypeRanking:
+    """One module type, aggregated over layers."""
+
+    type: str
+    rank: int
+    nfn_mean: float
+    nfn_std: float
+    nfn_min: float
+    nfn_max: float
+    n_modules: int
+    lora_params_per_rank: int
+    selection_probability: float | None = None
+
+
+@dataclass
+class Recommendation:
+    strategy: str
+    types: list[str]
+    target_modules: list[str] | str
+    modules: list[str]
+    rank: int
+    trainable_params: int
+    size_mb: float
+    stable: bool | None = None
+    agreement: float | None = None
+    samples_to_stable: int | None = None
+    # the allocate strategy: a rank per type (PEFT's rank_pattern keys match name suffixes), an
+    # alpha per type keeping alpha / rank fixed, and the rule that made them
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, int] | None = None
+    allocation: dict[str, Any] | None = None
+    target_parameters: list[str] | None = None  # 3-D expert weights, PEFT's LoraConfig(target_parameters=...)
+    excluded: dict[str, str] | None = None  # types PEFT refuses on this model -> why; never recommended
+
+
+_num = {"type": "number", "minimum": 0}  # norms, NFNs and sizes: never negative (nor NaN: see _non_finite)
 _int = {"type": "integer"}
+_pos = {"type": "integer", "minimum": 1}
+_count = {"type": "integer", "minimum": 0}
 _str = {"type": "string"}
 _opt_int = {"type": ["integer", "null"]}
+_opt_ranks = {"type": ["object", "null"], "additionalProperties": {"type": "integer", "minimum": 1}}
+_opt_strs = {"type": ["array", "null"], "items": _str}
 
 
 def _obj(required: dict[str, Any], optional: dict[str, Any] | None = None) -> dict:
@@ -42,8 +115,9 @@ REPORT_SCHEMA = _obj(
         "schema_version": _int,
         "plop_version": _str,
         "model": _obj({"id": _str, "architecture": _str}),
-        "data": _obj({"source": _str, "samples": _int, "tokens": _int}),
-        "settings": {"type": "object"},
+        "data": _obj({"source": _str, "samples": _count, "tokens": _count}),
+        "settings": {"type": "object",
+                     "properties": {"rank": _pos, "top_k": _pos, "budget": {"type": ["integer", "null"], "minimum": 1}}},
         "modules": {
             "type": "array",
             "minItems": 1,
@@ -52,47 +126,78 @@ REPORT_SCHEMA = _obj(
                     "name": _str,
                     "type": _str,
                     "layer": _opt_int,
-                    "d_out": _int,
-                    "d_in": _int,
+                    "d_out": _pos,
+                    "d_in": _pos,
                     "nfn": _num,
                     "nfn_std": _num,
-                    "tokens": _int,
-                    "calls": _int,
+                    "tokens": _count,
+                    "calls": _count,
                     "baseline": _num,
                     "input_norm_mean": _num,
                     "input_norm_max": _num,
                     "output_norm_mean": _num,
-                }
+                },
+                {"experts": _opt_int, "expert_nfn": {"type": ["array", "null"], "items": {"type": ["number", "null"]}}},
             ),
         },
         "types": {
             "type": "array",
             "minItems": 1,
             "items": _obj(
-                {"type": _str, "rank": _int, "nfn_mean": _num, "nfn_std": _num, "nfn_min": _num, "nfn_max": _num,
-                 "n_modules": _int, "lora_params_per_rank": _int},
+                {"type": _str, "rank": _pos, "nfn_mean": _num, "nfn_std": _num, "nfn_min": _num, "nfn_max": _num,
+                 "n_modules": _pos, "lora_params_per_rank": _pos},
                 {"selection_probability": {"type": ["number", "null"]}},
             ),
         },
         "recommendation": _obj(
             {
-                "strategy": {"enum": ["top_k", "budget", "per_layer"]},
+                "strategy": {"enum": list(STRATEGIES)},
                 "types": {"type": "array", "items": _str},
                 "target_modules": {"anyOf": [{"type": "array", "items": _str}, _str]},
                 "modules": {"type": "array", "items": _str},
-                "rank": _int,
-                "trainable_params": _int,
+                "rank": _pos,
+                "trainable_params": _count,
                 "size_mb": _num,
-            }
+            },
+            {"rank_pattern": _opt_ranks, "alpha_pattern": _opt_ranks, "target_parameters": _opt_strs,
+             "excluded": {"type": ["object", "null"], "additionalProperties": _str}},
         ),
         "costs": {"type": "object"},
         "stability": {"type": "object"},
-    }
+    },
+    {"coverage": _obj({"share": _num, "undiagnosed": {"type": "array"}})},
 )
 
 
-class ReportError(ValueError):
-    """A report file that cannot be read: the message says which field and why."""
+MAX_REPORT_BYTES = 64 << 20  # a report of a 1,000-layer model is a few MB
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _non_finite(value: Any, where: str = "") -> str | None:
+    """The path of the first NaN or infinity in ``value`` (a report built in Python, not parsed)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "top level"
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        found = _non_finite(child, f"{where}/{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
+def peft_lora_config(*, target_parameters: list[str] | None = None, **kwargs):
+    """``peft.LoraConfig(**kwargs)``, made safe for 3-D expert weights: PEFT's adapters on
+    ``target_parameters`` take no dropout and no DoRA, so the dropout is set to 0 there and DoRA
+    is refused with a ConfigError rather than deep inside PEFT."""
+    from peft import LoraConfig
+
+    if target_parameters:
+        if kwargs.get("use_dora"):
+            raise ConfigError("DoRA cannot adapt MoE expert weights (PEFT target_parameters)",
+                              "train without --dora, or choose targets without the experts")
+        kwargs["lora_dropout"] = 0.0
+    return LoraConfig(target_parameters=target_parameters, **kwargs)
 
 
 def _build(cls, values: dict[str, Any]):
@@ -105,7 +210,7 @@ def _build(cls, values: dict[str, Any]):
 class Report:
     """Everything a diagnosis found, and what it recommends.
 
-    ``modules`` holds one :class:`~plop.ranker.ModuleRecord` per linear module; ``types`` the
+    ``modules`` holds one :class:`ModuleRecord` per linear module; ``types`` the
     per-type ranking (ascending mean NFN); ``recommendation`` the chosen ``target_modules``.
     """
 
@@ -117,6 +222,8 @@ class Report:
     recommendation: Recommendation
     costs: dict[str, dict]
     stability: dict[str, Any]
+    data_free: dict[str, list[str]] | None = None  # what KappaTune and Spectrum would pick, beside NFN
+    coverage: dict[str, Any] = field(default_factory=dict)  # see plop.coverage; empty in older reports
     plop_version: str = __version__
     schema: str = SCHEMA_ID
     schema_version: int = SCHEMA_VERSION
@@ -130,22 +237,9 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically: a failed write never leaves a partial file or clobbers a good one."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = self.to_json()
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the report private
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        """Write atomically (:func:`plop.fsio.atomic_write`): a failed write never leaves a
+        partial file or clobbers a good one, and a symlink at ``path`` is refused."""
+        return atomic_write(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, raw: Any, source: str = "report") -> Report:
@@ -160,7 +254,16 @@ class Report:
         error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(raw))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "top level"
-            raise ReportError(f"{source}: not a valid plop report at {where}: {error.message}")
+            raise ReportError(f"{source}: not a valid plop report at {where}: {plain_safe(error.message)}")
+        where = _non_finite(raw)
+        if where is not None:
+            raise ReportError(f"{source}: not a valid plop report at {where}: not a finite number")
+        target = raw["recommendation"]["target_modules"]
+        if isinstance(target, str):  # PEFT full-matches it against every module name: it must be safe to run
+            try:
+                check_regex(target)
+            except UnsafeRegexError as e:
+                raise ReportError(f"{source}: recommendation/target_modules: {e}") from None
         fields = dict(raw)
         fields["modules"] = [_build(ModuleRecord, m) for m in raw["modules"]]
         fields["types"] = [_build(TypeRanking, t) for t in raw["types"]]
@@ -169,21 +272,19 @@ class Report:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Report:
-        """Read and validate a saved report; errors name the file, the field and the problem."""
-        path = Path(path)
+        """Read and validate a saved report (untrusted input: at most :data:`MAX_REPORT_BYTES`, a
+        regular file); errors name the file, the field and the problem."""
         try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ReportError(f"{path}: no such report file") from None
-        except OSError as e:
-            raise ReportError(f"{path}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError:
-            raise ReportError(f"{path}: not JSON (not UTF-8 text; a binary file?)") from None
+            text = read_text_capped(path, MAX_REPORT_BYTES)
+        except FileError as e:
+            raise ReportError(str(e)) from None
         try:
-            raw = json.loads(text)
+            raw = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
-            raise ReportError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
-        return cls.from_dict(raw, source=str(path))
+            raise ReportError(f"{plain_safe(str(path))}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+        except ValueError as e:  # NaN or Infinity, which JSON itself does not have
+            raise ReportError(f"{plain_safe(str(path))}: not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=plain_safe(str(path)))
 
     # -- exports -----------------------------------------------------------------------------
     def to_dataframe(self, level: str = "module"):
@@ -202,22 +303,31 @@ class Report:
         return pd.DataFrame(rows)
 
     def to_peft_config(self, r: int | None = None, lora_alpha: int | None = None, **kwargs):
-        """A ``peft.LoraConfig`` on the recommended ``target_modules``.
+        """A ``peft.LoraConfig`` on the recommended ``target_modules`` and ``target_parameters``
+        (see :func:`peft_lora_config`).
 
         ``r`` defaults to the rank the report was costed at, ``lora_alpha`` to ``2 * r``;
         ``kwargs`` go to ``LoraConfig`` (``lora_dropout``, ``use_dora``, ``task_type``, ...).
+        An ``allocate`` recommendation also sets ``rank_pattern`` (its rank per type) and
+        ``alpha_pattern`` (each type's rank times ``lora_alpha / r``).
         """
-        from peft import LoraConfig
-
-        r = r or self.recommendation.rank
+        rec = self.recommendation
+        r = r or rec.rank
+        lora_alpha = lora_alpha or 2 * r
         kwargs.setdefault("task_type", self.task_type)
-        return LoraConfig(r=r, lora_alpha=lora_alpha or 2 * r, target_modules=self.recommendation.target_modules,
-                          **kwargs)
+        kwargs.setdefault("target_parameters", rec.target_parameters)
+        if rec.rank_pattern:  # allocate: every chosen type has its own rank, alpha / rank as asked
+            kwargs.setdefault("rank_pattern", dict(rec.rank_pattern))
+            kwargs.setdefault("alpha_pattern", {t: rank * lora_alpha / r for t, rank in rec.rank_pattern.items()})
+        return peft_lora_config(r=r, lora_alpha=lora_alpha, target_modules=rec.target_modules, **kwargs)
 
     @property
     def task_type(self) -> str | None:
-        """PEFT's task type, read off the architecture name (``...ForCausalLM`` -> CAUSAL_LM)."""
+        """PEFT's task type, read off the architecture name (``...ForCausalLM`` -> CAUSAL_LM;
+        ``...ForConditionalGeneration`` is SEQ_2_SEQ_LM for encoder-decoders only)."""
         arch = self.model.get("architecture", "")
+        if arch.endswith("ForConditionalGeneration") and self.model.get("encoder_decoder") is False:
+            return "CAUSAL_LM"  # a vision-language model's language model generates the text
         if arch.endswith("LMHeadModel") and not arch.endswith("WithLMHeadModel"):  # GPT2LMHeadModel & co.
             return "CAUSAL_LM"
         for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
@@ -232,12 +342,12 @@ class Report:
         return [t.type for t in self.types]
 
     def __rich_console__(self, console, options):
-        from .reporter import render
+        from .render import render_report
 
-        yield render(self)
+        yield render_report(self)
 
     def plot(self, path: str | os.PathLike | None = None):
         """Heatmap of NFN by layer x type and the per-type ranking (matplotlib figure)."""
-        from .reporter import plot_report
+        from .render import plot_report
 
         return plot_report(self, path)

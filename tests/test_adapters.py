@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from plop import TrainConfig, train
-from plop.adapters import list_adapters, load_adapters, merge_adapter
+from plop.finetune.adapters import list_adapters, load_adapters, merge_adapter
 from plop.data import Example
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer

@@ -238,4 +238,4 @@ def test_show_rejects_a_broken_report(tmp_path):
     bad = tmp_path / "r.json"
     bad.write_text('{"schema": "plop.report", "schema_version": 1}')
     assert "not a valid plop report" in one_line_error(run("show", str(bad), check=None))
-    assert "no such report file" in one_line_error(run("show", str(tmp_path / "none.json"), check=None))
+    assert "no such file" in one_line_error(run("show", str(tmp_path / "none.json"), check=None))

@@ -10,7 +10,8 @@ import torch
 from rich.console import Console
 
 from plop import TrainConfig, compare, diagnose
-from plop.compare import COMPARE_PLACEMENTS, candidates
+from plop.finetune.compare import candidates
+from plop.placement import COMPARE_PLACEMENTS
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
-import os
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,9 @@ def test_quickstart_notebook_runs(tmp_path, monkeypatch):
     assert "target_modules=" in outputs  # the diagnosis rendered its recommendation
     assert any("image/png" in out.get("data", {}) for cell in nb.cells if cell.cell_type == "code"
                for out in cell.get("outputs", []))  # the plot
-    assert (tmp_path / "work" / "lora-config" / "adapter_config.json").is_file()
+    exported = json.loads((tmp_path / "work" / "lora-config" / "adapter_config.json").read_text())
+    assert exported["r"] == 8 and exported["target_modules"]
+    # the exported targets are the recommendation the notebook rendered
+    recommended = re.search(r"target_modules=\[(.*?)\]", outputs).group(1)
+    assert sorted(t.strip(" '") for t in recommended.split(",")) == sorted(exported["target_modules"])
     assert "recommended" in outputs and "qv" in outputs  # both placements trained and reported
-    assert os.environ["PLOP_NOTEBOOK_FAST"] == "1"

@@ -11,18 +11,10 @@ from torch import nn
 
 from conftest import make_batches, pad_batches
 from plop import diagnose
-from plop.diagnose import AUTO_MIN_SAMPLES
-from plop.ranker import (
-    STABLE_AGREEMENT,
-    ModuleRecord,
-    Selector,
-    adapter_cost,
-    modules_regex,
-    placement_costs,
-    placement_types,
-    rank_types,
-    type_means,
-)
+from plop.config import AUTO_MIN_SAMPLES
+from plop.placement import placement_costs, placement_types
+from plop.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
+from plop.report import ModuleRecord
 
 LLAMA_TYPES = {
     "self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_attn.v_proj": (64, 32),
@@ -177,12 +169,16 @@ def test_placement_types_for_llama():
         placement_types(records, "everything")
 
 
-def test_placement_types_for_real_gpt2_and_bert(tiny_gpt2, tiny_bert):
-    gpt2 = diagnose(tiny_gpt2, make_batches(4, 8), n_bootstrap=10).modules
-    assert placement_types(gpt2, "qv") == ["c_attn"]
-    bert = diagnose(tiny_bert, make_batches(4, 8), n_bootstrap=10).modules
-    assert placement_types(bert, "qv") == ["query", "value"]
-    assert placement_types(bert, "attention") == ["dense", "key", "query", "value"]
+def test_placement_types_for_real_gpt2_and_bert_are_role_true(tiny_gpt2, tiny_bert):
+    gpt2 = diagnose(tiny_gpt2, make_batches(4, 8), n_bootstrap=10)
+    assert placement_types(gpt2.modules, "qv") == ["c_attn"]
+    assert placement_types(gpt2.modules, "mlp") == ["c_fc", "mlp.c_proj"]
+    bert = diagnose(tiny_bert, make_batches(4, 8), n_bootstrap=10)
+    assert placement_types(bert.modules, "qv") == ["query", "value"]
+    assert placement_types(bert.modules, "attention") == ["attention.output.dense", "key", "query", "value"]
+    assert placement_types(bert.modules, "mlp") == ["intermediate.dense", "output.dense"]
+    mlp = [m for m in bert.modules if m.type in ("intermediate.dense", "output.dense")]
+    assert len(mlp) == 4 and bert.costs["mlp"]["trainable_params"] == 16 * sum(m.d_in + m.d_out for m in mlp)
 
 
 def test_placement_costs_are_adapter_costs():
@@ -346,11 +342,25 @@ def test_samples_to_stable_is_the_first_checkpoint_after_which_the_set_stayed(ti
     checkpoints = report.stability["checkpoints"]
     assert [n for n, _ in checkpoints] == [8, 16, 24, 32, 40, 48]
     assert checkpoints[-1][1] == sorted(report.recommendation.types)
-    first = len(checkpoints) - 1
-    while first > 0 and checkpoints[first - 1][1] == checkpoints[-1][1]:
-        first -= 1
-    assert report.recommendation.samples_to_stable == checkpoints[first][0]
-    assert report.stability["samples_to_stable"] == checkpoints[first][0]
+    stable_at = report.recommendation.samples_to_stable
+    assert report.stability["samples_to_stable"] == stable_at
+    seen = [n for n, _ in checkpoints]
+    i = seen.index(stable_at)
+    # from there on the selection is the final one; just before, it was not
+    assert all(sel == checkpoints[-1][1] for _, sel in checkpoints[i:])
+    assert i == 0 or checkpoints[i - 1][1] != checkpoints[-1][1]
+
+
+@pytest.mark.parametrize(("history", "expected"), [
+    ([(8, "ab"), (16, "ab")], 8),
+    ([(8, "ab"), (16, "ac"), (24, "ab"), (32, "ab")], 24),
+    ([(8, "ab"), (16, "ab"), (24, "ac")], 24),
+    ([], None),
+])
+def test_samples_to_stable_on_known_histories(history, expected):
+    from plop.diagnosis import _samples_to_stable
+
+    assert _samples_to_stable([(n, frozenset(s)) for n, s in history]) == expected
 
 
 def test_selector_is_reproducible_under_identical_inputs():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import make_batches, make_llama
-from plop import Report, ReportError, diagnose
+from plop import FileError, Report, ReportError, diagnose
 from plop.report import SCHEMA_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -77,10 +77,10 @@ def test_save_is_atomic(report, saved):
 
 
 def test_failed_replace_leaves_no_temp_file(report, tmp_path):
-    """The write itself succeeds but the final rename fails (the target is a directory)."""
+    """A directory where the report should go is refused before anything is written."""
     target = tmp_path / "report.json"
     target.mkdir()
-    with pytest.raises(OSError):
+    with pytest.raises(FileError, match="is a directory"):
         report.save(target)
     assert target.is_dir()
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
@@ -149,15 +149,15 @@ def test_non_json_file(tmp_path):
     assert "not JSON (line 1, column 1" in _load_error(text)
     binary = tmp_path / "plot.png"
     binary.write_bytes(PNG_MAGIC + bytes(range(256)))
-    assert "not JSON" in _load_error(binary)
+    assert "not UTF-8 text" in _load_error(binary)
 
 
 def test_missing_file(tmp_path):
-    assert "no such report file" in _load_error(tmp_path / "nope.json")
+    assert "no such file" in _load_error(tmp_path / "nope.json")
 
 
 def test_directory_instead_of_file(tmp_path):
-    assert "cannot read" in _load_error(tmp_path)
+    assert "is not a regular file (a directory)" in _load_error(tmp_path)
 
 
 # -- DataFrames -------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ import torch
 from plop import TrainConfig, diagnose, train
 from plop.data import Example
 from plop.errors import PlopError
-from plop.trainer import SUMMARY_FILE, SFTCollator, split_examples, tokenize_examples
+from plop.finetune.config import SUMMARY_FILE
+from plop.finetune.sft import SFTCollator, split_examples, tokenize_examples
 from tiny_lm import examples, make_model, make_tokenizer
 
 torch.set_num_threads(1)
@@ -186,3 +187,48 @@ def test_eval_split_is_seeded_and_disjoint():
     assert (train_a, eval_a) == split_examples(data, 0.25, seed=3)
     assert len(eval_a) == 5 and sorted(e.prompt for e in train_a + eval_a) == sorted(e.prompt for e in data)
     assert split_examples(data, 0.0, seed=3) == (data, [])
+
+
+def test_tensorboard_gets_the_loss_placement_and_heatmap(tmp_path, tokenizer, report, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)  # a writer opened in the working directory would show up here
+    result = train(make_model(), tokenizer, examples(32), config(tmp_path, steps=4, logging_steps=1,
+                                                                report_to="tensorboard"),
+                   report=report, progress=False)
+    events = sorted(result.adapter_path.rglob("events.out.tfevents.*"))
+    assert events and {e.parent for e in events} == {result.adapter_path / "runs"}  # nothing written elsewhere
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "tensors": 0, "scalars": 0}).Reload()
+    losses = [e.value for e in acc.Scalars("train/loss")]
+    assert len(losses) == 4 and losses == pytest.approx([p["loss"] for p in result.summary["loss_curve"]])
+    image = acc.Images("plop/nfn")
+    assert [e.step for e in image] == [0] and image[0].encoded_image_string.startswith(b"\x89PNG")
+    text = acc.Tensors("plop/placement/text_summary")
+    assert [e.step for e in text] == [0]
+    logged = text[0].tensor_proto.string_val[0].decode()
+    assert "recommended" in logged and all(t in logged for t in report.recommendation.types)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_report_to_needs_a_known_installed_logger(tmp_path):
+    with pytest.raises(PlopError, match="report_to"):
+        config(tmp_path, report_to="mlflow")
+
+
+def test_nfn_is_remeasured_after_training_adapted_against_frozen(tmp_path, tokenizer):
+    texts = [e.text for e in examples(16)]
+    result = train(make_model(), tokenizer, examples(48), config(tmp_path, steps=12), placement="qv",
+                   remeasure=texts, progress=False)
+    change = result.summary["nfn_change"]
+    assert {t for t, c in change.items() if c["has_adapter"]} == {"q_proj", "v_proj"}
+    # frozen: exactly the untrained model's diagnosis on the same rows
+    frozen = {t.type: t.nfn_mean for t in diagnose(make_model(), texts, tokenizer, n_bootstrap=1).types}
+    assert {t: c["frozen"] for t, c in change.items()} == pytest.approx(frozen, rel=1e-9)
+    # the adapted types moved
+    assert all(abs(change[t]["delta"]) > 1e-6 for t in ("q_proj", "v_proj"))
+    for t, c in change.items():
+        assert c["delta"] == pytest.approx(c["adapted"] - c["frozen"])
+    # the trained model itself was not merged or changed by the re-measure
+    assert any("lora_A" in n for n, _ in result.model.named_modules())
+    assert json.loads((result.adapter_path / SUMMARY_FILE).read_text())["nfn_change"] == change

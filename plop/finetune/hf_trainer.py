@@ -1,6 +1,6 @@
 """The parts of the bundled trainer that subclass ``transformers`` classes.
 
-Kept apart from :mod:`plop.trainer` because importing ``transformers.Trainer`` takes seconds;
+Kept apart from :mod:`plop.finetune.trainer` because importing ``transformers.Trainer`` takes seconds;
 this module is imported only when a fine-tune starts.
 """
 
@@ -50,6 +50,37 @@ class StopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+class PlacementToTensorBoard(TrainerCallback):
+    """Logs where the adapters went next to the loss curve, at step 0: the placement as text and,
+    with a report, its NFN heatmap as an image, through the Trainer's own TensorBoard writer."""
+
+    def __init__(self, tensorboard, placement_text: str, report=None) -> None:
+        self.tensorboard, self.placement_text, self.report = tensorboard, placement_text, report
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        writer = self.tensorboard.tb_writer  # opened by TensorBoardCallback.on_train_begin, which runs first
+        if writer is None or not state.is_world_process_zero:
+            return
+        writer.add_text("plop/placement", self.placement_text, state.global_step)
+        if self.report is not None:
+            from ..render import plot_report
+
+            writer.add_figure("plop/nfn", plot_report(self.report), state.global_step)  # closes the figure
+        writer.flush()
+
+
+def log_placement(trainer: Trainer, logging_dir: str, placement_text: str, report=None) -> None:
+    """When the Trainer reports to TensorBoard: log into ``logging_dir`` (the Trainer would open
+    its writer in the working directory when the eval before training logs first) and add
+    :class:`PlacementToTensorBoard`."""
+    from transformers.integrations import TensorBoardCallback
+
+    tensorboard = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if tensorboard is not None:
+        tensorboard.logging_dir = logging_dir
+        trainer.add_callback(PlacementToTensorBoard(tensorboard, placement_text, report))
 
 
 @contextmanager

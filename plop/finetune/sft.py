@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import Example
+from ..data import Example
+from ..untrusted import clip_text
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 
@@ -36,9 +37,10 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features = []
     for ex in examples:
-        prompt = tokenizer(ex.prompt)["input_ids"] if ex.prompt else []
+        # clipped first, so a huge line costs what max_length tokens cost, not its own length
+        prompt = tokenizer(clip_text(ex.prompt, max_length))["input_ids"] if ex.prompt else []
         special = not prompt  # a text without prompt still gets the BOS a prompt would have had
-        response = tokenizer(ex.response, add_special_tokens=special)["input_ids"] + eos
+        response = tokenizer(clip_text(ex.response, max_length), add_special_tokens=special)["input_ids"] + eos
         ids = (prompt + response)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
         if any(label != IGNORE_INDEX for label in labels[1:]):  # label 0 is never predicted
@@ -46,18 +48,31 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
     return features
 
 
+def tokenize_pairs(examples: Sequence[Example], tokenizer, max_length: int) -> list[dict[str, list[int]]]:
+    """Encoder-decoder features: the prompt in and the response as labels (the model shifts them
+    into its decoder inputs); an example without a prompt is denoised, its text both in and out.
+    The tokenizer adds the EOS that ends a target (T5, BART and Marian tokenizers do)."""
+    features = []
+    for ex in examples:
+        source = tokenizer(ex.prompt or ex.response, truncation=True, max_length=max_length)["input_ids"]
+        labels = tokenizer(ex.response, truncation=True, max_length=max_length)["input_ids"]
+        if labels:
+            features.append({"input_ids": source, "labels": labels})
+    return features
+
+
 @dataclass
 class SFTCollator:
-    """Right-pads a batch: ``pad_token_id`` in the inputs, 0 in the mask, ``-100`` in the labels.
+    """Right-pads a batch: ``pad_token_id`` in the inputs, 0 in the mask, ``-100`` in the labels,
+    each to its own longest row (an encoder-decoder's labels are not as long as its inputs).
 
     Right, whatever the tokenizer's own padding side: positions then do not depend on batch-mates."""
 
     pad_token_id: int
 
     def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-
         def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+            width = max(len(row) for row in rows)
             return torch.tensor([row + [value] * (width - len(row)) for row in rows], dtype=torch.long)
 
         ids = [f["input_ids"] for f in features]

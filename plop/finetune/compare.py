@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
@@ -24,15 +23,18 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from .collector import module_type
-from .data import Example
-from .errors import PlopError
-from .ranker import PLACEMENTS, ModuleRecord, adapter_cost, placement_types
-from .report import Report
-from .trainer import Targets, TrainConfig, check_report_matches, train_on_targets
+from ..data import Example
+from ..distributed import shared_tempdir
+from ..errors import PlopError
+from ..fsio import atomic_write
+from ..models import model_layout
+from ..placement import COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
+from ..ranker import adapter_cost
+from ..report import ModuleRecord, Report
+from .config import TrainConfig
+from .trainer import train_on_targets
 
 BUDGET_TOLERANCE = 0.10
-COMPARE_PLACEMENTS = ("recommended", *PLACEMENTS, "inverse", "kappatune")
 
 
 @dataclass
@@ -92,49 +94,16 @@ class Comparison:
                 "rows": [asdict(r) for r in self.rows], "aggregate": self.aggregate()}
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
-
-    def table(self):
-        """A rich table: one line per placement, mean ±std over seeds; the lowest eval loss in bold.
-        Narrow enough for 80 columns: only the types wrap."""
-        from rich import box
-        from rich.table import Table
-
-        def loss(entry: dict) -> str:
-            mean, std = entry["eval_loss_after_mean"], entry["eval_loss_after_std"]
-            if mean is None:
-                return "-"
-            return f"{mean:.3f}" + (f"±{std:.3f}" if entry["seeds"] > 1 else "")
-
-        aggregate = self.aggregate()
-        losses = [e["eval_loss_after_mean"] for e in aggregate if e["eval_loss_after_mean"] is not None]
-        seeds = aggregate[0]["seeds"] if aggregate else 0
-        # every run starts from the same base on the same split: one loss before training for all
-        before = f"{aggregate[0]['eval_loss_before_mean']:.3f}" if losses else "-"
-        table = Table(box=box.SIMPLE_HEAD, title=f"placements at {self.budget:,} LoRA parameters "
-                      f"(the recommendation at rank {self.rank}), {seeds} seed(s)",
-                      caption=f"budget: parameters over the budget (! when off by more than 10 %)\n"
-                              f"eval loss before training: {before}")
-        for column in ("placement", "types", "r", "params", "budget", "loss after", "s/step"):
-            table.add_column(column, justify="left" if column in ("placement", "types") else "right",
-                             no_wrap=column != "types", min_width=10 if column == "types" else None)
-        for e in aggregate:
-            best = losses and e["eval_loss_after_mean"] == min(losses)
-            budget = f"{e['budget_ratio']:.0%}" + ("" if e["within_budget"] else " !")
-            table.add_row(f"[bold]{e['placement']}[/]" if best else e["placement"], ", ".join(e["types"]),
-                          str(e["rank"]), f"{e['trainable_params']:,}", budget, loss(e),
-                          f"{e['seconds_per_step_mean']:.2f}")
-        return table
+        return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __rich_console__(self, console, options):
-        yield self.table()
+        from ..render import comparison_table
+
+        yield comparison_table(self)
 
     def plot(self, path: str | Path | None = None):
         """Eval loss after training per placement (mean, min-max over seeds) and its parameters."""
-        from .reporter import plot_comparison
+        from ..render import plot_comparison
 
         return plot_comparison(self, path)
 
@@ -149,17 +118,21 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> l
         raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
     rec = report.recommendation
     by_name = {m.name: m for m in report.modules}
+    layout = model_layout(model)
     out = []
     for placement in placements:
         if placement == "recommended":
-            targets, modules = Targets(placement, rec.target_modules, list(rec.types)), rec.modules
+            targets = Targets(placement, rec.target_modules, list(rec.types), rec.target_parameters)
+            modules = rec.modules
         elif placement == "kappatune":
             names = _kappatune_modules(model, by_name, len(rec.modules))
-            targets, modules = Targets(placement, names, sorted({module_type(n) for n in names})), names
+            targets, modules = Targets(placement, names, sorted({by_name[n].type for n in names})), names
         else:
-            types = ([t.type for t in report.types][-len(rec.types):] if placement == "inverse"
-                     else placement_types(report.modules, placement))
-            targets, modules = Targets(placement, types, types), [m.name for m in report.modules if m.type in types]
+            allowed = [t.type for t in report.types if t.type not in layout.refused]
+            types = (allowed[-len(rec.types):] if placement == "inverse"
+                     else placement_types(report.modules, placement, layout.refused))
+            targets = layout.targets(placement, types)
+            modules = [m.name for m in report.modules if m.type in types]
         if not modules:
             warnings.warn(f"placement {placement!r}: no module of this model fits it; skipped", stacklevel=2)
             continue
@@ -205,20 +178,21 @@ def compare(
     adapter in ``<output_dir>/<placement>-seed<seed>/`` (default: a temporary directory).
     ``placements`` default to all of :data:`COMPARE_PLACEMENTS` (``kappatune`` when the
     installed peft has it). ``eval_examples``: a fixed held-out set for every run (default: each
-    seed's own ``eval_fraction`` split).
+    seed's own ``eval_fraction`` split). Under ``torchrun`` / ``accelerate launch`` every run
+    is data-parallel over the job's processes, which share one run directory.
     """
     config = replace(config or TrainConfig(), **overrides)
     if placements is None:
         placements = [p for p in COMPARE_PLACEMENTS if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
-    check_report_matches(report, base)
+    check_report_matches(report, model_layout(base))
     found = candidates(report, base, placements)
     recommended = candidates(report, base, ["recommended"])[0]
     budget = rank * recommended.params_per_rank
-    scale = config.alpha / config.rank
+    scale = config.lora_alpha / config.rank
 
     rows = []
-    keep = nullcontext(output_dir) if output_dir is not None else tempfile.TemporaryDirectory(prefix="plop-compare-")
+    keep = nullcontext(output_dir) if output_dir is not None else shared_tempdir("plop-compare-")
     with keep as where:
         root = Path(where)
         for seed in seeds:

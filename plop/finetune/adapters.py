@@ -16,8 +16,9 @@ from typing import Any
 
 from torch import nn
 
-from .errors import PlopError
-from .trainer import SUMMARY_FILE, adapter_path, quiet_peft
+from ..errors import PlopError
+from .config import SUMMARY_FILE, adapter_path
+from .lora import quiet_peft
 
 ADAPTER_CONFIG = "adapter_config.json"
 

@@ -1,0 +1,331 @@
+"""``plop.diagnose``: one no-grad pass over a small data subset -> :class:`~plop.report.Report`."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .collector import NFNCollector
+from .config import AUTO_MIN_SAMPLES, DiagnoseConfig
+from .coverage import coverage
+from .distributed import GlobalState, data_parallel_passes, world
+from .errors import ConfigError, DataError, ModelError
+from .experts import ExpertStats, ExpertWeightStats, find_experts
+from .layers import dense_weight, find_linear_modules
+from .models import ensure_pad_token, model_info, model_layout
+from .names import layer_index
+from .placement import ModelLayout, placement_costs, recommendation_targets
+from .ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
+from .report import ModuleRecord, Report
+from .seq2seq import is_encoder_decoder, model_inputs, pair_batches
+from .untrusted import clip_text
+from .weight_scores import weight_scores
+
+Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
+
+
+def _forward_target(model: nn.Module, include_head: bool) -> nn.Module:
+    """The module to call: the body without the output head, so no logits are computed."""
+    if not include_head:
+        body = getattr(model, "base_model", None)
+        if isinstance(body, nn.Module) and body is not model and hasattr(body, "get_input_embeddings"):
+            return body
+    return model
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    module = embeddings if embeddings is not None else model
+    device = next(module.parameters()).device
+    if device.type == "meta":  # offloaded by accelerate: its hook runs the module on its execution device
+        return torch.device(getattr(getattr(module, "_hf_hook", None), "execution_device", None) or "cpu")
+    return device
+
+
+def _is_texts(data) -> bool:
+    return isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and bool(data) and isinstance(data[0], str)
+
+
+def _is_examples(data) -> bool:
+    return isinstance(data, Sequence) and bool(data) and hasattr(data[0], "prompt") and hasattr(data[0], "response")
+
+
+def _batches(
+    data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokenizer, config: DiagnoseConfig
+) -> Iterator[Mapping[str, torch.Tensor]]:
+    """Token batches: strings are tokenized here (right padding, so a text's positions do not
+    depend on its batch-mates); mappings with ``input_ids`` pass through."""
+    if _is_texts(data):
+        if tokenizer is None:
+            raise ConfigError("diagnosing raw text needs a tokenizer")
+        ensure_pad_token(tokenizer)
+        for i in range(0, len(data), config.batch_size):
+            yield tokenizer(
+                list(data[i : i + config.batch_size]), padding=True, truncation=True,
+                max_length=config.max_length, return_tensors="pt", padding_side="right",
+            )
+        return
+    left = config.samples if isinstance(config.samples, int) else None  # rows, not batches
+    for batch in data:
+        if "input_ids" not in batch:
+            raise DataError("each batch must hold 'input_ids' (and ideally 'attention_mask')")
+        if left is not None:
+            if left <= 0:
+                return
+            if len(batch["input_ids"]) > left:
+                batch = {k: v[:left] for k, v in batch.items()}
+            left -= len(batch["input_ids"])
+        yield batch
+
+
+def _records(state: NFNCollector | GlobalState, experts: ExpertStats, types: Mapping[str, str]) -> list[ModuleRecord]:
+    """One record per module (and 3-D expert weight) the forward reached, typed by its role."""
+    records = []
+    for name, s in state.stats.items():
+        if s.count == 0:
+            continue  # never called by this forward (an unused head, a pooler the body skips)
+        records.append(
+            ModuleRecord(
+                name=name, type=types[name], layer=layer_index(name), d_out=s.shape[0], d_in=s.shape[1],
+                nfn=float(s.nfn), nfn_std=s.nfn_std, tokens=s.count, calls=s.calls, baseline=float(s.denominator),
+                input_norm_mean=float(s.input_norm_mean), input_norm_max=s.input_norm_max,
+                output_norm_mean=float(s.output_norm_mean),
+            )
+        )
+    return records + [_expert_record(s, types[name]) for name, s in experts.stats.items() if s.tokens]
+
+
+def _expert_record(s: ExpertWeightStats, type_: str) -> ModuleRecord:
+    """A stacked expert weight as one record: its NFN is the routed tokens' (see plop.experts),
+    its baseline the experts' mean, and ``expert_nfn`` the breakdown (None: no token routed)."""
+    experts, d_out, d_in = s.shape
+    return ModuleRecord(
+        name=s.name, type=type_, layer=layer_index(s.name), d_out=d_out, d_in=d_in, nfn=s.nfn, nfn_std=s.nfn_std,
+        tokens=s.tokens, calls=s.calls, baseline=float(s.baseline.mean()), input_norm_mean=s.input_norm_mean,
+        input_norm_max=s.input_norm_max, output_norm_mean=s.output_norm_mean, experts=experts,
+        expert_nfn=[None if math.isnan(v) else float(v) for v in s.expert_nfn],
+    )
+
+
+def _eligible(records: Sequence[ModuleRecord], layout: ModelLayout) -> list[ModuleRecord]:
+    """The records a recommendation may choose: not of a type PEFT refuses on this model."""
+    return [m for m in records if m.type not in layout.refused]
+
+
+def _replicates(state: NFNCollector | GlobalState, experts: ExpertStats, records: Sequence[ModuleRecord]) -> np.ndarray:
+    stats = {**state.stats, **experts.stats}
+    return np.stack([stats[m.name].bootstrap_nfn() for m in records])
+
+
+def _samples_to_stable(checkpoints: list[Checkpoint]) -> int | None:
+    """Samples seen at the first checkpoint after which the selection never changed."""
+    if not checkpoints:
+        return None
+    final = checkpoints[-1][1]
+    first = len(checkpoints) - 1
+    while first > 0 and checkpoints[first - 1][1] == final:
+        first -= 1
+    return checkpoints[first][0]
+
+
+def _progress(total: int | None, enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
+        TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]diagnosing[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),
+        TextColumn("{task.fields[tps]:>8.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), disable=not enabled, console=Console(stderr=True),  # stdout may carry --json
+    )
+
+
+def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: int | None, progress: bool,
+             layout: ModelLayout):
+    """The forward pass: ``(records, selector, replicates, checkpoints, samples, tokens)``."""
+    modules = find_linear_modules(model, include_head=config.include_head)
+    if not modules:
+        raise ModelError(f"{type(model).__name__} has no linear modules (nn.Linear or Conv1D) to diagnose")
+    target = _forward_target(model, config.include_head)
+    call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(target.forward).parameters else {}
+    device = _input_device(model)
+    checkpoints: list[Checkpoint] = []
+    selector = records = None
+    start = time.perf_counter()
+    with ExitStack() as stack:
+        collector = stack.enter_context(NFNCollector(modules, estimator=config.estimator,
+                                                     n_bootstrap=config.n_bootstrap, seed=config.seed))
+        experts = stack.enter_context(ExpertStats(find_experts(model), config.n_bootstrap))
+        bar = stack.enter_context(_progress(total, progress))
+        if experts.stats and world().parallel:
+            raise ConfigError("a data-parallel diagnosis does not gather MoE expert statistics yet",
+                              "diagnose this model in one process")
+        task = bar.add_task("diagnose", total=total, tps=0.0)
+
+        def forward(batch: Mapping[str, torch.Tensor]) -> None:
+            inputs = model_inputs(model, batch)  # an encoder-decoder's decoder inputs too
+            masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+            collector.start_batch(*masks)
+            experts.start_batch(masks[0], collector.weights)
+            target(**{k: v.to(device) for k, v in inputs.items()}, **call_kwargs)
+            collector.flush()
+
+        passes = data_parallel_passes if world().parallel else _local_passes
+        state = collector
+        for state, rows in passes(collector, _batches(data, tokenizer, config), forward):
+            records = _records(state, experts, layout.role_map)
+            # rebuilt per batch: a module first called late must still be costed and ranked
+            selector = Selector(_eligible(records, layout), config.strategy, top_k=config.top_k,
+                                budget=config.budget, rank=config.rank, power=config.allocate_power)
+            checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
+            bar.update(task, advance=rows, tps=state.tokens / (time.perf_counter() - start))
+            if config.samples == "auto" and state.samples >= AUTO_MIN_SAMPLES:
+                if selector.recommend(_replicates(state, experts, selector.records))[0].stable:
+                    break
+        if selector is None:
+            raise DataError("no data to diagnose on")
+        return (records, selector, _replicates(state, experts, selector.records), checkpoints, state.samples,
+                state.tokens)
+
+
+def _local_passes(collector: NFNCollector, batches, forward) -> Iterator[tuple[NFNCollector, int]]:
+    """``(collector, rows)`` after each batch: the single-process counterpart of
+    :func:`plop.distributed.data_parallel_passes`."""
+    for batch in batches:
+        forward(batch)
+        yield collector, len(batch["input_ids"])
+
+
+def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: DiagnoseConfig):
+    """Prompt/response examples as a decoder-only model reads them (their texts) or as token
+    batches with the response for an encoder-decoder's decoder (:mod:`plop.seq2seq`)."""
+    if not is_encoder_decoder(model):
+        return [e.text for e in examples]
+    if tokenizer is None:
+        raise ConfigError("diagnosing prompt/response examples needs a tokenizer")
+    ensure_pad_token(tokenizer)
+    return pair_batches(model, examples, tokenizer, config.batch_size, config.max_length)
+
+
+def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
+    """``(data, total rows or None)``: texts and examples cut to ``samples`` and clipped, examples
+    turned into what the model reads; token batches as they come (their rows are counted later)."""
+    if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) == 0:
+        raise DataError("no data to diagnose on")
+    total = None
+    examples = _is_examples(data)
+    if _is_texts(data) or examples:
+        data = data[: config.samples] if isinstance(config.samples, int) else data
+        total = len(data)
+    if examples:
+        data = _examples_data(model, data, tokenizer, config)
+    if _is_texts(data):
+        # cut to what max_length tokens can cover before tokenizing: memory stays bounded by the
+        # token budget, not by the longest line in the data
+        data = [clip_text(text, config.max_length) for text in data]
+    return data, total
+
+
+@torch.no_grad()
+def diagnose(
+    model: nn.Module,
+    data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]],
+    tokenizer=None,
+    config: DiagnoseConfig | None = None,
+    *,
+    model_id: str | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    progress: bool = False,
+    **overrides,
+) -> Report:
+    """Diagnose where LoRA should go, in one streaming forward pass without gradients.
+
+    For every linear module ``W`` it measures
+    ``NFN(W) = mean_t ||W z_t|| / ||z_t||  /  (||W||_F / sqrt(d_in))`` over the task's tokens
+    ``z_t`` (see :mod:`plop.nfn`), ranks module types by mean NFN over layers and recommends the
+    lowest ones.
+
+    Args:
+        model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
+        data: texts (tokenized here with ``tokenizer``), prompt/response examples (``.prompt``,
+            ``.response``; an encoder-decoder's decoder is fed the response), or an iterable of
+            token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
+            its shifted input).
+        config: a :class:`DiagnoseConfig`; keyword ``overrides`` replace its fields.
+        model_id, data_info: recorded in the report (``data_info`` merges into ``report.data``).
+        progress: show a progress bar with tokens/s and ETA.
+
+    Inside an initialised ``torch.distributed`` process group of several processes the
+    diagnosis is data-parallel (see :mod:`plop.distributed`): each process runs its share of
+    the batches, and every process returns the report one process would have made of all the
+    data; only rank 0 shows progress.
+    """
+    config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
+    data, total = _prepared(model, data, tokenizer, config)
+    layout = model_layout(model)
+    progress = progress and world().is_main  # one bar for a data-parallel diagnosis
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        records, selector, replicates, checkpoints, samples, tokens = _collect(
+            model, data, tokenizer, config, total, progress, layout)
+    finally:
+        model.train(was_training)
+    if config.weight_scores:
+        _add_weight_scores(records, find_linear_modules(model, include_head=config.include_head))
+    return _report(model, layout, config, records, selector, replicates, checkpoints, model_id=model_id,
+                   data={"source": "in-memory", **(data_info or {}), "samples": samples, "tokens": tokens,
+                         "seconds": round(time.perf_counter() - start, 3)})
+
+
+def _add_weight_scores(records: Sequence[ModuleRecord], modules: Mapping[str, nn.Module]) -> None:
+    for m in records:
+        if m.name in modules:  # linear modules; 3-D expert weights are not scored
+            kappa, m.snr = weight_scores(dense_weight(modules[m.name]))
+            m.kappa = kappa if math.isfinite(kappa) else None  # a singular matrix: no finite condition number
+
+
+def _report(model, layout: ModelLayout, config: DiagnoseConfig, records, selector: Selector, replicates,
+            checkpoints, *, model_id: str | None, data: dict[str, Any]) -> Report:
+    types = rank_types(records)
+    recommendation, probabilities = selector.recommend(replicates)
+    recommendation.samples_to_stable = _samples_to_stable(checkpoints)
+    recommendation_targets(recommendation, layout)
+    recommendation.excluded = {t.type: layout.refused[t.type] for t in types if t.type in layout.refused} or None
+    for t, why in (recommendation.excluded or {}).items():
+        warnings.warn(f"{t} is left out of the recommendation: {why}", stacklevel=3)
+    for t in types:
+        t.selection_probability = None if probabilities is None else probabilities.get(t.type)
+    return Report(
+        model=model_info(model, model_id),
+        data=data,
+        settings=asdict(config),
+        modules=records,
+        types=types,
+        recommendation=recommendation,
+        costs=placement_costs(records, config.rank, recommendation),
+        data_free=data_free_choices(records, len(recommendation.types)) if config.weight_scores else None,
+        stability={
+            "n_bootstrap": config.n_bootstrap,
+            "agreement": recommendation.agreement,
+            "stable": recommendation.stable,
+            "threshold": STABLE_AGREEMENT,
+            "samples_to_stable": recommendation.samples_to_stable,
+            # per-layer selections are module lists; the type-level history is what reads well
+            "checkpoints": [] if config.strategy == "per_layer" else [[n, sorted(s)] for n, s in checkpoints],
+        },
+        coverage=coverage(model, [m.name for m in records], layout.params),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )

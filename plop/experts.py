@@ -1,0 +1,240 @@
+"""NFN of MoE experts stored as 3-D parameters (transformers 5), one hook per experts module.
+
+transformers 5 keeps a MoE layer's experts in one module (``MixtralExperts``, ``Qwen3MoeExperts``,
+``GptOssExperts``, ... all decorated with ``use_experts_implementation``) holding two stacked
+weights, no ``nn.Linear``::
+
+    gate_up_proj  (E, 2I, H)   or (E, H, 2I) when ``is_transposed`` (gpt-oss); ``up_proj`` when not ``has_gate``
+    down_proj     (E, H, I)    or (E, I, H)
+
+and called as ``experts(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K))`` on the
+flattened tokens, whichever kernel ``config._experts_implementation`` picks (eager, batched_mm,
+grouped_mm, ...). A forward pre-hook on that module sees the tokens and their routing, so for
+every expert ``e`` and the tokens ``z_t`` routed to it, it recomputes::
+
+    ratio_t(gate_up_e) = ||W_e z_t|| / ||z_t||                          (no bias: NFN is about W)
+    ratio_t(down_e)    = ||D_e u_t|| / ||u_t||,  u_t = gate(W_e z_t + b_e)   (the expert's own activation)
+
+and keeps per expert the sums of ``ratio_t`` and ``ratio_t^2`` and the token count: nothing per
+token is stored. With the exact baseline ``||W_e||_F / sqrt(d_in)`` per expert, an expert's NFN
+is ``mean_t ratio_t / baseline_e``, and a layer's experts weight gets the token-weighted mean of
+its experts' NFNs (the NFN a routed token meets). Padding tokens are excluded through the
+attention mask, flattened like the hidden states.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+_SUM, _SUMSQ, _COUNT, _IN_SUM, _OUT_SUM = range(5)  # rows of ExpertWeightStats.sums
+
+
+def is_experts(module: nn.Module) -> bool:
+    """A transformers 5 experts module: 3-D ``down_proj`` and the ``use_experts_implementation``
+    attributes that say how the weights are laid out."""
+    down = getattr(module, "down_proj", None)
+    return (isinstance(down, torch.Tensor) and down.ndim == 3 and hasattr(module, "is_transposed")
+            and hasattr(module, "has_gate"))
+
+
+def find_experts(model: nn.Module) -> dict[str, nn.Module]:
+    """Every experts module by full name (PEFT-wrapped ones by their base layer)."""
+    return {name: module for name, module in model.named_modules() if is_experts(module)}
+
+
+def input_weight_name(module: nn.Module) -> str:
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
+def expert_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's two stacked weights as ``(E, d_out, d_in)``, by parameter name."""
+    names = (input_weight_name(module), "down_proj")
+    weights = {n: getattr(module, n) for n in names}
+    return {n: w.transpose(1, 2) if module.is_transposed else w for n, w in weights.items()}
+
+
+@dataclass
+class ExpertWeightStats:
+    """Streaming per-expert sums for one stacked weight (float64, CPU), and Poisson-bootstrap
+    sums of ``ratio_t / baseline_e`` and counts per replicate (the diagnosis' per-sample weights)."""
+
+    name: str  # full parameter name, e.g. model.layers.0.mlp.experts.gate_up_proj
+    shape: tuple[int, int, int]  # (experts, d_out, d_in)
+    baseline: np.ndarray  # (E,) ||W_e||_F / sqrt(d_in)
+    n_replicates: int = 0
+    sums: np.ndarray = field(init=False)  # (5, E): ratio sum, ratio^2 sum, tokens, input and output norm sums
+    boot: np.ndarray = field(init=False)  # (2, R): sum of ratio / baseline, tokens
+    input_norm_max: float = 0.0
+    calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.sums = np.zeros((5, self.shape[0]))
+        self.boot = np.zeros((2, self.n_replicates))
+
+    @property
+    def count(self) -> np.ndarray:
+        return self.sums[_COUNT]
+
+    @property
+    def tokens(self) -> int:
+        """Routed (token, expert) pairs seen."""
+        return int(self.count.sum())
+
+    @property
+    def expert_nfn(self) -> np.ndarray:
+        """NFN per expert, NaN for an expert no token was routed to."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sums[_SUM] / self.count / self.baseline
+
+    @property
+    def nfn(self) -> float:
+        """Token-weighted mean of the experts' NFNs: ``sum_e ratio_sum_e / baseline_e / sum_e count_e``."""
+        return float((self.sums[_SUM] / self.baseline).sum() / self.count.sum())
+
+    @property
+    def nfn_std(self) -> float:
+        """Standard deviation of ``ratio_t / baseline_e`` over all routed pairs."""
+        second = (self.sums[_SUMSQ] / self.baseline**2).sum() / self.count.sum()
+        return math.sqrt(max(second - self.nfn**2, 0.0))
+
+    @property
+    def input_norm_mean(self) -> float:
+        return float(self.sums[_IN_SUM].sum() / self.count.sum())
+
+    @property
+    def output_norm_mean(self) -> float:
+        return float(self.sums[_OUT_SUM].sum() / self.count.sum())
+
+    @property
+    def lora_params_per_rank(self) -> int:
+        """PEFT's ``ParamWrapper`` gives every expert its own rank-r pair: ``E * (d_in + d_out)``."""
+        experts, d_out, d_in = self.shape
+        return experts * (d_in + d_out)
+
+    def bootstrap_nfn(self) -> np.ndarray:
+        """NFN under each Poisson-bootstrap replicate, shape ``(R,)``, as the collector's modules give it."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.boot[0] / self.boot[1]
+
+    def add(self, per_sample: np.ndarray, sums: np.ndarray, input_max: float, weights: np.ndarray | None) -> None:
+        """One call's sums: ``per_sample`` (2, E, G) ratio sums and counts per sample (one group
+        when the tokens are not laid out as the batch), ``sums`` (5, E)."""
+        self.sums += sums
+        self.input_norm_max = max(self.input_norm_max, input_max)
+        scaled = np.stack([(per_sample[0] / self.baseline[:, None]).sum(0), per_sample[1].sum(0)])  # (2, G)
+        if weights is not None and scaled.shape[1] == weights.shape[0]:
+            self.boot += scaled @ weights
+        else:
+            self.boot += scaled.sum(1, keepdims=True)
+        self.calls += 1
+
+
+class ExpertStats:
+    """Per-expert NFN sums for ``experts`` modules during a ``with`` block.
+
+    Call :meth:`start_batch` with the batch's ``(batch, seq)`` attention mask (and the
+    diagnosis' ``(batch, R)`` bootstrap weights) before each forward. Hooks are registered on
+    entry and always removed on exit, also when the forward raises.
+    """
+
+    def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0) -> None:
+        self.experts = experts
+        self.stats: dict[str, ExpertWeightStats] = {}
+        for prefix, module in experts.items():
+            for pname, w in expert_weights(module).items():
+                w = w.detach().float()
+                baseline = torch.linalg.matrix_norm(w) / math.sqrt(w.shape[2])
+                self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(
+                    f"{prefix}.{pname}", tuple(w.shape), baseline.double().cpu().numpy(), n_bootstrap)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._mask: torch.Tensor | None = None
+        self._weights: np.ndarray | None = None
+
+    def __enter__(self) -> ExpertStats:
+        try:
+            for prefix, module in self.experts.items():
+                self._handles.append(module.register_forward_pre_hook(self._make_hook(prefix), with_kwargs=True))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook; safe to call twice."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._mask = None
+
+    def start_batch(self, attention_mask: torch.Tensor, weights: np.ndarray | None = None) -> None:
+        self._mask = attention_mask.bool()
+        self._weights = weights
+
+    def _make_hook(self, prefix: str):
+        module = self.experts[prefix]
+        signature = inspect.signature(module.forward)  # the wrapper keeps the experts' own signature
+        names = (input_weight_name(module), "down_proj")
+        stats = [self.stats[f"{prefix}.{n}"] for n in names]
+
+        def hook(module: nn.Module, args, kwargs) -> None:
+            hidden, index = list(signature.bind(*args, **kwargs).arguments.values())[:2]
+            self._accumulate(module, stats, hidden, index)
+
+        return hook
+
+    def _routed(self, index: torch.Tensor, n_experts: int, n_tokens: int) -> tuple[torch.Tensor, ...]:
+        """``(tokens, experts, samples, groups)``: the routed pairs sorted by expert, each token's
+        sample (all 0, one group, when the tokens are not laid out as the batch)."""
+        keep = (index >= 0) & (index < n_experts)  # expert parallelism marks foreign experts out of range
+        mask = self._mask
+        laid_out = mask is not None and mask.numel() == n_tokens
+        if laid_out:
+            keep &= mask.reshape(-1).to(index.device).unsqueeze(1)
+        tokens = keep.nonzero()[:, 0]
+        chosen = index[keep]
+        order = torch.argsort(chosen, stable=True)
+        tokens, chosen = tokens[order], chosen[order]
+        samples = tokens // mask.shape[-1] if laid_out else torch.zeros_like(tokens)
+        return tokens, chosen, samples, mask.shape[0] if laid_out else 1
+
+    @torch.no_grad()
+    def _accumulate(self, module: nn.Module, stats: list[ExpertWeightStats], hidden: torch.Tensor,
+                    index: torch.Tensor) -> None:
+        n_experts = stats[0].shape[0]
+        tokens, chosen, samples, groups = self._routed(index, n_experts, hidden.shape[0])
+        per_expert = torch.bincount(chosen, minlength=n_experts).tolist()
+        weights = expert_weights(module)
+        w_in, w_down = weights[input_weight_name(module)], weights["down_proj"]
+        bias = getattr(module, f"{input_weight_name(module)}_bias", None) if module.has_bias else None
+        sums = torch.zeros(2, 5, n_experts, device=hidden.device)
+        per_sample = torch.zeros(2, 2, n_experts, groups, device=hidden.device)
+        input_max = torch.zeros(2, device=hidden.device)
+        for e, rows, owner in zip(range(n_experts), tokens.split(per_expert), samples.split(per_expert)):
+            if rows.numel() == 0:
+                continue
+            z = hidden[rows].float()
+            h = z @ w_in[e].float().T
+            u = h if bias is None else h + bias[e].float()
+            u = module._apply_gate(u) if module.has_gate else module.act_fn(u)
+            for k, (x, y) in enumerate(((z, h), (u, u @ w_down[e].float().T))):
+                x_norm = torch.linalg.vector_norm(x, dim=-1)
+                ok = x_norm > 0  # a zero input has no direction
+                y_norm = torch.linalg.vector_norm(y, dim=-1)[ok]
+                ratio = y_norm / x_norm[ok]
+                sums[k, :, e] = torch.stack([ratio.sum(), (ratio * ratio).sum(), ok.sum(), x_norm[ok].sum(),
+                                             y_norm.sum()])
+                per_sample[k, 0, e].index_add_(0, owner[ok], ratio)
+                per_sample[k, 1, e].index_add_(0, owner[ok], torch.ones_like(ratio))
+                input_max[k] = torch.maximum(input_max[k], x_norm.max())
+        sums, per_sample = sums.double().cpu().numpy(), per_sample.double().cpu().numpy()
+        for k, s in enumerate(stats):
+            s.add(per_sample[k], sums[k], float(input_max[k]), self._weights)

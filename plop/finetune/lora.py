@@ -1,0 +1,46 @@
+"""Wrapping a model with PEFT LoRA on resolved targets: the ``LoraConfig`` and the wrap itself."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from torch import nn
+
+from ..placement import ModelLayout, Targets, peft_matches
+from ..report import Report, peft_lora_config
+from .config import TrainConfig
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model; that
+    FutureWarning is nothing a plop user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        yield
+
+
+def lora_config(layout: ModelLayout, config: TrainConfig, targets: Targets, report: Report | None,
+                task_type: str = "CAUSAL_LM"):
+    """The ``peft.LoraConfig`` of a run: the report's own export for its recommendation, else the
+    targets, checked first to match a linear module of this model."""
+    options = {"lora_dropout": config.dropout, "use_dora": config.dora, "task_type": task_type}
+    if targets.placement == "recommended" and report is not None:
+        return report.to_peft_config(r=config.rank, lora_alpha=config.lora_alpha, **options)
+    if targets.target_modules or not targets.target_parameters:
+        peft_matches(layout, targets.target_modules)
+    return peft_lora_config(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets.target_modules,
+                            target_parameters=targets.target_parameters, **options)
+
+
+def wrap(model: nn.Module, lora, seed: int):
+    """``get_peft_model`` with the LoRA A matrices drawn from ``seed`` (before the Trainer seeds
+    anything), so two runs of one seed start from the same adapter."""
+    from peft import get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
+    with quiet_peft():
+        return get_peft_model(model, lora)

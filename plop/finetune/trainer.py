@@ -1,0 +1,296 @@
+"""``plop.train``: LoRA, LoRA+ and DoRA fine-tuning on a placement, built on ``transformers.Trainer``.
+
+The loop is the Trainer's, not one of plop's own, so that ``torchrun`` and ``accelerate launch``
+(several GPUs or CPU processes, DeepSpeed, FSDP), mixed precision, checkpoints and resumption
+all work as they do elsewhere: each process trains on its shard (the Trainer's distributed
+sampler), gradients are averaged (DDP), and rank 0 alone writes the adapter and the summary.
+plop adds what the diagnosis knows: where the adapters go, a response-only SFT loss, an eval
+loss before and after, and a summary JSON next to the adapter.
+
+``transformers`` is imported only when a fine-tune starts: importing its trainer takes seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import Example
+from ..distributed import barrier, launched, timeout
+from ..errors import FileError, ModelError, PlopError
+from ..fsio import atomic_write
+from ..models import ensure_pad_token, is_causal_lm, model_info, model_layout
+from ..placement import Targets, resolve_targets
+from ..report import Report
+from ..seq2seq import is_encoder_decoder
+from ..version import __version__
+from .config import SUMMARY_FILE, TrainConfig
+from .lora import lora_config, wrap
+from .remeasure import nfn_change
+from .sft import SFTCollator, split_examples, tokenize_examples, tokenize_pairs
+
+
+@dataclass
+class TrainResult:
+    """What a fine-tune produced. ``adapter_path``: the folder with the adapter, its checkpoints and
+    summary (``output_dir`` itself, or ``output_dir/<adapter_name>``). ``trainer``: the
+    ``transformers.Trainer`` (its ``model`` the trained ``PeftModel``), for further evaluation."""
+
+    summary: dict[str, Any]
+    output_dir: Path
+    adapter_path: Path
+    eval_before: dict[str, float] | None
+    eval_after: dict[str, float] | None
+    trainer: Any = field(repr=False)
+
+    @property
+    def model(self):
+        return self.trainer.model
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped training after a checkpoint was written; ``resume`` continues it."""
+
+    def __init__(self, step: int, checkpoint: str | None) -> None:
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
+        super().__init__(f"training interrupted at step {step}; {where} (continue with resume / --resume)")
+        self.step, self.checkpoint = step, checkpoint
+
+
+def needs_diagnosis(report: Report | None, target_modules, placement: str | None) -> bool:
+    """A run that names neither a report, modules nor a placement other than the recommendation
+    is placed by diagnosing its own training data first."""
+    return report is None and target_modules is None and placement in (None, "recommended")
+
+
+# -- the output directory --------------------------------------------------------------------------
+def last_checkpoint(run_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+
+
+def check_output_dir(config: TrainConfig) -> Path:
+    """The run directory, once it is known not to hold another run (unless resuming or
+    overwriting). Cheap: the CLI calls it before loading anything."""
+    run = config.run_dir
+    if run.exists() and not run.is_dir():
+        raise PlopError(f"output directory {run} is a file")
+    if (run / SUMMARY_FILE).is_symlink():  # fail now, not after the whole run when the summary is written
+        raise FileError(f"{run / SUMMARY_FILE} is a symbolic link; plop does not write through links")
+    occupied = (run / SUMMARY_FILE).is_file() or any(run.glob("checkpoint-*"))
+    if config.resume and last_checkpoint(run) is None:
+        raise PlopError(f"{run} has no checkpoint to resume from", "train without --resume")
+    if occupied and not (config.resume or config.overwrite):
+        raise PlopError(f"{run} already holds a training run",
+                        "pass --resume to continue it, --overwrite to replace it, or choose another --output-dir")
+    return run
+
+
+def _clear_previous_run(run: Path) -> None:
+    # only what a run writes: the directory may hold other named adapters or the user's files
+    for checkpoint in run.glob("checkpoint-*"):
+        if checkpoint.is_symlink():  # the link goes, never what it points to
+            checkpoint.unlink()
+        else:
+            shutil.rmtree(checkpoint)
+    (run / SUMMARY_FILE).unlink(missing_ok=True)
+
+
+# -- training -------------------------------------------------------------------------------------
+def train(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    config: TrainConfig | None = None,
+    *,
+    report: Report | None = None,
+    target_modules: Sequence[str] | str | None = None,
+    placement: str | None = None,
+    model_id: str | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    remeasure: Sequence[str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Fine-tune LoRA adapters on ``examples`` and save them in PEFT's format.
+
+    The eval loss is measured on ``eval_examples`` when given (all of ``examples`` then train),
+    else on a seeded ``config.eval_fraction`` split of ``examples``.
+
+    Where they go: ``target_modules``, else ``placement`` (``recommended``, ``qv``,
+    ``attention``, ``mlp``, ``all-linear``), else the ``report``'s recommendation. ``model`` is
+    wrapped in place (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
+    SIGINT/SIGTERM finish the current step, write a checkpoint and raise
+    :class:`TrainingInterrupted`. ``remeasure``: texts (best, the rows the placement was diagnosed
+    on) whose NFN is measured again after training, adapted against frozen, into
+    ``summary["nfn_change"]`` (see :mod:`plop.finetune.remeasure`).
+    """
+    config = config or TrainConfig()
+    targets = resolve_targets(model_layout(model), report=report, target_modules=target_modules, placement=placement)
+    return train_on_targets(model, tokenizer, examples, config, targets, report=report, model_id=model_id,
+                            data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
+                            progress=progress)
+
+
+def train_on_targets(
+    model: nn.Module,
+    tokenizer,
+    examples: Sequence[Example],
+    config: TrainConfig,
+    targets: Targets,
+    *,
+    report: Report | None = None,
+    model_id: str | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    eval_examples: Sequence[Example] | None = None,
+    remeasure: Sequence[str] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """:func:`train` once the targets are known (:mod:`plop.finetune.compare` builds its own)."""
+    run = check_output_dir(config)
+    info = model_info(model, model_id)
+    seq2seq = is_encoder_decoder(model)
+    if not (seq2seq or is_causal_lm(model)):
+        raise ModelError(f"training needs a causal language model (...ForCausalLM) or an encoder-decoder "
+                         f"(T5, BART, ...), not {info['architecture']}")
+    train_set, eval_set = _datasets(examples, tokenizer, config, eval_examples, seq2seq)
+    task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
+    peft_model = wrap(model, lora_config(model_layout(model), config, targets, report, task_type), config.seed)
+    trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress)
+    if config.overwrite:
+        if trainer.is_world_process_zero():
+            _clear_previous_run(run)
+        barrier()  # no process may find the old checkpoints once training starts
+    from .hf_trainer import log_placement, signals_stop  # transformers.Trainer: seconds to import
+
+    log_placement(trainer, str(run / "runs"), _placement_text(targets, config), report)
+    resume_from = last_checkpoint(run) if config.resume else None
+
+    eval_before = _evaluate(trainer) if eval_set else None
+    started = time.perf_counter()
+    with signals_stop(stop):
+        trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - started
+    if stop.signal is not None:
+        raise TrainingInterrupted(trainer.state.global_step, last_checkpoint(run))
+    eval_after = _evaluate(trainer) if eval_set else None
+    trainer.save_model(str(run))
+
+    change = nfn_change(peft_model, remeasure, tokenizer, max_length=config.max_length,
+                        batch_size=config.batch_size, adapted_types=targets.types) if remeasure else None
+    summary = {**_summary(trainer, targets, config, seconds, resume_from, (train_set, eval_set)),
+               "eval_before": eval_before, "eval_after": eval_after, "model": info, "data": dict(data_info or {}),
+               "config": asdict(config), "versions": _versions(), "nfn_change": change}
+    if trainer.is_world_process_zero():
+        atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    barrier()  # the summary is whole before any process returns
+    return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer)
+
+
+def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, resume_from: str | None,
+             datasets: tuple[list, list]) -> dict[str, Any]:
+    """What was trained where, how long it took and how the loss went (the evals are added by the caller)."""
+    steps = trainer.state.global_step - (int(resume_from.rsplit("-", 1)[1]) if resume_from else 0)
+    return {
+        "placement": targets.placement, "types": targets.types, "target_modules": targets.target_modules,
+        "target_parameters": targets.target_parameters,
+        "adapter_name": config.adapter_name, "rank": config.rank, "alpha": config.lora_alpha,
+        "loraplus_ratio": config.loraplus_ratio, "dora": config.dora,
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "seconds": round(seconds, 3),
+        "seconds_per_step": round(seconds / steps, 4) if steps else None,  # of this session, when resumed
+        "resumed_from": resume_from, "train_examples": len(datasets[0]), "eval_examples": len(datasets[1]),
+        "world_size": trainer.args.world_size,
+        "global_batch": config.batch_size * trainer.args.world_size * config.grad_accum,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"], "lr": h.get("learning_rate")}
+                       for h in trainer.state.log_history if "loss" in h],
+    }
+
+
+def _placement_text(targets: Targets, config: TrainConfig) -> str:
+    """The placement in TensorBoard's markdown: where the adapters went and at which rank."""
+    method = "DoRA" if config.dora else "LoRA"
+    return (f"**{targets.placement}**: {method} r={config.rank}, alpha={config.lora_alpha:g}, "
+            f"LoRA+ ratio {config.loraplus_ratio:g}  \ntypes: {', '.join(targets.types)}  \n"
+            f"target_modules: `{targets.target_modules!r}`")
+
+
+def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tuple[list, list], progress: bool):
+    """The LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
+    from transformers import PrinterCallback
+
+    from .hf_trainer import LoraPlusTrainer, StopOnSignal
+
+    stop = StopOnSignal()
+    train_set, eval_set = datasets
+    trainer = LoraPlusTrainer(
+        model=peft_model, args=_training_arguments(config, run, bool(eval_set), progress), train_dataset=train_set,
+        eval_dataset=eval_set or None, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+        callbacks=[stop], loraplus_ratio=config.loraplus_ratio,
+    )
+    if not progress:
+        trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints every log dict instead
+    return trainer, stop
+
+
+def _datasets(
+    examples: Sequence[Example], tokenizer, config: TrainConfig, eval_examples: Sequence[Example] | None = None,
+    seq2seq: bool = False,
+) -> tuple[list[dict], list[dict]]:
+    """Tokenized train and eval sets (response-only labels, or an encoder-decoder's targets),
+    saying how many examples had nothing left to learn."""
+    ensure_pad_token(tokenizer)
+    parts = (examples, eval_examples) if eval_examples is not None else \
+        split_examples(examples, config.eval_fraction, config.seed)
+    tokenize = tokenize_pairs if seq2seq else tokenize_examples
+    train_set, eval_set = (tokenize(part, tokenizer, config.max_length) for part in parts)
+    if not train_set:
+        raise PlopError("no example has a response token left to learn from",
+                        "raise --max-length, or check the prompt/response fields")
+    dropped = len(examples) + len(eval_examples or ()) - len(train_set) - len(eval_set)
+    if dropped:
+        warnings.warn(f"{dropped} example(s) have no response token within max_length={config.max_length} "
+                      "and are left out", stacklevel=3)
+    return train_set, eval_set
+
+
+def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(run), per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr, max_steps=config.steps or -1, num_train_epochs=config.epochs or 1.0,
+        logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit, eval_strategy="steps" if config.eval_steps and has_eval else "no",
+        eval_steps=config.eval_steps, seed=config.seed, report_to=config.report_to, disable_tqdm=not progress,
+        # the collator always yields labels; naming them keeps the eval loss for models whose
+        # forward takes them through **kwargs, where the Trainer cannot see them
+        label_names=["labels"], dataloader_pin_memory=torch.cuda.is_available(),
+        # under torchrun without a GPU the Trainer only turns data-parallel (gloo) when told the CPU is the device
+        use_cpu=launched() and not torch.cuda.is_available(), ddp_timeout=round(timeout().total_seconds()),
+    )
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+
+    return {"plop": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__}
+
+
+def _evaluate(trainer) -> dict[str, float]:
+    loss = float(trainer.evaluate()["eval_loss"])
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf}

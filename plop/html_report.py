@@ -1,0 +1,166 @@
+"""One self-contained HTML page for a report: open it offline, mail it, attach it to a ticket.
+
+The page makes no network request: the figure is an inline PNG data URI, the CSS and the copy
+script are inline, and a Content-Security-Policy pins them by hash so that nothing else can load or
+run. Every string read from the report is HTML-escaped: a report is untrusted input.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from html import escape
+from pathlib import Path
+
+from .report import Report
+from .fsio import atomic_write
+from .render import figure_bytes, plot_report, target_modules_line
+
+_CSS = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #1d2228; max-width: 1180px; margin: 2em auto; padding: 0 1em; }
+h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.8em; }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: .5em 0; }
+dt { color: #5b6570; } dd { margin: 0; overflow-wrap: anywhere; }
+table { border-collapse: collapse; margin: .5em 0; } caption { text-align: left; color: #5b6570; padding: .3em 0; }
+th, td { padding: .25em .8em; border-bottom: 1px solid #dde1e5; white-space: nowrap; }
+th { text-align: left; border-bottom: 2px solid #9aa4ae; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+tr.rec td { background: #e7f5e9; font-weight: 600; color: #14632a; }
+img { max-width: 100%; height: auto; border: 1px solid #dde1e5; }
+.export { margin: .6em 0; } .export-head { display: flex; gap: 1em; align-items: center; font-weight: 600; }
+pre { background: #f4f6f8; border: 1px solid #dde1e5; padding: .6em; overflow-x: auto; margin: .3em 0; }
+button { font: inherit; padding: .15em .9em; cursor: pointer; }
+"""
+
+# navigator.clipboard is refused on some file:// pages; the textarea + execCommand path still copies there
+_SCRIPT = """
+function plopCopy(text) {
+  var area = document.createElement("textarea");
+  area.value = text; document.body.appendChild(area); area.select(); document.execCommand("copy"); area.remove();
+}
+document.querySelectorAll("button[data-copy]").forEach(function (button) {
+  button.addEventListener("click", function () {
+    var text = document.getElementById(button.dataset.copy).textContent;
+    var done = function () { button.textContent = "Copied"; };
+    if (navigator.clipboard) {
+      navigator.clipboard.writeText(text).then(done, function () { plopCopy(text); done(); });
+    } else { plopCopy(text); done(); }
+  });
+});
+"""
+
+
+def _csp_hash(source: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
+
+
+_CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_CSS)}; script-src {_csp_hash(_SCRIPT)}; "
+        "base-uri 'none'; form-action 'none'")
+
+
+def default_exports(report: Report) -> dict[str, str]:
+    """The PEFT ``LoraConfig`` line (``lora_alpha = 2 r``, as :meth:`Report.to_peft_config`) and the
+    bare ``target_modules=[...]`` line."""
+    r = report.recommendation.rank
+    line = target_modules_line(report)
+    return {"peft": f"LoraConfig(r={r}, lora_alpha={2 * r}, {line})", "target_modules": line}
+
+
+def _figure_data_uri(report: Report) -> str:
+    """The heatmap and ranking figure of ``plop show --plot`` as a PNG data URI, never on disk."""
+    png = figure_bytes(plot_report(report))
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _table(caption: str, headers: Sequence[str], numeric: set[int], rows: Sequence[tuple[Sequence[str], bool]]) -> str:
+    """An escaped HTML table; ``numeric`` columns are right-aligned, rows flagged True are recommended."""
+
+    def cell(tag: str, i: int, text: str) -> str:
+        align = ' class="num"' if i in numeric else ""
+        return f"<{tag}{align}>{escape(text)}</{tag}>"
+
+    def row(values: Sequence[str], recommended: bool) -> str:
+        tag = '<tr class="rec">' if recommended else "<tr>"
+        return tag + "".join(cell("td", i, v) for i, v in enumerate(values)) + "</tr>"
+
+    head = "".join(cell("th", i, h) for i, h in enumerate(headers))
+    body = "\n".join(row(values, recommended) for values, recommended in rows)
+    return f"<table>\n<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _header(report: Report) -> str:
+    model, data = report.model, report.data
+    facts = {
+        "model": f"{model['id']} ({model['architecture']}, {len(report.modules)} linear modules)",
+        "data": data["source"],
+        "samples": f"{data['samples']} samples, {data['tokens']:,} tokens",
+        "data SHA-256": data.get("sha256"),
+        "estimator": report.settings.get("estimator", "closed_form"),
+        "created": f"{report.created} by plop {report.plop_version}" if report.created else f"plop {report.plop_version}",
+    }
+    items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts.items() if v)
+    return f"<h1>plop diagnosis · {escape(model['id'])}</h1>\n<dl>{items}</dl>"
+
+
+def _recommendation(report: Report, exports: Mapping[str, str]) -> str:
+    rec = report.recommendation
+    lines = [f"<p><strong>recommended ({escape(rec.strategy)}):</strong> {escape(', '.join(rec.types))}<br>",
+             f"{len(rec.modules)} modules · {rec.trainable_params:,} trainable params at r={rec.rank} "
+             f"({rec.size_mb:.2f} MB)"]
+    if rec.stable is not None:
+        verdict = "stable" if rec.stable else "not yet stable: diagnose on more samples"
+        lines.append(f"<br>bootstrap: {rec.agreement:.0%} of resamples pick the same set ({verdict})")
+    lines.append("</p>")
+    for i, (name, snippet) in enumerate(exports.items()):
+        lines.append(f'<div class="export"><div class="export-head"><span>{escape(name)}</span>'
+                     f'<button type="button" data-copy="export-{i}">Copy</button></div>'
+                     f'<pre><code id="export-{i}">{escape(snippet)}</code></pre></div>')
+    return "\n".join(lines)
+
+
+def render_html(report: Report, exports: Mapping[str, str] | None = None) -> str:
+    """The page as a string; ``exports`` maps a format name to the snippet its copy button copies
+    (default: :func:`default_exports`)."""
+    rec = report.recommendation
+    chosen = set(rec.types)
+    ranking = _table(
+        "Module types by mean NFN over layers (low NFN: put LoRA here)",
+        ["#", "type", "NFN ± std", "min–max", "n", "P(sel)", f"params@r{rec.rank}"], {0, 2, 3, 4, 5, 6},
+        [([str(t.rank), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
+           str(t.n_modules), "–" if t.selection_probability is None else f"{t.selection_probability:.0%}",
+           f"{t.lora_params_per_rank * rec.rank:,}"], t.type in chosen) for t in report.types],
+    )
+    costs = _table(
+        "Cost of each placement", ["placement", "types", f"params @ r={rec.rank}", "MB"], {2, 3},
+        [([name, ", ".join(cost["types"]), f"{cost['trainable_params']:,}", f"{cost['size_mb']:.2f}"],
+          name == "recommended") for name, cost in report.costs.items()],
+    )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>plop · {escape(report.model['id'])}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+{_header(report)}
+<h2>Ranking</h2>
+{ranking}
+<h2>NFN by layer × type</h2>
+<img alt="NFN heatmap by layer and module type, and the per-type ranking" src="{_figure_data_uri(report)}">
+<h2>Placement costs</h2>
+{costs}
+<h2>Recommendation</h2>
+{_recommendation(report, default_exports(report) if exports is None else exports)}
+<script>{_SCRIPT}</script>
+</body>
+</html>
+"""
+
+
+def write_html(report: Report, path: str | os.PathLike, exports: Mapping[str, str] | None = None) -> Path:
+    """Write :func:`render_html` to ``path`` atomically: a failure leaves any previous file intact."""
+    return atomic_write(path, render_html(report, exports))

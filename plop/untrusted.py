@@ -1,0 +1,194 @@
+"""Values that come from someone else's files: reports, data rows, regexes.
+
+A report is plain JSON anyone can hand you, so its strings may hold terminal escape sequences
+(retitle the window, clear the screen, fake output), rich markup that breaks rendering, or a
+``target_modules`` regex that backtracks for hours; a data row may hold a list where text was
+expected, or a megabyte line. These helpers make such values safe to print, match and tokenize.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import signal
+import subprocess
+import sys
+import unicodedata
+
+from .errors import FieldTypeError, UnsafeRegexError
+
+try:  # Python 3.11+; sre_parse before, and deprecated since
+    from re import _constants as _sre, _parser as _sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants as _sre
+    import sre_parse as _sre_parse
+
+# Controls beyond Cc: line/paragraph separators act as newlines in some terminals, and bidi
+# overrides reorder what is displayed ("Trojan Source"), so a name could read as another.
+_CONTROLS = {"Cc", "Zl", "Zp"}
+_BIDI = set(range(0x202A, 0x202F)) | set(range(0x2066, 0x206A)) | {0x200E, 0x200F, 0x061C}
+
+CHARS_PER_TOKEN = 256
+"""An upper bound on the characters one token covers, to clip text before tokenizing.
+
+Byte-level BPE tokens are pieces of the text, so a text of ``n`` characters makes at least
+``n / longest`` tokens, where ``longest`` is the longest vocabulary entry decoded. The longest
+entries are runs of whitespace or punctuation from code: 81 characters in SmolLM2's 49,152-entry
+vocabulary (``"\\n"`` and 80 spaces; special tokens are at most 16). 256 leaves a 3x margin for
+other vocabularies, and even at ``max_length`` 8192 bounds the text at 2 MiB.
+"""
+
+
+def _escape_char(char: str) -> str:
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}"
+
+
+def _is_control(char: str) -> bool:
+    return unicodedata.category(char) in _CONTROLS or ord(char) in _BIDI
+
+
+def plain_safe(text: str) -> str:
+    """``text`` with every control character shown as an escape (``\\x1b``, ``\\u202e``).
+
+    Covers C0 and C1 controls, DEL, ESC (so no ANSI sequence survives), newlines (one value stays
+    one line) and bidi overrides. For ``print``; use :func:`terminal_safe` for rich.
+    """
+    return "".join(_escape_char(c) if _is_control(c) else c for c in str(text))
+
+
+def terminal_safe(text: str) -> str:
+    """:func:`plain_safe`, and rich markup escaped, for strings interpolated into rich markup:
+    ``x[/]y`` prints as itself instead of raising ``MarkupError``."""
+    from rich.markup import escape
+
+    return escape(plain_safe(text))
+
+
+# -- regexes ---------------------------------------------------------------------------------
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT}
+_PROBE_NAMES = ("model.layers.0.self_attn.q_proj", "transformer.h.11.mlp.c_fc", "model.layers.31.mlp.down_proj")
+# The child full-matches every probe, as PEFT matches module names, under a timer whose SIGALRM
+# ends it (no handler is installed, so the kernel kills it even inside the C regex engine).
+_PROBE_CHILD = (
+    "import json, re, signal, sys\n"
+    "job = json.loads(sys.stdin.read())\n"
+    "regex = re.compile(job['pattern'])\n"
+    "signal.setitimer(signal.ITIMER_REAL, job['budget'])\n"
+    "for probe in job['probes']:\n"
+    "    regex.fullmatch(probe)\n"
+)
+_STARTUP_TIMEOUT = 10.0  # a hang guard for a loaded machine, not the budget
+
+
+def _subpatterns(value):
+    """The parsed subpatterns inside one node's arguments, however deeply tupled."""
+    if isinstance(value, _sre_parse.SubPattern):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _subpatterns(item)
+
+
+def _nested_repeat(pattern: _sre_parse.SubPattern) -> bool:
+    """Whether a repeat that may run more than once contains something of unbounded width:
+    ``(a+)+``, ``(a*)*``, ``(.*a){20}`` -- the shape that backtracks exponentially."""
+    for op, av in pattern:
+        if op in _REPEATS and av[1] > 1 and av[2].getwidth()[1] >= _sre.MAXREPEAT:
+            return True
+        if any(_nested_repeat(sub) for sub in _subpatterns(av)):
+            return True
+    return False
+
+
+def _literals(pattern: _sre_parse.SubPattern) -> list[str]:
+    """The distinct characters the pattern matches literally, anywhere in its tree."""
+    found = [chr(av) for op, av in pattern if op == _sre.LITERAL]
+    for _, av in pattern:
+        for sub in _subpatterns(av):
+            found += _literals(sub)
+    return list(dict.fromkeys(found))
+
+
+def _probes(pattern: _sre_parse.SubPattern) -> list[str]:
+    """Near-misses that fail only at their end, which make a backtracking regex try every way of
+    splitting them: runs of one character (48 of them: 2^48 ways for ``(a|a)+``), and module
+    names, repeated."""
+    probes = [char * 48 + "!" for char in ["a", "0", *_literals(pattern)[:8]]]
+    for name in _PROBE_NAMES:
+        probes += [name, ".".join([name] * 8) + "!", name.replace(".", "") * 4 + "!"]
+    return probes
+
+
+def _run_probes(pattern: str, probes: list[str], time_budget: float) -> bool:
+    """Whether matching every probe finishes within ``time_budget`` seconds, timed in a child
+    process (the ``re`` engine cannot be stopped from another thread, and holds the GIL)."""
+    job = json.dumps({"pattern": pattern, "probes": probes, "budget": time_budget}).encode()
+    try:
+        child = subprocess.run([sys.executable, "-I", "-S", "-c", _PROBE_CHILD], input=job,
+                               capture_output=True, timeout=_STARTUP_TIMEOUT + time_budget)
+    except subprocess.TimeoutExpired:
+        return False
+    if child.returncode not in (0, -signal.SIGALRM):
+        raise RuntimeError(f"the regex probe failed: {child.stderr.decode(errors='replace')}")
+    return child.returncode == 0
+
+
+def check_regex(pattern: str, *, max_length: int = 2000, time_budget: float = 0.2) -> re.Pattern:
+    """The compiled ``pattern``, if it is safe to match against module names; else
+    :class:`UnsafeRegexError` with a one-line reason.
+
+    Refused: non-strings, patterns over ``max_length`` characters, invalid ones, nested unbounded
+    repeats (found in the parsed tree), and any that takes over ``time_budget`` seconds on
+    adversarial probes (timed in a child process, so even a pattern the tree check misses, like
+    ``(a|aa)+``, cannot hang plop). Verdicts on strings are cached: each costs a process.
+    """
+    if not isinstance(pattern, str):
+        raise UnsafeRegexError(f"a regex must be a string, not {type(pattern).__name__}")
+    return _check_string_regex(pattern, max_length, time_budget)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_string_regex(pattern: str, max_length: int, time_budget: float) -> re.Pattern:
+    shown = "'" + plain_safe(pattern if len(pattern) <= 80 else pattern[:77] + "...") + "'"
+    if len(pattern) > max_length:
+        raise UnsafeRegexError(f"regex {shown} is {len(pattern):,} characters, over the {max_length:,} allowed")
+    try:
+        regex = re.compile(pattern)
+        parsed = _sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise UnsafeRegexError(f"{shown} is not a valid regex: {e}") from None
+    try:
+        nested, probes = _nested_repeat(parsed), _probes(parsed)
+    except RecursionError:
+        raise UnsafeRegexError(f"regex {shown} nests groups too deeply") from None
+    if nested:
+        raise UnsafeRegexError(f"regex {shown} nests unbounded repeats (like (a+)+), which can take hours to match")
+    if not _run_probes(pattern, probes, time_budget):
+        raise UnsafeRegexError(f"regex {shown} takes over {time_budget:g} s on a test string: it backtracks")
+    return regex
+
+
+# -- text ------------------------------------------------------------------------------------
+def clip_text(text: str, max_tokens: int) -> str:
+    """``text`` cut to the characters ``max_tokens`` tokens can cover (:data:`CHARS_PER_TOKEN`
+    each), so a megabyte row costs no more to tokenize than a full-length one; truncating the
+    result to ``max_tokens`` tokens gives what truncating ``text`` would."""
+    return text[: max_tokens * CHARS_PER_TOKEN]
+
+
+def check_text_field(value: object, field: str, row: int) -> str:
+    """The text in a data field: a string as is, a number as written (``42``), ``None`` (a missing
+    value) as ``""``; a list, a dict or anything else is a :class:`FieldTypeError` naming the
+    field, the row and the type found, instead of being diagnosed as its Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise FieldTypeError(f"row {row}: field {plain_safe(field)!r} holds {type(value).__name__}, not text",
+                         "choose a text field with --text-field or --template")

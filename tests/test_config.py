@@ -1,0 +1,37 @@
+"""Configs refuse bad settings at construction, before any model is loaded or any forward runs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from plop import ConfigError, DiagnoseConfig, TrainConfig, diagnose
+from conftest import make_batches
+
+
+@pytest.mark.parametrize("fields", [{"strategy": "best"}, {"estimator": "exact"}, {"budget": -5},
+                                    {"strategy": "budget"}, {"top_k": 0}, {"samples": "many"}, {"rank": 2.5}])
+def test_diagnose_config_refuses_at_construction(fields):
+    with pytest.raises(ConfigError):
+        DiagnoseConfig(**fields)
+
+
+def test_a_bad_strategy_fails_before_the_first_forward():
+    class Exploding:  # any forward would raise something else than ConfigError
+        training = False
+
+        def __getattr__(self, name):
+            raise AssertionError(f"the model was touched ({name})")
+
+    with pytest.raises(ConfigError, match="strategy"):
+        diagnose(Exploding(), make_batches(4, 4), strategy="lowest")
+
+
+def test_train_config_alpha_follows_the_rank_unless_set():
+    config = TrainConfig()
+    assert config.alpha is None and config.lora_alpha == 32
+    assert replace(config, rank=8).lora_alpha == 16
+    assert replace(TrainConfig(alpha=10), rank=8).lora_alpha == 10
+    with pytest.raises(ConfigError, match="alpha"):
+        TrainConfig(alpha=-1)
