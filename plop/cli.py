@@ -167,7 +167,7 @@ def cmd_diagnose(args) -> int:
     if args.out and Path(args.out).is_dir():  # before the slow loading, not after
         raise PlopError(f"--out {args.out} is a directory", "name a .json file")
     config = DiagnoseConfig(samples=args.samples, max_length=args.max_length, batch_size=args.batch_size,
-                            seed=args.seed, strategy=_strategy(args), top_k=args.top_k,
+                            batch_tokens=args.batch_tokens, seed=args.seed, strategy=_strategy(args), top_k=args.top_k,
                             budget=args.budget if args.allocate is None else args.allocate or None,
                             rank=args.rank, estimator=args.estimator, include_head=args.include_head,
                             weight_scores=args.weight_scores)
@@ -430,6 +430,9 @@ def add_diagnose_parser(sub) -> None:
                           "(default: what the top-k placement costs at --rank); PEFT rank_pattern")
     g.add_argument("--rank", type=_positive, default=_default(DiagnoseConfig, "rank"),
                    help="LoRA rank the costs are computed at")
+    g.add_argument("--batch-tokens", type=_positive, default=None, metavar="N",
+                   help="tokens per batch: rows are batched by length, rows x longest <= N "
+                        "(default: --batch-size x --max-length, more on a GPU with memory to spare)")
     g.add_argument("--estimator", default=_default(DiagnoseConfig, "estimator"), choices=ESTIMATORS)
     g.add_argument("--include-head", action="store_true", help="also diagnose the output head")
     g.add_argument("--weight-scores", action="store_true",
@@ -605,7 +608,8 @@ def _friendly(error: BaseException) -> str | None:
     if (torch is not None and isinstance(error, torch.OutOfMemoryError)) or (
         isinstance(error, RuntimeError) and ("out of memory" in str(error) or "can't allocate memory" in str(error))
     ):
-        return "out of memory: try a smaller --batch-size or --max-length (or --dtype bfloat16)"
+        return ("out of memory: try a smaller --batch-tokens (diagnose), --batch-size or --max-length "
+                "(or --dtype bfloat16)")
     if torch is not None and isinstance(error, torch.distributed.DistError):  # a peer died or hung
         return f"another process of this job stopped or timed out: {str(error).splitlines()[0]}"
     if isinstance(error, OSError) and error.strerror:

@@ -117,6 +117,25 @@ class ModuleStats:
             return self.boot_sum / self.boot_count / self.denominator
 
 
+class BootstrapWeights:
+    """``R`` Poisson(1) resampling weights per sample, drawn from one seeded stream in the order of
+    the samples' places in the data: a sample's weights are the same whichever batch, or process,
+    runs it. Drawn once, as small integers (a few hundred bytes per sample)."""
+
+    def __init__(self, replicates: int, seed: int) -> None:
+        self.replicates = replicates
+        self._rng = np.random.default_rng(seed)
+        self._drawn = np.zeros((0, replicates), dtype=np.uint8)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """The ``(len(rows), R)`` weights of the samples at places ``rows``."""
+        missing = int(rows.max(initial=-1)) + 1 - len(self._drawn)
+        if missing > 0:
+            more = self._rng.poisson(1.0, size=(missing, self.replicates)).clip(max=255).astype(np.uint8)
+            self._drawn = np.concatenate([self._drawn, more])
+        return self._drawn[rows].astype(np.float64)
+
+
 class NFNCollector:
     """Registers NFN hooks on ``modules`` for the duration of a ``with`` block.
 
@@ -154,7 +173,7 @@ class NFNCollector:
             )
             for (name, module), baseline in zip(modules.items(), baselines)
         }
-        self._boot_rng = np.random.default_rng(seed)
+        self._bootstrap = BootstrapWeights(n_bootstrap, seed)
         self._mc_generators: dict[torch.device, torch.Generator] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # by (batch, seq) shape
@@ -202,26 +221,22 @@ class NFNCollector:
         """The current batch's ``(batch, R)`` bootstrap weights (for other per-sample statistics)."""
         return self._weights
 
-    def start_batch(self, attention_mask: torch.Tensor, *other_masks: torch.Tensor) -> None:
-        """Declare the next forward's ``(batch, seq)`` mask and draw its bootstrap weights.
+    def start_batch(self, attention_mask: torch.Tensor, *other_masks: torch.Tensor,
+                    rows: np.ndarray | None = None) -> None:
+        """Declare the next forward's ``(batch, seq)`` mask and take its bootstrap weights.
 
         ``other_masks``: masks of the same samples' other token streams (an encoder-decoder's
-        decoder), each told apart by its shape, which must differ from the others'.
+        decoder), each told apart by its shape, which must differ from the others'. ``rows``:
+        the samples' places in the data (default: the next ones), which fix their bootstrap
+        weights.
         """
         self.flush()
         self._masks = {tuple(m.shape): m.bool() for m in (*other_masks, attention_mask)}
         self._masks_by_device = {}
         n = attention_mask.shape[0]
-        self._weights = self.skip_batch(n)
+        self._weights = self._bootstrap(np.arange(self.samples, self.samples + n) if rows is None else rows)
         self.samples += n
         self.tokens += int(attention_mask.sum())
-
-    def skip_batch(self, n: int) -> np.ndarray:
-        """Draw (and return) the bootstrap weights of a batch of ``n`` samples. A data-parallel
-        diagnosis calls it for the batches other processes run, so a sample's weights depend on
-        its place in the data, not on which process saw it."""
-        replicates = next(iter(self.stats.values())).n_replicates
-        return self._boot_rng.poisson(1.0, size=(n, replicates)).astype(np.float64)
 
     def _drop_cache(self) -> None:
         self._cached_input = None

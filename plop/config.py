@@ -29,7 +29,9 @@ class DiagnoseConfig:
     before any model is touched.
 
     ``samples``: how many rows to use (``None``: all; ``"auto"``: stop as soon as the bootstrap
-    says the recommendation is stable, after at least 16). ``estimator``: ``"closed_form"``
+    says the recommendation is stable, after at least 16). ``batch_tokens``: texts are batched
+    by length, ``rows x longest row <= batch_tokens`` (``None``: ``batch_size x max_length``,
+    or more on a GPU with memory to spare; see :mod:`plop.batching`). ``estimator``: ``"closed_form"``
     (exact ``||W||_F / sqrt(d_in)`` denominator, no extra compute) or ``"monte_carlo"``.
     ``strategy``: ``"top_k"``, ``"budget"`` (needs ``budget``, trainable parameters at
     ``rank``), ``"per_layer"``, or ``"allocate"`` (a rank per type, growing as its NFN falls,
@@ -42,6 +44,7 @@ class DiagnoseConfig:
     samples: int | Literal["auto"] | None = None
     max_length: int = 256
     batch_size: int = 8
+    batch_tokens: int | None = None
     seed: int = 0
     estimator: Literal["closed_form", "monte_carlo"] = "closed_form"
     strategy: Literal["top_k", "budget", "per_layer", "allocate"] = "top_k"
@@ -58,6 +61,10 @@ class DiagnoseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_tokens is not None and (
+            not isinstance(self.batch_tokens, int) or isinstance(self.batch_tokens, bool) or self.batch_tokens < 1
+        ):
+            raise ConfigError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}")
         if self.samples is not None and self.samples != "auto" and (
             not isinstance(self.samples, int) or self.samples < 1
         ):

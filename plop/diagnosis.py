@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .batching import Batch, default_batch_tokens, text_batches, token_batches
 from .collector import NFNCollector
 from .config import AUTO_MIN_SAMPLES, DiagnoseConfig
 from .coverage import coverage
@@ -61,32 +62,29 @@ def _is_examples(data) -> bool:
     return isinstance(data, Sequence) and bool(data) and hasattr(data[0], "prompt") and hasattr(data[0], "response")
 
 
-def _batches(
-    data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokenizer, config: DiagnoseConfig
-) -> Iterator[Mapping[str, torch.Tensor]]:
-    """Token batches: strings are tokenized here (right padding, so a text's positions do not
-    depend on its batch-mates); mappings with ``input_ids`` pass through."""
-    if _is_texts(data):
-        if tokenizer is None:
-            raise ConfigError("diagnosing raw text needs a tokenizer")
-        ensure_pad_token(tokenizer)
-        for i in range(0, len(data), config.batch_size):
-            yield tokenizer(
-                list(data[i : i + config.batch_size]), padding=True, truncation=True,
-                max_length=config.max_length, return_tensors="pt", padding_side="right",
-            )
-        return
-    left = config.samples if isinstance(config.samples, int) else None  # rows, not batches
-    for batch in data:
-        if "input_ids" not in batch:
-            raise DataError("each batch must hold 'input_ids' (and ideally 'attention_mask')")
-        if left is not None:
-            if left <= 0:
-                return
-            if len(batch["input_ids"]) > left:
-                batch = {k: v[:left] for k, v in batch.items()}
-            left -= len(batch["input_ids"])
-        yield batch
+def _batches(data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokenizer,
+             config: DiagnoseConfig) -> Iterator[Batch]:
+    """Texts become length-sorted batches under the token budget (:mod:`plop.batching`); token
+    batches (``input_ids`` and ideally ``attention_mask``) pass through."""
+    if not _is_texts(data):
+        return token_batches(data, config.samples if isinstance(config.samples, int) else None)
+    if tokenizer is None:
+        raise ConfigError("diagnosing raw text needs a tokenizer")
+    ensure_pad_token(tokenizer)
+    return text_batches(data, tokenizer, max_length=config.max_length, batch_tokens=config.batch_tokens)
+
+
+def _batch_tokens(model: nn.Module, config: DiagnoseConfig, device: torch.device) -> int:
+    """``config.batch_tokens``, or the default for this device (see :func:`default_batch_tokens`)."""
+    if config.batch_tokens is not None:
+        return config.batch_tokens
+    if device.type != "cuda":
+        return default_batch_tokens(config.batch_size, config.max_length)
+    text = getattr(model.config, "get_text_config", lambda: model.config)()
+    width = max(getattr(text, "hidden_size", 0) or 0, getattr(text, "intermediate_size", 0) or 0)
+    element = next(model.parameters()).element_size()
+    return default_batch_tokens(config.batch_size, config.max_length, free_bytes=torch.cuda.mem_get_info(device)[0],
+                                width=width, element_bytes=element)
 
 
 def _records(state: NFNCollector | GlobalState, experts: ExpertStats, types: Mapping[str, str]) -> list[ModuleRecord]:
@@ -173,23 +171,25 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                               "diagnose this model in one process")
         task = bar.add_task("diagnose", total=total, tps=0.0)
 
-        def forward(batch: Mapping[str, torch.Tensor]) -> None:
-            inputs = model_inputs(model, batch)  # an encoder-decoder's decoder inputs too
+        def forward(batch: Batch) -> None:
+            inputs = model_inputs(model, batch.inputs)  # an encoder-decoder's decoder inputs too
             masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
-            collector.start_batch(*masks)
+            collector.start_batch(*masks, rows=batch.rows)
             experts.start_batch(masks[0], collector.weights)
             target(**{k: v.to(device) for k, v in inputs.items()}, **call_kwargs)
             collector.flush()
 
         passes = data_parallel_passes if world().parallel else _local_passes
         state = collector
-        for state, rows in passes(collector, _batches(data, tokenizer, config), forward):
+        for state, batch in passes(collector, _batches(data, tokenizer, config), forward):
+            bar.update(task, advance=len(batch), tps=state.tokens / (time.perf_counter() - start))
+            if not batch.closes_window:
+                continue  # within a window the rows seen are not a prefix of the sample
             records = _records(state, experts, layout.role_map)
-            # rebuilt per batch: a module first called late must still be costed and ranked
+            # rebuilt per window: a module first called late must still be costed and ranked
             selector = Selector(_eligible(records, layout), config.strategy, top_k=config.top_k,
                                 budget=config.budget, rank=config.rank, power=config.allocate_power)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
-            bar.update(task, advance=rows, tps=state.tokens / (time.perf_counter() - start))
             if config.samples == "auto" and state.samples >= AUTO_MIN_SAMPLES:
                 if selector.recommend(_replicates(state, experts, selector.records))[0].stable:
                     break
@@ -199,12 +199,12 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                 state.tokens)
 
 
-def _local_passes(collector: NFNCollector, batches, forward) -> Iterator[tuple[NFNCollector, int]]:
-    """``(collector, rows)`` after each batch: the single-process counterpart of
+def _local_passes(collector: NFNCollector, batches: Iterable[Batch], forward) -> Iterator[tuple[NFNCollector, Batch]]:
+    """``(collector, batch)`` after each batch: the single-process counterpart of
     :func:`plop.distributed.data_parallel_passes`."""
     for batch in batches:
         forward(batch)
-        yield collector, len(batch["input_ids"])
+        yield collector, batch
 
 
 def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: DiagnoseConfig):
@@ -272,6 +272,7 @@ def diagnose(
     data; only rank 0 shows progress.
     """
     config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
+    config = replace(config, batch_tokens=_batch_tokens(model, config, _input_device(model)))  # recorded as used
     data, total = _prepared(model, data, tokenizer, config)
     layout = model_layout(model)
     progress = progress and world().is_main  # one bar for a data-parallel diagnosis

@@ -11,8 +11,8 @@ would give on the same rows, not an approximation of it:
 
 * the token batches are the single-process batches (same rows, same padding), dealt out in
   turn: in step ``s``, process ``r`` runs global batch ``s * world + r``;
-* a sample's Poisson bootstrap weights come from the seeded stream in global batch order, every
-  process drawing (and skipping) the weights of the batches it does not run;
+* a sample's Poisson bootstrap weights follow its place in the data (:attr:`Batch.rows`), not the
+  process that runs it;
 * after each step every process gathers every process's per-batch accumulators and adds them in
   global batch order, so the sums, maxima, calls, bootstrap totals, checkpoints and the
   ``samples="auto"`` stop are the single-process ones on every process, which all stop together;
@@ -23,10 +23,11 @@ would give on the same rows, not an approximation of it:
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .batching import Batch
 from .collector import ModuleStats, NFNCollector
 from .errors import ConfigError, PlopError
 
@@ -175,26 +177,19 @@ class GlobalState:
             s.merge(part)
 
 
-def _local_step(collector: NFNCollector, batches: Iterator, forward: Callable, world_: World) -> tuple[bool, int]:
-    """Run this process's batch of the next step, skipping (but drawing the weights of) the
-    others'. ``(had a batch, its rows)``."""
-    mine = False, 0
-    for rank in range(world_.size):
-        batch = next(batches, None)
-        if batch is None:
-            break
-        if rank == world_.rank:
-            forward(batch)
-            mine = True, len(batch["input_ids"])
-        else:
-            collector.skip_batch(len(batch["input_ids"]))
-    return mine
+def _local_step(batches: Iterator[Batch], forward: Callable, world_: World) -> tuple[list[Batch], bool]:
+    """The next step's batches (one per process, fewer at the end) and whether this process ran
+    its own."""
+    step = list(itertools.islice(batches, world_.size))
+    if world_.rank < len(step):
+        forward(step[world_.rank])
+    return step, world_.rank < len(step)
 
 
 def data_parallel_passes(
-    collector: NFNCollector, batches: Iterable[Mapping[str, torch.Tensor]], forward: Callable
-) -> Iterator[tuple[GlobalState, int]]:
-    """``(global state, rows)`` after each global batch, the same sequence on every process.
+    collector: NFNCollector, batches: Iterable[Batch], forward: Callable
+) -> Iterator[tuple[GlobalState, Batch]]:
+    """``(global state, batch)`` after each global batch, the same sequence on every process.
 
     ``forward(batch)`` runs one batch through the hooked model. Stopping the iteration early
     (``samples="auto"``) is safe: every process sees the same states, so all stop at once.
@@ -202,10 +197,10 @@ def data_parallel_passes(
     world_, state, batches = world(), GlobalState.like(collector), iter(batches)
     remaining = world_.size  # the processes that might still hold a batch
     while remaining:
-        header, error = np.zeros(4), None
+        header, error, step = np.zeros(4), None, []
         start_samples, start_tokens = collector.samples, collector.tokens
         try:
-            header[_HAS_BATCH], rows = _local_step(collector, batches, forward, world_)
+            step, header[_HAS_BATCH] = _local_step(batches, forward, world_)
         except Exception as e:  # noqa: BLE001 - every process must learn of it, see raise_if_any_failed
             error, header[_ERROR] = e, 1
         header[_SAMPLES], header[_TOKENS] = collector.samples - start_samples, collector.tokens - start_tokens
@@ -215,6 +210,6 @@ def data_parallel_passes(
         gathered = _gather_rows(local)
         raise_if_any_failed(error, gathered[:, _ERROR])
         remaining = int(gathered[:, _HAS_BATCH].sum())
-        for row in gathered[gathered[:, _HAS_BATCH] > 0]:
+        for row, batch in zip(gathered[gathered[:, _HAS_BATCH] > 0], step):
             state.add(row)
-            yield state, int(row[_SAMPLES])
+            yield state, batch

@@ -219,7 +219,7 @@ def test_out_of_memory_suggests_smaller_batches(model_dir, tmp_path):
     data = write_jsonl(tmp_path / "long.jsonl", [{"text": "the cat sat on the mat " * 20000}])
     line = one_line_error(run("diagnose", str(model_dir), "--data", str(data), "--max-length", "60000",
                               "--out", str(tmp_path / "r.json"), check=None))
-    assert "out of memory" in line and "--batch-size" in line
+    assert "out of memory" in line and "--batch-tokens" in line and "--batch-size" in line
     assert not (tmp_path / "r.json").exists()
 
 

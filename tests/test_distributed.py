@@ -85,10 +85,10 @@ def test_a_failing_process_ends_the_job_with_one_line_errors(tmp_path):
         model.get_input_embeddings().weight[make_tokenizer().convert_tokens_to_ids("#")] = float("nan")
     model.save_pretrained(tmp_path / "model")
     rows = [{"prompt": f"Q: {i}?\nA: ", "response": "ok"} for i in range(8)]
-    rows[sample_indices(8, None, 0)[1]]["prompt"] = "Q: #?\nA: "  # the second batch of one row
+    rows[sample_indices(8, None, 0)[1]]["prompt"] = "Q: #?\nA: "  # the second batch: one row each, all one length
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
-    proc = plop("diagnose", tmp_path / "model", "--data", tmp_path / "data.jsonl", "--batch-size", "1",
+    proc = plop("diagnose", tmp_path / "model", "--data", tmp_path / "data.jsonl", "--batch-tokens", "1",
                 "--out", tmp_path / "report.json", processes=2)
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("plop: error:")]
     assert len(errors) == 2 and all("non-finite feature norm" in e for e in errors), proc.stderr

@@ -1,0 +1,123 @@
+"""Token batches with no compute on padding: rows sorted by length inside windows of the sampled
+order, packed under a budget of tokens per batch.
+
+A right-padded batch costs ``rows x longest row`` tokens of compute, whatever its real tokens.
+Rows of like length batched together waste little, and a budget of ``batch_tokens`` per batch
+(``rows x longest <= batch_tokens``) lets short rows batch wide and long rows narrow.
+
+What stays exactly as in sampled order:
+
+* the rows: the same sampled set, each tokenized once and right padded, so a row's positions,
+  and its features under the attention mask, do not depend on its batch-mates;
+* the bootstrap: a row's Poisson weights follow its place in the sampled order
+  (:attr:`Batch.rows`, see :class:`plop.collector.BootstrapWeights`), not its batch;
+* the checkpoints: rows are sorted only inside windows of the sampled order of 16, 16, 32, 64, ...
+  rows (each as long as all before it), and a diagnosis records its selection (and
+  ``samples="auto"`` may stop) only where a window closes, when the rows seen are exactly the
+  first rows of the sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .config import AUTO_MIN_SAMPLES
+from .errors import DataError
+
+# A GPU's default budget: what a quarter of its free memory holds, at this many activations of
+# the model's widest layer per token (residual stream, attention, the MLP's intermediate ones).
+_ACTIVATIONS_PER_TOKEN = 8
+_FREE_MEMORY_SHARE = 0.25
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One forward's inputs and the places of its rows in the sampled order."""
+
+    inputs: Mapping[str, torch.Tensor]
+    rows: np.ndarray
+    closes_window: bool = True  # the rows seen after it are the first rows of the sample
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def windows(n: int, first: int = AUTO_MIN_SAMPLES) -> Iterator[range]:
+    """``range(0, n)`` cut into windows of ``first``, ``first``, then each as long as all before it."""
+    start, size = 0, first
+    while start < n:
+        yield range(start, min(n, start + size))
+        start += size
+        size = start
+
+
+def pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into batches of ``rows x longest <= budget`` tokens.
+
+    Longest rows first, so a batch too large for memory fails at once, not at the end; a row
+    longer than the budget goes alone. Empty rows ride along with the last batch (they cost a
+    row of padding, not a forward of their own).
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        current = batches[-1] if batches else None
+        if current is not None and ((len(current) + 1) * lengths[current[0]] <= budget or lengths[i] == 0):
+            current.append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+def pad_right(encodings: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad each field's rows to the longest (``pad_id`` for ``input_ids``, 0 elsewhere)."""
+    width = max(len(ids) for ids in encodings["input_ids"])
+    out = {}
+    for key, rows in encodings.items():
+        fill = pad_id if key == "input_ids" else 0
+        out[key] = torch.tensor([list(r) + [fill] * (width - len(r)) for r in rows], dtype=torch.long)
+    return out
+
+
+def text_batches(texts: Sequence[str], tokenizer, *, max_length: int, batch_tokens: int) -> Iterator[Batch]:
+    """The batches of ``texts``, tokenized a window at a time (``samples="auto"`` tokenizes only
+    the windows it reaches)."""
+    for window in windows(len(texts)):
+        encodings = tokenizer([texts[i] for i in window], truncation=True, max_length=max_length)
+        fields = {key: encodings[key] for key in encodings.keys()}
+        groups = pack([len(ids) for ids in fields["input_ids"]], batch_tokens)
+        for k, group in enumerate(groups):
+            inputs = pad_right({key: [rows[i] for i in group] for key, rows in fields.items()},
+                               tokenizer.pad_token_id)
+            yield Batch(inputs, np.array([window.start + i for i in group]), closes_window=k == len(groups) - 1)
+
+
+def token_batches(batches, samples: int | None) -> Iterator[Batch]:
+    """The caller's own token batches as they come, cut to ``samples`` rows; each closes a window."""
+    seen = 0
+    for inputs in batches:
+        if "input_ids" not in inputs:
+            raise DataError("each batch must hold 'input_ids' (and ideally 'attention_mask')")
+        n = len(inputs["input_ids"])
+        if samples is not None:
+            if seen >= samples:
+                return
+            if n > samples - seen:
+                inputs, n = {k: v[: samples - seen] for k, v in inputs.items()}, samples - seen
+        yield Batch(inputs, np.arange(seen, seen + n))
+        seen += n
+
+
+def default_batch_tokens(batch_size: int, max_length: int, *, free_bytes: int | None = None,
+                         width: int = 0, element_bytes: int = 4) -> int:
+    """The budget when none is given: ``batch_size`` rows of ``max_length`` (today's peak of a
+    padded batch), or on a GPU with ``free_bytes`` free, what a quarter of that holds at a few
+    activations of ``width`` (the model's widest layer) per token, if that is more."""
+    floor = batch_size * max_length
+    if free_bytes is None or width <= 0:
+        return floor
+    return max(floor, int(free_bytes * _FREE_MEMORY_SHARE) // (_ACTIVATIONS_PER_TOKEN * width * element_bytes))
