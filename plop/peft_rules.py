@@ -13,6 +13,10 @@ Two rules of PEFT 0.18+ depend on the model type rather than on the module:
 
 A type is refused when PEFT would raise on it or would change its config; private PEFT helpers
 that a PEFT version lacks are skipped (that version has no such rule).
+
+Both rules need a structure most models lack: 3-D expert weights, or a state-space mixer's
+``nn.Conv1d``. PEFT (and bitsandbytes, which it imports when installed: about 2 s) is only
+imported for a model that has one, so a plain transformer's diagnosis starts without it.
 """
 
 from __future__ import annotations
@@ -58,9 +62,13 @@ def _conversion_refusal(model: nn.Module, config) -> str | None:
             "(its transformers-5 MoE conversion), so it cannot be adapted alone")
 
 
+def _peft_rules_may_apply(model: nn.Module, layout: ModelLayout) -> bool:
+    return bool(layout.params) or any(isinstance(m, nn.Conv1d) for m in model.modules())
+
+
 def refused_types(model: nn.Module, layout: ModelLayout) -> dict[str, str]:
     """Module types of ``layout`` that PEFT refuses or rewrites on ``model``: type -> why."""
-    if getattr(getattr(model, "config", None), "model_type", None) is None:
+    if getattr(getattr(model, "config", None), "model_type", None) is None or not _peft_rules_may_apply(model, layout):
         return {}
     from peft import LoraConfig
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
-DIAGNOSIS = {"plop.collector", "plop.config", "plop.coverage", "plop.data", "plop.diagnosis", "plop.distributed",
+DIAGNOSIS = {"plop.batching", "plop.collector", "plop.config", "plop.coverage", "plop.data", "plop.diagnosis", "plop.distributed",
              "plop.errors", "plop.experts", "plop.fsio", "plop.layers", "plop.models", "plop.names", "plop.nfn",
              "plop.peft_rules", "plop.placement", "plop.ranker", "plop.render", "plop.report", "plop.roles",
              "plop.seq2seq", "plop.untrusted", "plop.version", "plop.weight_scores"}
@@ -112,6 +113,23 @@ def test_reading_commands_do_not_import_torch(argv, tmp_path):
     result = _run(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.rstrip().splitlines()[-1] == "RESULT 0 []"
+
+
+def test_diagnosing_a_plain_transformer_imports_no_peft_nor_datasets(tmp_path):
+    """PEFT (and the bitsandbytes it pulls in) costs seconds at start-up; its placement rules only
+    bear on MoE and state-space models, and JSONL data needs no ``datasets``."""
+    from tiny_lm import save_tiny, write_jsonl
+
+    model, data = save_tiny(tmp_path / "model"), write_jsonl(tmp_path / "d.jsonl", 16)
+    code = ("import sys\nfrom plop.cli import main\n"
+            f"code = main(['diagnose', {str(model)!r}, '--data', {str(data)!r}, '--out', {str(tmp_path / 'r.json')!r}])\n"
+            "print('\\nRESULT', code, sorted(m for m in ('peft', 'datasets', 'bitsandbytes', 'pandas', "
+            "'matplotlib') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=PACKAGE.parent, env={**os.environ, "PYTHONPATH": str(Path(__file__).parent)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.rstrip().splitlines()[-1] == "RESULT 0 []"
+    assert (tmp_path / "r.json").is_file()
 
 
 def test_top_level_is_lazy_and_exports_the_api_and_every_error():
