@@ -2,8 +2,9 @@
 order, packed under a budget of tokens per batch.
 
 A right-padded batch costs ``rows x longest row`` tokens of compute, whatever its real tokens.
-Rows of like length batched together waste little, and a budget of ``batch_tokens`` per batch
-(``rows x longest <= batch_tokens``) lets short rows batch wide and long rows narrow.
+Rows of like length batched together waste little: :func:`pack` cuts the sorted rows where that
+computes the fewest tokens, under a budget of ``batch_tokens`` per batch (``rows x longest <=
+batch_tokens``, a bound on memory), so short rows batch wide and long rows narrow.
 
 What stays exactly as in sampled order:
 
@@ -12,13 +13,14 @@ What stays exactly as in sampled order:
 * the bootstrap: a row's Poisson weights follow its place in the sampled order
   (:attr:`Batch.rows`, see :class:`plop.collector.BootstrapWeights`), not its batch;
 * the checkpoints: rows are sorted only inside windows of the sampled order of 16, 16, 32, 64, ...
-  rows (each as long as all before it), and a diagnosis records its selection (and
+  rows (each as long as all before it, up to 1024), and a diagnosis records its selection (and
   ``samples="auto"`` may stop) only where a window closes, when the rows seen are exactly the
   first rows of the sample.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +30,8 @@ import torch
 from .config import AUTO_MIN_SAMPLES
 from .errors import DataError
 
+MAX_WINDOW = 1024
+_BATCH_COST_SHARE = 16  # a forward costs budget / 16 tokens of its own (see pack)
 # A GPU's default budget: what a quarter of its free memory holds, at this many activations of
 # the model's widest layer per token (residual stream, attention, the MLP's intermediate ones).
 _ACTIVATIONS_PER_TOKEN = 8
@@ -46,36 +50,48 @@ class Batch:
         return len(self.rows)
 
 
-def windows(n: int, first: int = AUTO_MIN_SAMPLES) -> Iterator[range]:
-    """``range(0, n)`` cut into windows of ``first``, ``first``, then each as long as all before it."""
+def windows(n: int, first: int = AUTO_MIN_SAMPLES, largest: int = MAX_WINDOW) -> Iterator[range]:
+    """``range(0, n)`` cut into windows of ``first``, ``first``, then each as long as all before it,
+    up to ``largest`` rows (which bounds what is tokenized ahead and the packing's work)."""
     start, size = 0, first
     while start < n:
         yield range(start, min(n, start + size))
         start += size
-        size = start
+        size = min(start, largest)
 
 
 def pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
-    """Indices of ``lengths`` grouped into batches of ``rows x longest <= budget`` tokens.
+    """Indices of ``lengths`` grouped into batches that compute the fewest tokens.
 
-    Longest rows first, so a batch too large for memory fails at once, not at the end; a row
-    longer than the budget goes alone. Empty rows ride along with the last batch (they cost a
-    row of padding, not a forward of their own).
+    The rows are sorted longest first (so a batch too large for memory fails at once, not at
+    the end) and cut into runs minimising ``sum(rows x longest) + batches x budget / 16``: the
+    padded tokens, plus what each forward costs of its own, in tokens (launches, hooks), which
+    keeps batches from getting needlessly narrow. A batch holds ``rows x longest <= budget``
+    tokens; a row longer than the budget goes alone. Exact, by dynamic programming over the
+    sorted rows: ``O(rows x rows per batch)``.
     """
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for i in order:
-        current = batches[-1] if batches else None
-        if current is not None and ((len(current) + 1) * lengths[current[0]] <= budget or lengths[i] == 0):
-            current.append(i)
-        else:
-            batches.append([i])
-    return batches
+    width = [lengths[i] for i in order]
+    per_batch = budget / _BATCH_COST_SHARE
+    best, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)
+    for end in range(1, len(order) + 1):
+        for start in range(end - 1, -1, -1):  # the last batch is order[start:end], width[start] wide
+            rows = end - start
+            if rows > 1 and rows * width[start] > budget:
+                break  # wider and longer from here on
+            cost = best[start] + rows * width[start] + per_batch
+            if cost < best[end]:
+                best[end], cut[end] = cost, start
+    batches, end = [], len(order)
+    while end > 0:
+        batches.append(order[cut[end]:end])
+        end = cut[end]
+    return batches[::-1]
 
 
 def pad_right(encodings: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad each field's rows to the longest (``pad_id`` for ``input_ids``, 0 elsewhere)."""
-    width = max(len(ids) for ids in encodings["input_ids"])
+    width = max(1, *(len(ids) for ids in encodings["input_ids"]))  # rows of empty texts: one padding token
     out = {}
     for key, rows in encodings.items():
         fill = pad_id if key == "input_ids" else 0
