@@ -29,6 +29,7 @@ import torch
 
 from .config import AUTO_MIN_SAMPLES
 from .errors import DataError
+from .untrusted import clip_text
 
 MAX_WINDOW = 1024
 _BATCH_COST_SHARE = 16  # a forward costs budget / 16 tokens of its own (see pack)
@@ -45,6 +46,7 @@ class Batch:
     inputs: Mapping[str, torch.Tensor]
     rows: np.ndarray
     closes_window: bool = True  # the rows seen after it are the first rows of the sample
+    scored: torch.Tensor | None = None  # (batch, seq) tokens to score, when not all real ones are
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -102,14 +104,47 @@ def pad_right(encodings: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> 
 def text_batches(texts: Sequence[str], tokenizer, *, max_length: int, batch_tokens: int) -> Iterator[Batch]:
     """The batches of ``texts``, tokenized a window at a time (``samples="auto"`` tokenizes only
     the windows it reaches)."""
-    for window in windows(len(texts)):
+    def encode(window: range):
         encodings = tokenizer([texts[i] for i in window], truncation=True, max_length=max_length)
-        fields = {key: encodings[key] for key in encodings.keys()}
+        return {key: encodings[key] for key in encodings.keys()}, None
+
+    return _batches(len(texts), encode, tokenizer.pad_token_id, batch_tokens)
+
+
+def example_batches(examples: Sequence, tokenizer, *, max_length: int, batch_tokens: int,
+                    tokens: str) -> Iterator[Batch]:
+    """The batches of prompt/response ``examples`` read whole, scoring only the ``tokens``
+    (``"prompt"`` or ``"response"``) of each. Prompt and response are tokenized apart, as
+    training tokenizes them, so the boundary is exact (a text without prompt keeps its BOS)."""
+    def encode(window: range):
+        ids, spans = [], []
+        for i in window:
+            prompt = tokenizer(clip_text(examples[i].prompt, max_length))["input_ids"] if examples[i].prompt else []
+            response = tokenizer(clip_text(examples[i].response, max_length),
+                                 add_special_tokens=not prompt)["input_ids"]
+            row = (prompt + response)[:max_length]
+            boundary = min(len(prompt), len(row))
+            ids.append(row)
+            spans.append((0, boundary) if tokens == "prompt" else (boundary, len(row)))
+        return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}, spans
+
+    return _batches(len(examples), encode, tokenizer.pad_token_id, batch_tokens)
+
+
+def _batches(n: int, encode, pad_id: int, batch_tokens: int) -> Iterator[Batch]:
+    """Rows ``0..n-1`` by window: ``encode(window)`` gives their token fields and, optionally, the
+    ``(start, stop)`` span of each row's tokens to score; each window is packed and padded."""
+    for window in windows(n):
+        fields, spans = encode(window)
         groups = pack([len(ids) for ids in fields["input_ids"]], batch_tokens)
         for k, group in enumerate(groups):
-            inputs = pad_right({key: [rows[i] for i in group] for key, rows in fields.items()},
-                               tokenizer.pad_token_id)
-            yield Batch(inputs, np.array([window.start + i for i in group]), closes_window=k == len(groups) - 1)
+            inputs = pad_right({key: [rows[i] for i in group] for key, rows in fields.items()}, pad_id)
+            scored = None
+            if spans is not None:
+                positions = torch.arange(inputs["input_ids"].shape[1])
+                bounds = torch.tensor([spans[i] for i in group]).reshape(-1, 2, 1)
+                scored = ((positions >= bounds[:, 0]) & (positions < bounds[:, 1])).long()
+            yield Batch(inputs, np.array([window.start + i for i in group]), k == len(groups) - 1, scored)
 
 
 def token_batches(batches, samples: int | None) -> Iterator[Batch]:

@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DEVICES, DTYPES, ESTIMATORS, QUANTIZATIONS, DiagnoseConfig
+from .config import DEVICES, DTYPES, ESTIMATORS, QUANTIZATIONS, TOKEN_SCOPES, DiagnoseConfig
 from .errors import PlopError
 from .exports import FORMATS
 from .finetune.config import REPORT_TO, TrainConfig
@@ -167,7 +167,7 @@ def cmd_diagnose(args) -> int:
     if args.out and Path(args.out).is_dir():  # before the slow loading, not after
         raise PlopError(f"--out {args.out} is a directory", "name a .json file")
     config = DiagnoseConfig(samples=args.samples, max_length=args.max_length, batch_size=args.batch_size,
-                            batch_tokens=args.batch_tokens, seed=args.seed, strategy=_strategy(args), top_k=args.top_k,
+                            batch_tokens=args.batch_tokens, tokens=args.tokens, seed=args.seed, strategy=_strategy(args), top_k=args.top_k,
                             budget=args.budget if args.allocate is None else args.allocate or None,
                             rank=args.rank, estimator=args.estimator, include_head=args.include_head,
                             weight_scores=args.weight_scores)
@@ -433,6 +433,9 @@ def add_diagnose_parser(sub) -> None:
     g.add_argument("--batch-tokens", type=_positive, default=None, metavar="N",
                    help="tokens per batch: rows are batched by length, rows x longest <= N "
                         "(default: --batch-size x --max-length, more on a GPU with memory to spare)")
+    g.add_argument("--tokens", default=_default(DiagnoseConfig, "tokens"), choices=TOKEN_SCOPES,
+                   help="which tokens of prompt/response data to score (the model reads them all); "
+                        "'response': what supervised fine-tuning trains on")
     g.add_argument("--estimator", default=_default(DiagnoseConfig, "estimator"), choices=ESTIMATORS)
     g.add_argument("--include-head", action="store_true", help="also diagnose the output head")
     g.add_argument("--weight-scores", action="store_true",

@@ -14,6 +14,7 @@ STRATEGIES = ("top_k", "budget", "per_layer", "allocate")
 ESTIMATORS = ("closed_form", "monte_carlo")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+TOKEN_SCOPES = ("all", "prompt", "response")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")  # bitsandbytes, as QLoRA trains on the base
 AUTO_MIN_SAMPLES = 16  # samples="auto" never stops on fewer: the bootstrap needs some rows to resample
 
@@ -31,7 +32,9 @@ class DiagnoseConfig:
     ``samples``: how many rows to use (``None``: all; ``"auto"``: stop as soon as the bootstrap
     says the recommendation is stable, after at least 16). ``batch_tokens``: texts are batched
     by length, ``rows x longest row <= batch_tokens`` (``None``: ``batch_size x max_length``,
-    or more on a GPU with memory to spare; see :mod:`plop.batching`). ``estimator``: ``"closed_form"``
+    or more on a GPU with memory to spare; see :mod:`plop.batching`). ``tokens``: which tokens of
+    prompt/response examples a decoder-only model is scored on (``"response"``: what supervised
+    fine-tuning trains on; the model always reads the whole example). ``estimator``: ``"closed_form"``
     (exact ``||W||_F / sqrt(d_in)`` denominator, no extra compute) or ``"monte_carlo"``.
     ``strategy``: ``"top_k"``, ``"budget"`` (needs ``budget``, trainable parameters at
     ``rank``), ``"per_layer"``, or ``"allocate"`` (a rank per type, growing as its NFN falls,
@@ -45,6 +48,7 @@ class DiagnoseConfig:
     max_length: int = 256
     batch_size: int = 8
     batch_tokens: int | None = None
+    tokens: Literal["all", "prompt", "response"] = "all"
     seed: int = 0
     estimator: Literal["closed_form", "monte_carlo"] = "closed_form"
     strategy: Literal["top_k", "budget", "per_layer", "allocate"] = "top_k"
@@ -71,6 +75,7 @@ class DiagnoseConfig:
             raise ConfigError(f"samples must be a positive integer or 'auto', got {self.samples!r}")
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("tokens", self.tokens, TOKEN_SCOPES)
         if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
             raise ConfigError(f"budget must be a positive number of parameters, got {self.budget!r}")
         if not self.allocate_power > 0:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import Batch, default_batch_tokens, text_batches, token_batches
+from .batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .collector import NFNCollector
 from .config import AUTO_MIN_SAMPLES, DiagnoseConfig
 from .coverage import coverage
@@ -64,13 +64,17 @@ def _is_examples(data) -> bool:
 
 def _batches(data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokenizer,
              config: DiagnoseConfig) -> Iterator[Batch]:
-    """Texts become length-sorted batches under the token budget (:mod:`plop.batching`); token
-    batches (``input_ids`` and ideally ``attention_mask``) pass through."""
-    if not _is_texts(data):
+    """Texts and examples scored on some of their tokens become length-sorted batches under the
+    token budget (:mod:`plop.batching`); token batches (``input_ids`` and ideally
+    ``attention_mask``) pass through."""
+    if not (_is_texts(data) or _is_examples(data)):
         return token_batches(data, config.samples if isinstance(config.samples, int) else None)
     if tokenizer is None:
-        raise ConfigError("diagnosing raw text needs a tokenizer")
+        raise ConfigError("diagnosing text needs a tokenizer")
     ensure_pad_token(tokenizer)
+    if _is_examples(data):
+        return example_batches(data, tokenizer, max_length=config.max_length, batch_tokens=config.batch_tokens,
+                               tokens=config.tokens)
     return text_batches(data, tokenizer, max_length=config.max_length, batch_tokens=config.batch_tokens)
 
 
@@ -174,6 +178,8 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
         def forward(batch: Batch) -> None:
             inputs = model_inputs(model, batch.inputs)  # an encoder-decoder's decoder inputs too
             masks = [v for k, v in inputs.items() if k.endswith("attention_mask")]
+            if batch.scored is not None:  # the model reads every token, the statistics take these
+                masks = [batch.scored]
             collector.start_batch(*masks, rows=batch.rows)
             experts.start_batch(masks[0], collector.weights)
             target(**{k: v.to(device) for k, v in inputs.items()}, **call_kwargs)
@@ -211,7 +217,10 @@ def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: Diag
     """Prompt/response examples as a decoder-only model reads them (their texts) or as token
     batches with the response for an encoder-decoder's decoder (:mod:`plop.seq2seq`)."""
     if not is_encoder_decoder(model):
-        return [e.text for e in examples]
+        return list(examples) if config.tokens != "all" else [e.text for e in examples]
+    if config.tokens != "all":
+        raise ConfigError(f"tokens={config.tokens!r} is for decoder-only models",
+                          "an encoder-decoder already reads the prompt in its encoder and the response in its decoder")
     if tokenizer is None:
         raise ConfigError("diagnosing prompt/response examples needs a tokenizer")
     ensure_pad_token(tokenizer)
@@ -228,6 +237,9 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     if _is_texts(data) or examples:
         data = data[: config.samples] if isinstance(config.samples, int) else data
         total = len(data)
+    if config.tokens != "all" and not examples:
+        raise ConfigError(f"tokens={config.tokens!r} needs prompt/response examples",
+                          "give data with a prompt and a response (or score all tokens)")
     if examples:
         data = _examples_data(model, data, tokenizer, config)
     if _is_texts(data):
