@@ -91,7 +91,7 @@ def _batch_tokens(model: nn.Module, config: DiagnoseConfig, device: torch.device
                                 width=width, element_bytes=element)
 
 
-def _records(state: NFNCollector | GlobalState, experts: ExpertStats, types: Mapping[str, str]) -> list[ModuleRecord]:
+def _records(state: GlobalState, types: Mapping[str, str]) -> list[ModuleRecord]:
     """One record per module (and 3-D expert weight) the forward reached, typed by its role."""
     records = []
     for name, s in state.stats.items():
@@ -105,7 +105,7 @@ def _records(state: NFNCollector | GlobalState, experts: ExpertStats, types: Map
                 output_norm_mean=float(s.output_norm_mean),
             )
         )
-    return records + [_expert_record(s, types[name]) for name, s in experts.stats.items() if s.tokens]
+    return records + [_expert_record(s, types[name]) for name, s in state.experts.items() if s.tokens]
 
 
 def _expert_record(s: ExpertWeightStats, type_: str) -> ModuleRecord:
@@ -125,8 +125,8 @@ def _eligible(records: Sequence[ModuleRecord], layout: ModelLayout) -> list[Modu
     return [m for m in records if m.type not in layout.refused]
 
 
-def _replicates(state: NFNCollector | GlobalState, experts: ExpertStats, records: Sequence[ModuleRecord]) -> np.ndarray:
-    stats = {**state.stats, **experts.stats}
+def _replicates(state: GlobalState, records: Sequence[ModuleRecord]) -> np.ndarray:
+    stats = {**state.stats, **state.experts}
     return np.stack([stats[m.name].bootstrap_nfn() for m in records])
 
 
@@ -170,9 +170,6 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                                                      n_bootstrap=config.n_bootstrap, seed=config.seed))
         experts = stack.enter_context(ExpertStats(find_experts(model), config.n_bootstrap))
         bar = stack.enter_context(_progress(total, progress))
-        if experts.stats and world().parallel:
-            raise ConfigError("a data-parallel diagnosis does not gather MoE expert statistics yet",
-                              "diagnose this model in one process")
         task = bar.add_task("diagnose", total=total, tps=0.0)
 
         def forward(batch: Batch) -> None:
@@ -186,31 +183,33 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
             collector.flush()
 
         passes = data_parallel_passes if world().parallel else _local_passes
-        state = collector
-        for state, batch in passes(collector, _batches(data, tokenizer, config), forward):
+        for state, batch in passes(collector, experts.stats, _batches(data, tokenizer, config), forward):
             bar.update(task, advance=len(batch), tps=state.tokens / (time.perf_counter() - start))
             if not batch.closes_window:
                 continue  # within a window the rows seen are not a prefix of the sample
-            records = _records(state, experts, layout.role_map)
+            records = _records(state, layout.role_map)
             # rebuilt per window: a module first called late must still be costed and ranked
             selector = Selector(_eligible(records, layout), config.strategy, top_k=config.top_k,
                                 budget=config.budget, rank=config.rank, power=config.allocate_power)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
             if config.samples == "auto" and state.samples >= AUTO_MIN_SAMPLES:
-                if selector.recommend(_replicates(state, experts, selector.records))[0].stable:
+                if selector.recommend(_replicates(state, selector.records))[0].stable:
                     break
         if selector is None:
             raise DataError("no data to diagnose on")
-        return (records, selector, _replicates(state, experts, selector.records), checkpoints, state.samples,
+        return (records, selector, _replicates(state, selector.records), checkpoints, state.samples,
                 state.tokens)
 
 
-def _local_passes(collector: NFNCollector, batches: Iterable[Batch], forward) -> Iterator[tuple[NFNCollector, Batch]]:
-    """``(collector, batch)`` after each batch: the single-process counterpart of
-    :func:`plop.distributed.data_parallel_passes`."""
+def _local_passes(collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch],
+                  forward) -> Iterator[tuple[GlobalState, Batch]]:
+    """``(state, batch)`` after each batch, the state being this process's own accumulators: the
+    single-process counterpart of :func:`plop.distributed.data_parallel_passes`."""
+    state = GlobalState(collector.stats, dict(experts))
     for batch in batches:
         forward(batch)
-        yield collector, batch
+        state.samples, state.tokens = collector.samples, collector.tokens
+        yield state, batch
 
 
 def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: DiagnoseConfig):

@@ -23,13 +23,14 @@ would give on the same rows, not an approximation of it:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
@@ -39,6 +40,7 @@ import torch.distributed as dist
 from .batching import Batch
 from .collector import ModuleStats, NFNCollector
 from .errors import ConfigError, PlopError
+from .experts import ExpertWeightStats
 
 TIMEOUT_ENV = "PLOP_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 300.0
@@ -159,21 +161,33 @@ def raise_if_any_failed(error: BaseException | None, failed: np.ndarray) -> None
 
 @dataclass
 class GlobalState:
-    """The accumulators of every process, added in global batch order: what a single process
-    would hold. Reads like an :class:`NFNCollector` (``stats``, ``samples``, ``tokens``)."""
+    """The accumulators a diagnosis reads (``stats`` of the linear modules, ``experts`` of the 3-D
+    expert weights): one process's own, or every process's added in global batch order, which is
+    what a single process would hold."""
 
     stats: dict[str, ModuleStats]
+    experts: dict[str, ExpertWeightStats] = field(default_factory=dict)
     samples: int = 0
     tokens: int = 0
 
     @classmethod
-    def like(cls, collector: NFNCollector) -> GlobalState:
-        return cls({name: replace(s, calls=0) for name, s in collector.stats.items()})
+    def like(cls, collector: NFNCollector, experts: Mapping[str, ExpertWeightStats]) -> GlobalState:
+        """Empty accumulators shaped like this process's."""
+        return cls({name: replace(s, calls=0) for name, s in collector.stats.items()},
+                   {name: replace(s, calls=0, input_norm_max=0.0) for name, s in experts.items()})
+
+    def accumulators(self) -> list[ModuleStats | ExpertWeightStats]:
+        return [*self.stats.values(), *self.experts.values()]
+
+    @functools.cached_property
+    def _cuts(self) -> np.ndarray:
+        """Where each accumulator's part of a gathered row ends (their sizes never change)."""
+        return np.cumsum([s.vector().size for s in self.accumulators()])[:-1]
 
     def add(self, row: np.ndarray) -> None:
         self.samples += int(row[_SAMPLES])
         self.tokens += int(row[_TOKENS])
-        for s, part in zip(self.stats.values(), np.split(row[4:], len(self.stats))):
+        for s, part in zip(self.accumulators(), np.split(row[4:], self._cuts)):
             s.merge(part)
 
 
@@ -187,14 +201,15 @@ def _local_step(batches: Iterator[Batch], forward: Callable, world_: World) -> t
 
 
 def data_parallel_passes(
-    collector: NFNCollector, batches: Iterable[Batch], forward: Callable
+    collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch], forward: Callable
 ) -> Iterator[tuple[GlobalState, Batch]]:
     """``(global state, batch)`` after each global batch, the same sequence on every process.
 
     ``forward(batch)`` runs one batch through the hooked model. Stopping the iteration early
     (``samples="auto"``) is safe: every process sees the same states, so all stop at once.
     """
-    world_, state, batches = world(), GlobalState.like(collector), iter(batches)
+    world_, state, batches = world(), GlobalState.like(collector, experts), iter(batches)
+    local = GlobalState(collector.stats, dict(experts))  # this process's own accumulators
     remaining = world_.size  # the processes that might still hold a batch
     while remaining:
         header, error, step = np.zeros(4), None, []
@@ -204,10 +219,10 @@ def data_parallel_passes(
         except Exception as e:  # noqa: BLE001 - every process must learn of it, see raise_if_any_failed
             error, header[_ERROR] = e, 1
         header[_SAMPLES], header[_TOKENS] = collector.samples - start_samples, collector.tokens - start_tokens
-        local = np.concatenate([header, *(s.vector() for s in collector.stats.values())])
-        for s in collector.stats.values():
+        row = np.concatenate([header, *(s.vector() for s in local.accumulators())])
+        for s in local.accumulators():
             s.reset()
-        gathered = _gather_rows(local)
+        gathered = _gather_rows(row)
         raise_if_any_failed(error, gathered[:, _ERROR])
         remaining = int(gathered[:, _HAS_BATCH].sum())
         for row, batch in zip(gathered[gathered[:, _HAS_BATCH] > 0], step):

@@ -122,6 +122,23 @@ class ExpertWeightStats:
         with np.errstate(invalid="ignore", divide="ignore"):
             return self.boot[0] / self.boot[1]
 
+    def vector(self) -> np.ndarray:
+        """Every accumulator in one float64 row, the layout :meth:`merge` reads: what processes
+        exchange in a data-parallel diagnosis."""
+        return np.concatenate([self.sums.ravel(), self.boot.ravel(), [self.input_norm_max, self.calls]])
+
+    def merge(self, vector: np.ndarray) -> None:
+        """Add another accumulator's :meth:`vector` (the input-norm maximum is a maximum)."""
+        sums, boot, (input_max, calls) = np.split(vector, [self.sums.size, self.sums.size + self.boot.size])
+        self.sums += sums.reshape(self.sums.shape)
+        self.boot += boot.reshape(self.boot.shape)
+        self.input_norm_max = max(self.input_norm_max, float(input_max))
+        self.calls += int(calls)
+
+    def reset(self) -> None:
+        self.__post_init__()
+        self.input_norm_max, self.calls = 0.0, 0
+
     def add(self, per_sample: np.ndarray, sums: np.ndarray, input_max: float, weights: np.ndarray | None) -> None:
         """One call's sums: ``per_sample`` (2, E, G) ratio sums and counts per sample (one group
         when the tokens are not laid out as the batch), ``sums`` (5, E)."""

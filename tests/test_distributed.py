@@ -75,6 +75,31 @@ def test_a_data_parallel_diagnosis_equals_one_process(tiny, tmp_path, processes,
     assert many.stdout.count("report written to") == 1  # rank 0 alone prints and writes
 
 
+def test_a_data_parallel_diagnosis_gathers_moe_experts(tmp_path):
+    """A tiny Mixtral (3-D expert weights): per-expert NFN, routed tokens and the bootstrap are
+    gathered across processes like the linear modules' sums."""
+    import archs
+
+    model = archs.build("mixtral")
+    model.save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    data = write_jsonl(tmp_path / "data.jsonl", 24)
+    args = ["diagnose", tmp_path / "model", "--data", data, "--samples", "24", "--batch-tokens", "40", "--out"]
+    ok(plop(*args, tmp_path / "one.json"))
+    ok(plop(*args, tmp_path / "many.json", processes=2))
+    one, par = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "many"))
+    experts = [m for m in one["modules"] if m.get("experts")]
+    assert {m["type"] for m in experts} == {"experts.gate_up_proj", "experts.down_proj"}
+    by_name = {m["name"]: m for m in par["modules"]}
+    for a in one["modules"]:
+        b = by_name[a["name"]]
+        assert b["nfn"] == pytest.approx(a["nfn"], rel=1e-9) and b["tokens"] == a["tokens"], a["name"]
+        assert b["calls"] == a["calls"] and b["input_norm_max"] == a["input_norm_max"]
+        if a.get("experts"):
+            assert b["expert_nfn"] == pytest.approx(a["expert_nfn"], rel=1e-9)
+    assert par["recommendation"] == one["recommendation"] and par["stability"] == one["stability"]
+
+
 def test_a_failing_process_ends_the_job_with_one_line_errors(tmp_path):
     """A checkpoint whose embedding of '#' is NaN, and one data row with a '#', which lands in the
     second process's batch: that process fails, the first stops with it, both exit 2."""
