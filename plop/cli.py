@@ -20,7 +20,7 @@ from .errors import PlopError
 from .exports import FORMATS
 from .finetune.config import REPORT_TO, TrainConfig
 from .fsio import atomic_write
-from .placement import COMPARE_PLACEMENTS, TRAIN_PLACEMENTS
+from .placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, TRAIN_PLACEMENTS
 from .untrusted import plain_safe, terminal_safe
 from .version import __version__
 
@@ -577,7 +577,7 @@ def add_train_parsers(sub) -> None:
                       "--rank (within 10%); same data, steps, seed and learning rate.")
     p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
     p.add_argument("--placements", type=_names, default=None, metavar="A,B",
-                   help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: all)")
+                   help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})")
     p.add_argument("--seeds", type=_seeds, default=[0], metavar="0,1,2", help="one run per placement and seed")
     _add_lora_args(p)
     p.add_argument("--out", default=None, help="write the results as JSON")

@@ -18,7 +18,10 @@ from .roles import peft_target_parameters, peft_targets, placement_groups, role_
 
 PLACEMENTS = ("qv", "attention", "mlp", "all-linear")  # resolved from a model's own module roles
 TRAIN_PLACEMENTS = ("recommended", *PLACEMENTS)
-COMPARE_PLACEMENTS = (*TRAIN_PLACEMENTS, "inverse", "kappatune")
+COMPARE_DEFAULT = (*TRAIN_PLACEMENTS, "inverse", "kappatune")
+# module-level baselines at the recommendation's module count: the lowest-NFN modules (the
+# per_layer strategy) and Spectrum's highest-SNR ones (one SVD per weight)
+COMPARE_PLACEMENTS = (*COMPARE_DEFAULT, "per-layer", "spectrum")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from rich.console import Console
 
 from plop import TrainConfig, compare, diagnose
 from plop.finetune.compare import candidates
-from plop.placement import COMPARE_PLACEMENTS
+from plop.placement import COMPARE_DEFAULT
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer
 
@@ -39,7 +39,7 @@ def comparison(tokenizer, report):
 
 def test_every_placement_runs_once_per_seed(comparison):
     result, _, _ = comparison
-    assert [(r.placement, r.seed) for r in result.rows] == [(p, s) for s in (0, 1) for p in COMPARE_PLACEMENTS]
+    assert [(r.placement, r.seed) for r in result.rows] == [(p, s) for s in (0, 1) for p in COMPARE_DEFAULT]
 
 
 def test_budgets_match_the_recommendation_within_ten_percent(comparison, report):
@@ -88,7 +88,7 @@ def test_aggregate_table_and_json(comparison, tmp_path):
     console = Console(record=True, width=200)
     console.print(result)
     text = console.export_text()
-    assert all(p in text for p in COMPARE_PLACEMENTS) and f"{result.budget:,}" in text
+    assert all(p in text for p in COMPARE_DEFAULT) and f"{result.budget:,}" in text
 
 
 def test_a_model_factory_and_kept_adapters(tmp_path, tokenizer, report):
@@ -113,3 +113,25 @@ def test_fixed_eval_set_gives_every_run_the_same_before_loss(tokenizer, report, 
     png = tmp_path / "compare.png"
     result.plot(png)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(tokenizer, report):
+    """per-layer: the lowest-NFN linear modules; spectrum: the highest-SNR ones, computed here
+    from each weight's singular values; both trained at the recommendation's budget."""
+    from plop.finetune.compare import candidates
+    from plop.placement import peft_matches
+    from plop.models import model_layout
+    from plop.weight_scores import weight_scores
+
+    model = make_model()
+    count = len(report.recommendation.modules)
+    per_layer, spectrum = candidates(report, model, ["per-layer", "spectrum"])
+    by_nfn = sorted(report.modules, key=lambda m: m.nfn)
+    snr = {m.name: weight_scores(model.get_submodule(m.name).weight)[1] for m in report.modules}
+    layout = model_layout(model)
+    assert sorted(peft_matches(layout, per_layer.targets.target_modules)) == sorted(m.name for m in by_nfn[:count])
+    assert sorted(peft_matches(layout, spectrum.targets.target_modules)) == sorted(sorted(snr, key=snr.get)[-count:])
+    result = compare(model, tokenizer, examples(16), report, placements=["per-layer", "spectrum"], rank=8,
+                     config=TrainConfig(steps=1, batch_size=8, eval_fraction=0.25))
+    for row, candidate in zip(result.rows, (per_layer, spectrum)):
+        assert row.trainable_params == row.rank * candidate.params_per_rank  # PEFT adapted exactly those modules

@@ -27,10 +27,12 @@ from ..data import Example
 from ..distributed import shared_tempdir
 from ..errors import PlopError
 from ..fsio import atomic_write
+from ..layers import dense_weight
 from ..models import model_layout
-from ..placement import COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
-from ..ranker import adapter_cost
+from ..placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
+from ..ranker import adapter_cost, modules_regex
 from ..report import ModuleRecord, Report
+from ..weight_scores import weight_scores
 from .config import TrainConfig
 from .trainer import train_on_targets
 
@@ -110,9 +112,10 @@ class Comparison:
 
 def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> list[Candidate]:
     """The targets of each placement, on the report's modules. ``inverse``: as many types as the
-    recommendation, but the highest-NFN ones; ``kappatune``: as many modules as the
-    recommendation, the best-conditioned ones by PEFT's KappaTune. A placement this model has no
-    module for is skipped with a warning."""
+    recommendation, but the highest-NFN ones; ``kappatune``, ``per-layer`` and ``spectrum``: as
+    many modules as the recommendation, the best-conditioned ones by PEFT's KappaTune, the
+    lowest-NFN ones, or the highest-SNR ones (Spectrum). A placement this model has no module for
+    is skipped with a warning."""
     unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]
     if unknown:
         raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
@@ -124,9 +127,10 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> l
         if placement == "recommended":
             targets = Targets(placement, rec.target_modules, list(rec.types), rec.target_parameters)
             modules = rec.modules
-        elif placement == "kappatune":
-            names = _kappatune_modules(model, by_name, len(rec.modules))
-            targets, modules = Targets(placement, names, sorted({by_name[n].type for n in names})), names
+        elif placement in ("kappatune", "per-layer", "spectrum"):
+            modules = _chosen_modules(placement, model, report, layout, len(rec.modules))
+            target = modules if placement == "kappatune" else modules_regex(modules)
+            targets = Targets(placement, target, sorted({by_name[n].type for n in modules}))
         else:
             allowed = [t.type for t in report.types if t.type not in layout.refused]
             types = (allowed[-len(rec.types):] if placement == "inverse"
@@ -142,6 +146,23 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> l
 
 def _params_per_rank(records: Sequence[ModuleRecord]) -> int:
     return adapter_cost(records, 1)[0]
+
+
+def _chosen_modules(placement: str, model: nn.Module, report: Report, layout, count: int) -> list[str]:
+    """The ``count`` linear modules a module-level placement picks among those diagnosed."""
+    linear = [m for m in report.modules if m.name in layout.linear and m.type not in layout.refused]
+    if placement == "kappatune":
+        return _kappatune_modules(model, {m.name: m for m in linear}, count)
+    if placement == "per-layer":
+        return [m.name for m in sorted(linear, key=lambda m: m.nfn)[:count]]
+    return [m.name for m in sorted(linear, key=lambda m: -_snr(m, model))[:count]]
+
+
+def _snr(record: ModuleRecord, model: nn.Module) -> float:
+    """Spectrum's SNR: the report's, else computed from the weight (one SVD)."""
+    if record.snr is not None:
+        return record.snr
+    return weight_scores(dense_weight(model.get_submodule(record.name)))[1]
 
 
 def _kappatune_modules(model: nn.Module, diagnosed: dict[str, ModuleRecord], count: int) -> list[str]:
@@ -176,14 +197,14 @@ def compare(
     fields (``steps=``, ``lr=``, ...); ``alpha`` scales with each run's rank so that
     ``alpha / rank`` (the LoRA scale) is the same everywhere. ``output_dir``: keep each run's
     adapter in ``<output_dir>/<placement>-seed<seed>/`` (default: a temporary directory).
-    ``placements`` default to all of :data:`COMPARE_PLACEMENTS` (``kappatune`` when the
-    installed peft has it). ``eval_examples``: a fixed held-out set for every run (default: each
+    ``placements`` default to :data:`COMPARE_DEFAULT` (``kappatune`` when the installed peft
+    has it); ``per-layer`` and ``spectrum`` are asked for by name. ``eval_examples``: a fixed held-out set for every run (default: each
     seed's own ``eval_fraction`` split). Under ``torchrun`` / ``accelerate launch`` every run
     is data-parallel over the job's processes, which share one run directory.
     """
     config = replace(config or TrainConfig(), **overrides)
     if placements is None:
-        placements = [p for p in COMPARE_PLACEMENTS if p != "kappatune" or _has_kappatune()]
+        placements = [p for p in COMPARE_DEFAULT if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
     check_report_matches(report, model_layout(base))
     found = candidates(report, base, placements)
