@@ -57,7 +57,9 @@ def _default(cls, name: str):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" says nothing: such options explain their absence in their own help
+        return (action.help or "") if action.default is None else super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):

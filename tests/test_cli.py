@@ -123,6 +123,8 @@ def test_version_and_help():
     assert run("--version").stdout.strip().startswith("plop ")
     for command in ("diagnose", "show", "export"):
         assert "examples:" in run(command, "--help").stdout
+    text = " ".join(run("diagnose", "--help").stdout.split())
+    assert "(default: None)" not in text and "tokens per sample (default: 256)" in text
 
 
 # -- every user error: one line, exit 2, nothing written ------------------------------------------
