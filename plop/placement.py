@@ -20,8 +20,9 @@ PLACEMENTS = ("qv", "attention", "mlp", "all-linear")  # resolved from a model's
 TRAIN_PLACEMENTS = ("recommended", *PLACEMENTS)
 COMPARE_DEFAULT = (*TRAIN_PLACEMENTS, "inverse", "kappatune")
 # module-level baselines at the recommendation's module count: the lowest-NFN modules (the
-# per_layer strategy) and Spectrum's highest-SNR ones (one SVD per weight)
-COMPARE_PLACEMENTS = (*COMPARE_DEFAULT, "per-layer", "spectrum")
+# per_layer strategy) and Spectrum's highest-SNR ones (one SVD per weight); and NFN-guided ranks
+# per type (the allocate strategy) under the recommendation's budget
+COMPARE_PLACEMENTS = (*COMPARE_DEFAULT, "per-layer", "spectrum", "allocate")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Targets:
     target_modules: list[str] | str
     types: list[str] = field(default_factory=list)
     target_parameters: list[str] | None = None
+    rank_pattern: dict[str, int] | None = None  # an allocation's rank per type (PEFT rank_pattern)
 
 
 def placement_types(types: Sequence[ModuleRecord] | Mapping[str, str], placement: str,

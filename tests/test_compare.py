@@ -135,3 +135,34 @@ def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(token
                      config=TrainConfig(steps=1, batch_size=8, eval_fraction=0.25))
     for row, candidate in zip(result.rows, (per_layer, spectrum)):
         assert row.trainable_params == row.rank * candidate.params_per_rank  # PEFT adapted exactly those modules
+
+
+def test_allocate_trains_its_ranks_per_type_within_the_budget(tokenizer, report):
+    """The allocate placement: PEFT gets a rank per type, spends at most the recommendation's
+    budget, and the lowest-NFN type gets the highest rank."""
+    from plop.finetune.compare import candidates
+
+    model = make_model()
+    budget = 16 * candidates(report, model, ["recommended"])[0].params_per_rank
+    (allocation,) = candidates(report, model, ["allocate"], budget)
+    ranks = allocation.targets.rank_pattern
+    means = {t.type: t.nfn_mean for t in report.types}
+    assert len(ranks) >= 2 and ranks[min(ranks, key=means.get)] == max(ranks.values())
+    assert 0.5 * budget < allocation.params <= budget
+    result = compare(model, tokenizer, examples(16), report, placements=["allocate"], rank=16,
+                     config=TrainConfig(steps=1, batch_size=8, eval_fraction=0.25))
+    (row,) = result.rows
+    assert row.trainable_params == allocation.params and row.budget_ratio == pytest.approx(allocation.params / budget,
+                                                                                           abs=1e-4)
+
+
+def test_an_allocate_report_sets_the_budget_with_its_own_ranks(tokenizer):
+    """The recommendation of an allocate report trains its rank_pattern; the budget the other
+    placements are matched to is what those ranks cost, not one rank for every type."""
+    model = make_model()
+    report = diagnose(model, [e.text for e in examples(16)], tokenizer, strategy="allocate")
+    result = compare(model, tokenizer, examples(16), report, placements=["recommended", "all-linear"], rank=16,
+                     config=TrainConfig(steps=1, batch_size=8, eval_fraction=0.25))
+    recommended, all_linear = result.rows
+    assert result.budget == recommended.trainable_params == report.recommendation.trainable_params
+    assert recommended.budget_ratio == 1.0 and abs(all_linear.trainable_params / result.budget - 1) <= 0.10

@@ -1,9 +1,10 @@
 """``plop.compare``: fine-tune several placements at one trainable-parameter budget.
 
 A placement only wins fairly if it gets no more parameters than the others. The budget is the
-recommended placement's LoRA parameters at rank ``r``; every other placement gets the rank that
-brings its parameters closest to that budget (``round(budget / params_per_rank)``, at least 1),
-and the achieved ratio is recorded and flagged when it misses by more than 10 %. Everything else
+recommended placement's LoRA parameters at rank ``r`` (an ``allocate`` report's: those of its own
+ranks); every other placement gets the rank that brings its parameters closest to that budget
+(``round(budget / params_per_rank)``, at least 1), or for ``allocate`` the ranks per type that
+spend most of it, and the achieved ratio is recorded and flagged when it misses by more than 10 %. Everything else
 (data, split, steps, learning rate, seed, alpha/rank) is the same, and every run starts from the
 same base weights.
 """
@@ -30,7 +31,7 @@ from ..fsio import atomic_write
 from ..layers import dense_weight
 from ..models import model_layout
 from ..placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
-from ..ranker import adapter_cost, modules_regex
+from ..ranker import Selector, adapter_cost, modules_regex
 from ..report import ModuleRecord, Report
 from ..weight_scores import weight_scores
 from .config import TrainConfig
@@ -45,9 +46,15 @@ class Candidate:
 
     targets: Targets
     params_per_rank: int
+    params: int | None = None  # an allocation's parameters, fixed by its ranks per type
 
     def rank_for(self, budget: int) -> int:
+        if self.targets.rank_pattern:
+            return max(self.targets.rank_pattern.values())
         return max(1, round(budget / self.params_per_rank))
+
+    def params_at(self, rank: int) -> int:
+        return self.params if self.params is not None else rank * self.params_per_rank
 
 
 @dataclass
@@ -110,12 +117,14 @@ class Comparison:
         return plot_comparison(self, path)
 
 
-def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> list[Candidate]:
+def candidates(report: Report, model: nn.Module, placements: Sequence[str],
+               budget: int | None = None) -> list[Candidate]:
     """The targets of each placement, on the report's modules. ``inverse``: as many types as the
     recommendation, but the highest-NFN ones; ``kappatune``, ``per-layer`` and ``spectrum``: as
     many modules as the recommendation, the best-conditioned ones by PEFT's KappaTune, the
-    lowest-NFN ones, or the highest-SNR ones (Spectrum). A placement this model has no module for
-    is skipped with a warning."""
+    lowest-NFN ones, or the highest-SNR ones (Spectrum); ``allocate``: a rank per type growing as
+    its NFN falls (:func:`plop.ranker.allocate_ranks`), under ``budget`` parameters. A placement
+    this model has no module for is skipped with a warning."""
     unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]
     if unknown:
         raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
@@ -124,9 +133,15 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> l
     layout = model_layout(model)
     out = []
     for placement in placements:
-        if placement == "recommended":
-            targets = Targets(placement, rec.target_modules, list(rec.types), rec.target_parameters)
+        if placement == "recommended":  # an allocate report's own ranks, or one rank for all
+            targets = Targets(placement, rec.target_modules, list(rec.types), rec.target_parameters, rec.rank_pattern)
             modules = rec.modules
+            if rec.rank_pattern:
+                out.append(Candidate(targets, _params_per_rank([by_name[n] for n in modules]), rec.trainable_params))
+                continue
+        elif placement == "allocate":
+            out.append(_allocation(report, layout, budget))
+            continue
         elif placement in ("kappatune", "per-layer", "spectrum"):
             modules = _chosen_modules(placement, model, report, layout, len(rec.modules))
             target = modules if placement == "kappatune" else modules_regex(modules)
@@ -146,6 +161,16 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str]) -> l
 
 def _params_per_rank(records: Sequence[ModuleRecord]) -> int:
     return adapter_cost(records, 1)[0]
+
+
+def _allocation(report: Report, layout, budget: int | None) -> Candidate:
+    """The allocate strategy's ranks per type under ``budget``, with the report's power."""
+    if budget is None:
+        raise PlopError("placement 'allocate' needs the parameter budget to allocate")
+    eligible = [m for m in report.modules if m.type not in layout.refused]
+    rec, _ = Selector(eligible, "allocate", budget=budget, power=report.settings.get("allocate_power", 2.0)).recommend()
+    targets = replace(layout.targets("allocate", list(rec.types)), rank_pattern=dict(rec.rank_pattern))
+    return Candidate(targets, _params_per_rank([m for m in eligible if m.type in rec.types]), rec.trainable_params)
 
 
 def _chosen_modules(placement: str, model: nn.Module, report: Report, layout, count: int) -> list[str]:
@@ -207,9 +232,9 @@ def compare(
         placements = [p for p in COMPARE_DEFAULT if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
     check_report_matches(report, model_layout(base))
-    found = candidates(report, base, placements)
     recommended = candidates(report, base, ["recommended"])[0]
-    budget = rank * recommended.params_per_rank
+    budget = recommended.params_at(rank)
+    found = candidates(report, base, placements, budget)
     scale = config.lora_alpha / config.rank
 
     rows = []
@@ -235,7 +260,7 @@ def compare(
 
 
 def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int) -> CompareRow:
-    ratio = rank * candidate.params_per_rank / budget
+    ratio = candidate.params_at(rank) / budget
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     return CompareRow(
         placement=candidate.targets.placement, types=candidate.targets.types, rank=rank,
