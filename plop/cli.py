@@ -623,12 +623,20 @@ def _friendly(error: BaseException) -> str | None:
 
 
 def _fail(message: str) -> int:
-    """One line on stderr, exit code 2. In a launched job the launcher stops the other processes
-    as soon as one exits: one that has failed too keeps its exit code when that SIGTERM lands."""
-    print(plain_safe(f"plop: error: {message}"), file=sys.stderr, flush=True)
+    """One line on stderr, exit code 2.
+
+    A failed process of a launched job leaves at once, with SIGTERM held off while it says its
+    line: the launcher SIGTERMs the other processes as soon as one exits, and tearing down a
+    process group whose peer has left can abort the process (SIGABRT) after its line, so either
+    would turn its exit code 2 into a signal."""
+    line = plain_safe(f"plop: error: {message}")
     distributed = sys.modules.get("plop.distributed")
     if distributed is not None and distributed.world().parallel:
-        signal.signal(signal.SIGTERM, lambda *_: os._exit(EXIT_USAGE))
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_USAGE)
+    print(line, file=sys.stderr, flush=True)
     return EXIT_USAGE
 
 

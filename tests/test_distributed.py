@@ -118,11 +118,9 @@ def test_a_failing_process_ends_the_job_with_one_line_errors(tmp_path):
     errors = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("plop: error:")]
     assert len(errors) == 2 and all("non-finite feature norm" in e for e in errors), proc.stderr
     assert sum("process 1 of 2 failed" in e for e in errors) == 1
-    # torchrun's summary: the root cause exited 2. torchrun SIGTERMs the other process as soon as the
-    # first one exits, which can land after that process printed its line but before it exited.
-    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
-    assert len(codes) == 2 and set(codes) <= {"2", "-15"} and "2" in codes, proc.stderr
-    assert re.search(r"Root Cause.*?exitcode  : 2 ", proc.stderr, re.S), proc.stderr
+    # torchrun's summary: every process that said its line exited 2 (not SIGTERMed nor aborted in
+    # the process group's teardown, which both happened before plop left at once)
+    assert re.findall(r"exitcode  : (-?\d+)", proc.stderr) == ["2", "2"], proc.stderr
     assert f'File "{ROOT / "plop"}' not in proc.stderr  # no traceback from plop itself
     assert not (tmp_path / "report.json").exists()
 
