@@ -1,86 +1,205 @@
-"""Placement study: does the NFN recommendation fine-tune better than the usual guesses?
+"""Placement study: does NFN-guided placement fine-tune better than the best generic placements?
 
-SmolLM2-135M-Instruct (plop's embedded default) on GSM8K (../shared/data/gsm8k): diagnose on train
-rows, fine-tune every placement of ``plop compare`` at a matched trainable-parameter budget (the
-recommendation's at rank 8; each placement's rank chosen to match it within 10 %) on the same train
-rows, steps, learning rate and seeds, and evaluate the loss on the response tokens of held-out test
-rows before and after. Question = prompt, answer = response (loss on the answer only).
+SmolLM2-135M-Instruct (plop's embedded default) on two tasks with different token distributions:
+GSM8K math (../shared/data/gsm8k) and Python code (benchmarks/data/stdlib_code.jsonl: docstring ->
+function body pairs from the standard library, PSF licence). Per task it diagnoses the train rows
+once, then fine-tunes each placement with ``plop.compare`` at two budgets: ``matched`` (the top-3
+recommendation's LoRA parameters at ``--rank``) and ``half`` (at ``--rank / 2``). Each run is one
+placement and one seed on the same train rows, steps, learning rate and held-out eval rows; the
+loss is on the response tokens.
 
-Writes benchmarks/results/placement_study.json and placement_study.png and prints a Markdown table
-for benchmarks/README.md. Calibrated to finish within about 45 minutes on 2 CPU cores:
+* recommended, allocate, all-linear and kappatune get ``--main-seeds`` at the matched budget;
+  every other placement and the half budget get ``--other-seeds``.
+* Resumable: each finished run is appended as one JSON line to
+  results/placement_study_runs.jsonl, and runs already there are skipped, so an interrupted study
+  (or one split over several machines' sessions) continues where it stopped.
+* The summary (results/placement_study_summary.json, a Markdown table, placement_study_summary.png)
+  gives per task and budget the mean and std of the eval loss after training, and for each
+  placement against all-linear and against kappatune the mean paired difference, the per-seed wins,
+  the paired t statistic and an exact two-sided sign-flip p-value over the shared seeds (2^n sign
+  patterns; with 5 seeds the smallest possible p is 1/16, so "beyond seed spread" there means a
+  win on every seed).
 
-    python benchmarks/placement_study.py [--steps 32] [--seeds 0,1,2]
+On 2 CPU cores one run of 96 steps takes about 5 minutes; the full study is about 90 runs. On a GPU
+it takes minutes.
+
+    python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--summary-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
-GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k"
+RESULTS = HERE / "results"
+RUNS = RESULTS / "placement_study_runs.jsonl"
+TASKS = {"gsm8k": (HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl",
+                   HERE.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"),
+         "code": (HERE / "data" / "stdlib_code.jsonl", None)}  # no split of its own: the last rows are held out
+MAIN = ("recommended", "allocate", "all-linear", "kappatune")
+OTHERS = ("per-layer", "mlp", "spectrum")
+BASELINES = ("all-linear", "kappatune")
+
+
+def planned(args) -> list[dict]:
+    """Every run the study wants: task, budget, placement, seed."""
+    main_seeds, other_seeds = ([int(s) for s in v.split(",")] for v in (args.main_seeds, args.other_seeds))
+    runs = []
+    for task in args.tasks.split(","):
+        for placement in MAIN + OTHERS:
+            seeds = main_seeds if placement in MAIN else other_seeds
+            runs += [{"task": task, "budget": "matched", "placement": placement, "seed": s} for s in seeds]
+        runs += [{"task": task, "budget": "half", "placement": p, "seed": s} for p in MAIN + OTHERS for s in other_seeds]
+    return runs
+
+
+def done() -> list[dict]:
+    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()] if RUNS.is_file() else []
+
+
+def key(run: dict) -> tuple:
+    return run["task"], run["budget"], run["placement"], run["seed"]
+
+
+def task_data(task: str, tokenizer, args):
+    from plop.data import load_examples
+
+    train_path, test_path = TASKS[task]
+    if not train_path.is_file():
+        raise SystemExit(f"{task}: {train_path} not found")
+    n_train = args.steps * args.batch_size
+    if test_path is not None:
+        train, info = load_examples(str(train_path), samples=n_train, seed=0, tokenizer=tokenizer)
+        test, _ = load_examples(str(test_path), samples=args.eval_samples, seed=0, tokenizer=tokenizer)
+        return train, test, info
+    rows, info = load_examples(str(train_path), samples=None, seed=0, tokenizer=tokenizer)
+    return rows[: min(n_train, len(rows) - args.eval_samples)], rows[-args.eval_samples:], info
+
+
+def run_task(task: str, pending: list[dict], args) -> None:
+    import plop
+    from plop.models import load_model
+
+    model, tokenizer, model_id = load_model(None, device="cpu")
+    train, test, info = task_data(task, tokenizer, args)
+    report = plop.diagnose(model, train[: args.diagnose_samples], tokenizer, model_id=model_id, max_length=256,
+                           rank=args.rank, progress=True)
+    report.save(RESULTS / f"placement_study_{task}_report.json")
+    print(f"{task}: recommended {report.recommendation.types} (stable: {report.recommendation.stable})")
+    for run in pending:
+        rank = args.rank if run["budget"] == "matched" else max(1, args.rank // 2)
+        comparison = plop.compare(model, tokenizer, train, report, placements=[run["placement"]], seeds=[run["seed"]],
+                                  rank=rank, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                                  lr=args.lr, eval_examples=test, progress=True)
+        (row,) = comparison.to_dict()["rows"]
+        record = {**run, **row, "steps": args.steps, "budget_params": comparison.budget, "train": info["source"],
+                  "recommended_types": report.recommendation.types}
+        with RUNS.open("a") as f:  # one line per finished run: what makes the study resumable
+            f.write(json.dumps(record) + "\n")
+        print(f"{run}: eval loss {row['eval_loss_after']:.4f}", flush=True)
+
+
+def sign_flip_p(diffs: np.ndarray) -> float:
+    """Exact two-sided p-value of the mean paired difference under random sign flips."""
+    observed = abs(diffs.mean())
+    flips = np.array(list(itertools.product((1, -1), repeat=len(diffs))))
+    return float((np.abs((flips * diffs).mean(1)) >= observed - 1e-12).mean())
+
+
+def summary(runs: list[dict]) -> dict:
+    """Per task and budget: each placement's loss (mean, std, seeds) and its paired comparison
+    with each baseline over the seeds both have."""
+    out = {}
+    for task, budget in sorted({(r["task"], r["budget"]) for r in runs}):
+        cell = [r for r in runs if (r["task"], r["budget"]) == (task, budget)]
+        loss = {p: {r["seed"]: r["eval_loss_after"] for r in cell if r["placement"] == p}
+                for p in dict.fromkeys(r["placement"] for r in cell)}
+        rows = {}
+        for p, by_seed in loss.items():
+            values = np.array(list(by_seed.values()))
+            entry = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                     "seeds": len(values)}
+            for base in BASELINES:
+                shared = sorted(set(by_seed) & set(loss.get(base, {})))
+                if p == base or len(shared) < 2:
+                    continue
+                diffs = np.array([by_seed[s] - loss[base][s] for s in shared])
+                spread = diffs.std(ddof=1)
+                entry[f"vs_{base}"] = {"mean_diff": float(diffs.mean()), "wins": int((diffs < 0).sum()),
+                                       "seeds": len(shared), "p": sign_flip_p(diffs),
+                                       "t": float(diffs.mean() / (spread / np.sqrt(len(diffs)))) if spread > 0 else None}
+            rows[p] = entry
+        out[f"{task}/{budget}"] = rows
+    return out
+
+
+def report_summary(result: dict) -> None:
+    for cell, rows in result.items():
+        print(f"\n### {cell}\n\n| placement | eval loss after (mean ± std) | seeds | vs all-linear: diff, wins, p "
+              f"| vs kappatune: diff, wins, p |\n|---|---|---|---|---|")
+        for p, e in sorted(rows.items(), key=lambda kv: kv[1]["mean"]):
+            vs = [f"{c['mean_diff']:+.4f}, {c['wins']}/{c['seeds']}, {c['p']:.2f}" if (c := e.get(f"vs_{b}")) else "–"
+                  for b in BASELINES]
+            print(f"| {p} | {e['mean']:.4f} ± {e['std']:.4f} | {e['seeds']} | {vs[0]} | {vs[1]} |")
+    plot(result)
+
+
+def plot(result: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(result), figsize=(4.5 * len(result), 4), squeeze=False)
+    for ax, (cell, rows) in zip(axes[0], result.items()):
+        names = sorted(rows, key=lambda p: rows[p]["mean"])
+        ax.errorbar(range(len(names)), [rows[p]["mean"] for p in names], yerr=[rows[p]["std"] for p in names],
+                    fmt="o", capsize=3)
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+        ax.set_title(cell)
+        ax.set_ylabel("eval loss after (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "placement_study_summary.png", dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--tasks", default="gsm8k,code")
+    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--main-seeds", default="0,1,2,3,4")
+    parser.add_argument("--other-seeds", default="0,1,2")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=160)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--diagnose-samples", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=40)
-    parser.add_argument("--placements", default=None, help="comma-separated (default: all of plop compare's)")
+    parser.add_argument("--summary-only", action="store_true", help="summarise the runs already done, run nothing")
     args = parser.parse_args()
-    if not (GSM8K / "train.jsonl").is_file():
-        raise SystemExit(f"GSM8K not found at {GSM8K}: this study needs ../shared/data/gsm8k")
 
     import torch
 
     torch.set_num_threads(2)
-    import plop
-    from plop.data import load_examples
-    from plop.models import load_model
-
+    RESULTS.mkdir(exist_ok=True)
+    finished = {key(r) for r in done() if r.get("steps") == args.steps}
+    pending = [r for r in planned(args) if key(r) not in finished]
+    print(f"{len(planned(args)) - len(pending)} runs done, {len(pending)} to go")
     start = time.perf_counter()
-    model, tokenizer, model_id = load_model(None, device="cpu")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    n_train = args.steps * args.batch_size
-    train, train_info = load_examples(str(GSM8K / "train.jsonl"), samples=max(n_train, args.diagnose_samples), seed=0,
-                                      tokenizer=tokenizer)
-    test, test_info = load_examples(str(GSM8K / "test.jsonl"), samples=args.eval_samples, seed=0, tokenizer=tokenizer)
-    report = plop.diagnose(model, [e.text for e in train[: args.diagnose_samples]], tokenizer, model_id=model_id,
-                           data_info={**train_info, "indices": train_info["indices"][: args.diagnose_samples]},
-                           max_length=256, rank=args.rank, progress=True)
-    report.save(HERE / "results" / "placement_study_report.json")
-    print(f"recommended: {report.recommendation.types} (stable: {report.recommendation.stable})")
-
-    comparison = plop.compare(
-        model, tokenizer, train[:n_train], report, rank=args.rank, seeds=seeds, steps=args.steps,
-        batch_size=args.batch_size, max_length=args.max_length, lr=args.lr, eval_examples=test,
-        placements=args.placements.split(",") if args.placements else None, progress=True,
-    )
-    elapsed = time.perf_counter() - start
-    result = comparison.to_dict()
-    result["runs"] = [{**row, "steps": args.steps} for row in result.pop("rows")]
-    result.update(model=model_id, train=train_info["source"], test=test_info["source"], train_rows=n_train,
-                  eval_rows=len(test), recommended=report.recommendation.types, seconds_total=elapsed,
-                  command="python benchmarks/placement_study.py " + " ".join(
-                      f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None))
-    out = HERE / "results" / "placement_study.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    comparison.plot(HERE / "results" / "placement_study.png")
-
-    print(f"\n| placement | types | rank | trainable params | eval loss before | eval loss after (mean ± std, "
-          f"{len(seeds)} seeds) | s/step |\n|---|---|---|---|---|---|---|")
-    for row in sorted(result["aggregate"], key=lambda r: r["eval_loss_after_mean"]):
-        print(f"| {row['placement']} | {', '.join(row['types'])} | {row['rank']} | {row['trainable_params']:,} | "
-              f"{row['eval_loss_before_mean']:.4f} | {row['eval_loss_after_mean']:.4f} ± "
-              f"{row['eval_loss_after_std']:.4f} | {row['seconds_per_step_mean']:.2f} |")
-    print(f"\nwritten {out} and placement_study.png in {elapsed / 60:.1f} min")
+    for task in dict.fromkeys(r["task"] for r in pending):
+        if not args.summary_only:
+            run_task(task, [r for r in pending if r["task"] == task], args)
+    runs = [r for r in done() if r.get("steps") == args.steps]
+    result = summary(runs)
+    (RESULTS / "placement_study_summary.json").write_text(json.dumps(
+        {"steps": args.steps, "rank": args.rank, "runs": len(runs), "cells": result,
+         "seconds": time.perf_counter() - start}, indent=2) + "\n")
+    report_summary(result)
 
 
 if __name__ == "__main__":
