@@ -29,7 +29,6 @@ import torch
 
 from .config import AUTO_MIN_SAMPLES
 from .errors import DataError
-from .untrusted import clip_text
 
 MAX_WINDOW = 1024
 _BATCH_COST_SHARE = 16  # a forward costs budget / 16 tokens of its own (see pack)
@@ -119,9 +118,7 @@ def example_batches(examples: Sequence, tokenizer, *, max_length: int, batch_tok
     def encode(window: range):
         ids, spans = [], []
         for i in window:
-            prompt = tokenizer(clip_text(examples[i].prompt, max_length))["input_ids"] if examples[i].prompt else []
-            response = tokenizer(clip_text(examples[i].response, max_length),
-                                 add_special_tokens=not prompt)["input_ids"]
+            prompt, response = examples[i].token_ids(tokenizer, max_length)
             row = (prompt + response)[:max_length]
             boundary = min(len(prompt), len(row))
             ids.append(row)

@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import DataError, first_line
 from .fsio import kind_of
-from .untrusted import check_text_field, plain_safe
+from .untrusted import check_text_field, clip_text, plain_safe
 
 DEMO_DATA = Path(__file__).parent / "resources" / "demo.jsonl"
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -43,6 +43,14 @@ class Example:
     @property
     def text(self) -> str:
         return self.prompt + self.response
+
+    def token_ids(self, tokenizer, max_length: int) -> tuple[list[int], list[int]]:
+        """``(prompt ids, response ids)``, tokenized apart so the boundary between them is exact.
+        Each text is clipped first, so a huge line costs what ``max_length`` tokens cost, not its
+        own length; a response without prompt still gets the BOS a prompt would have had."""
+        prompt = tokenizer(clip_text(self.prompt, max_length))["input_ids"] if self.prompt else []
+        response = tokenizer(clip_text(self.response, max_length), add_special_tokens=not prompt)["input_ids"]
+        return prompt, response
 
 
 @dataclass

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,12 @@ def _non_finite(value: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+def rank_patterns(ranks: Mapping[str, int], r: int, lora_alpha: float) -> dict[str, dict[str, float]]:
+    """PEFT's ``rank_pattern`` for a rank per type, and the ``alpha_pattern`` that keeps each
+    type's ``alpha / rank`` at ``lora_alpha / r``."""
+    return {"rank_pattern": dict(ranks), "alpha_pattern": {t: rank * lora_alpha / r for t, rank in ranks.items()}}
+
+
 def peft_lora_config(*, target_parameters: list[str] | None = None, **kwargs):
     """``peft.LoraConfig(**kwargs)``, made safe for 3-D expert weights: PEFT's adapters on
     ``target_parameters`` take no dropout and no DoRA, so the dropout is set to 0 there and DoRA
@@ -317,8 +324,8 @@ class Report:
         kwargs.setdefault("task_type", self.task_type)
         kwargs.setdefault("target_parameters", rec.target_parameters)
         if rec.rank_pattern:  # allocate: every chosen type has its own rank, alpha / rank as asked
-            kwargs.setdefault("rank_pattern", dict(rec.rank_pattern))
-            kwargs.setdefault("alpha_pattern", {t: rank * lora_alpha / r for t, rank in rec.rank_pattern.items()})
+            for key, pattern in rank_patterns(rec.rank_pattern, r, lora_alpha).items():
+                kwargs.setdefault(key, pattern)
         return peft_lora_config(r=r, lora_alpha=lora_alpha, target_modules=rec.target_modules, **kwargs)
 
     @property

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..placement import ModelLayout, Targets, peft_matches
-from ..report import Report, peft_lora_config
+from ..report import Report, peft_lora_config, rank_patterns
 from .config import TrainConfig
 
 
@@ -27,12 +27,10 @@ def lora_config(layout: ModelLayout, config: TrainConfig, targets: Targets, repo
     """The ``peft.LoraConfig`` of a run: the report's own export for its recommendation, else the
     targets, checked first to match a linear module of this model."""
     options = {"lora_dropout": config.dropout, "use_dora": config.dora, "task_type": task_type}
-    if targets.rank_pattern:  # an allocation: each type its rank, alpha / rank as for the run's rank
-        scale = config.lora_alpha / config.rank
-        options.update(rank_pattern=dict(targets.rank_pattern),
-                       alpha_pattern={t: scale * r for t, r in targets.rank_pattern.items()})
     if targets.placement == "recommended" and report is not None:
         return report.to_peft_config(r=config.rank, lora_alpha=config.lora_alpha, **options)
+    if targets.rank_pattern:  # an allocation: each type its rank, alpha / rank as for the run's rank
+        options.update(rank_patterns(targets.rank_pattern, config.rank, config.lora_alpha))
     if targets.target_modules or not targets.target_parameters:
         peft_matches(layout, targets.target_modules)
     return peft_lora_config(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets.target_modules,

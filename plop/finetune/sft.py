@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from ..data import Example
-from ..untrusted import clip_text
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 
@@ -37,10 +36,8 @@ def tokenize_examples(examples: Sequence[Example], tokenizer, max_length: int) -
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     features = []
     for ex in examples:
-        # clipped first, so a huge line costs what max_length tokens cost, not its own length
-        prompt = tokenizer(clip_text(ex.prompt, max_length))["input_ids"] if ex.prompt else []
-        special = not prompt  # a text without prompt still gets the BOS a prompt would have had
-        response = tokenizer(clip_text(ex.response, max_length), add_special_tokens=special)["input_ids"] + eos
+        prompt, response = ex.token_ids(tokenizer, max_length)
+        response = response + eos
         ids = (prompt + response)[:max_length]
         labels = ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
         if any(label != IGNORE_INDEX for label in labels[1:]):  # label 0 is never predicted
