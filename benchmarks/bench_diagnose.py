@@ -30,7 +30,8 @@ on the same rows:
 Targets (issue 10): diagnose/padded time <= 0.65; authors/diagnose >= 8; authors/auto >= 40;
 cli-auto end to end / its diagnosis <= 2; per-type NFN of diagnose within 0.1 % of padded-diagnose;
 peak memory no more than 1.1x padded-diagnose's (wider batches of short rows stay under the token
-budget, batch size x max length, the peak a padded batch of the longest rows reaches). The ratios are the last line printed; the numbers go to
+budget, batch size x max length, the peak a padded batch of the longest rows reaches). The ratios
+are the last line printed; the numbers go to
 benchmarks/results/bench_diagnose.json (and bench_diagnose_samples.json for --part samples).
 
 Sample efficiency (--part samples): one pass over 1024 rows, one row at a time, keeps each row's
@@ -344,10 +345,12 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--worker", variant, "--samples", str(args.samples),
                               "--repeats", str(args.repeats)], capture_output=True, text=True, env=env, check=True)
         r = results[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{variant:>15}: {r['seconds']:6.2f} s (best of {len(r['all_seconds'])}), peak RSS {r['peak_mib']:.0f} MiB"
+        print(f"{variant:>15}: {r['seconds']:6.2f} s (best of {len(r['all_seconds'])}), "
+              f"peak RSS {r['peak_mib']:.0f} MiB"
               + (f", {r['samples']} samples" if "samples" in r else ""), flush=True)
     r = results["cli-auto"] = cli_auto(args.repeats, env)
-    print(f"{'cli-auto':>15}: {r['wall_seconds']:6.2f} s end to end, of which the diagnosis {r['diagnosis_seconds']:.2f} s"
+    print(f"{'cli-auto':>15}: {r['wall_seconds']:6.2f} s end to end, "
+          f"of which the diagnosis {r['diagnosis_seconds']:.2f} s"
           f" ({r['samples']} samples)")
     padded = results["padded"]
     print(f"tokens: {padded['real_tokens']} real, {padded['padded_tokens']} in padded batches of {BATCH} "

@@ -55,7 +55,8 @@ def planned(args) -> list[dict]:
         for placement in MAIN + OTHERS:
             seeds = main_seeds if placement in MAIN else other_seeds
             runs += [{"task": task, "budget": "matched", "placement": placement, "seed": s} for s in seeds]
-        runs += [{"task": task, "budget": "half", "placement": p, "seed": s} for p in MAIN + OTHERS for s in other_seeds]
+        runs += [{"task": task, "budget": "half", "placement": p, "seed": s}
+                 for p in MAIN + OTHERS for s in other_seeds]
     return runs
 
 
@@ -131,9 +132,9 @@ def summary(runs: list[dict]) -> dict:
                     continue
                 diffs = np.array([by_seed[s] - loss[base][s] for s in shared])
                 spread = diffs.std(ddof=1)
+                t = float(diffs.mean() / (spread / np.sqrt(len(diffs)))) if spread > 0 else None
                 entry[f"vs_{base}"] = {"mean_diff": float(diffs.mean()), "wins": int((diffs < 0).sum()),
-                                       "seeds": len(shared), "p": sign_flip_p(diffs),
-                                       "t": float(diffs.mean() / (spread / np.sqrt(len(diffs)))) if spread > 0 else None}
+                                       "seeds": len(shared), "p": sign_flip_p(diffs), "t": t}
             rows[p] = entry
         out[f"{task}/{budget}"] = rows
     return out

@@ -169,7 +169,8 @@ def cmd_diagnose(args) -> int:
     if args.out and Path(args.out).is_dir():  # before the slow loading, not after
         raise PlopError(f"--out {args.out} is a directory", "name a .json file")
     config = DiagnoseConfig(samples=args.samples, max_length=args.max_length, batch_size=args.batch_size,
-                            batch_tokens=args.batch_tokens, tokens=args.tokens, seed=args.seed, strategy=_strategy(args), top_k=args.top_k,
+                            batch_tokens=args.batch_tokens, tokens=args.tokens, seed=args.seed,
+                            strategy=_strategy(args), top_k=args.top_k,
                             budget=args.budget if args.allocate is None else args.allocate or None,
                             rank=args.rank, estimator=args.estimator, include_head=args.include_head,
                             weight_scores=args.weight_scores)

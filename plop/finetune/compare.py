@@ -4,9 +4,9 @@ A placement only wins fairly if it gets no more parameters than the others. The 
 recommended placement's LoRA parameters at rank ``r`` (an ``allocate`` report's: those of its own
 ranks); every other placement gets the rank that brings its parameters closest to that budget
 (``round(budget / params_per_rank)``, at least 1), or for ``allocate`` the ranks per type that
-spend most of it, and the achieved ratio is recorded and flagged when it misses by more than 10 %. Everything else
-(data, split, steps, learning rate, seed, alpha/rank) is the same, and every run starts from the
-same base weights.
+spend most of it, and the achieved ratio is recorded and flagged when it misses by more than
+10 %. Everything else (data, split, steps, learning rate, seed, alpha/rank) is the same, and every
+run starts from the same base weights.
 """
 
 from __future__ import annotations
@@ -168,7 +168,8 @@ def _allocation(report: Report, layout, budget: int | None) -> Candidate:
     if budget is None:
         raise PlopError("placement 'allocate' needs the parameter budget to allocate")
     eligible = [m for m in report.modules if m.type not in layout.refused]
-    rec, _ = Selector(eligible, "allocate", budget=budget, power=report.settings.get("allocate_power", 2.0)).recommend()
+    power = report.settings.get("allocate_power", 2.0)
+    rec, _ = Selector(eligible, "allocate", budget=budget, power=power).recommend()
     targets = replace(layout.targets("allocate", list(rec.types)), rank_pattern=dict(rec.rank_pattern))
     return Candidate(targets, _params_per_rank([m for m in eligible if m.type in rec.types]), rec.trainable_params)
 
@@ -223,9 +224,10 @@ def compare(
     ``alpha / rank`` (the LoRA scale) is the same everywhere. ``output_dir``: keep each run's
     adapter in ``<output_dir>/<placement>-seed<seed>/`` (default: a temporary directory).
     ``placements`` default to :data:`COMPARE_DEFAULT` (``kappatune`` when the installed peft
-    has it); ``per-layer`` and ``spectrum`` are asked for by name. ``eval_examples``: a fixed held-out set for every run (default: each
-    seed's own ``eval_fraction`` split). Under ``torchrun`` / ``accelerate launch`` every run
-    is data-parallel over the job's processes, which share one run directory.
+    has it); ``per-layer``, ``spectrum`` and ``allocate`` are asked for by name. ``eval_examples``:
+    a fixed held-out set for every run (default: each seed's own ``eval_fraction`` split). Under
+    ``torchrun`` / ``accelerate launch`` every run is data-parallel over the job's processes,
+    which share one run directory.
     """
     config = replace(config or TrainConfig(), **overrides)
     if placements is None:
