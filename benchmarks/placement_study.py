@@ -52,11 +52,13 @@ def planned(args) -> list[dict]:
     main_seeds, other_seeds = ([int(s) for s in v.split(",")] for v in (args.main_seeds, args.other_seeds))
     runs = []
     for task in args.tasks.split(","):
-        for placement in MAIN + OTHERS:
-            seeds = main_seeds if placement in MAIN else other_seeds
-            runs += [{"task": task, "budget": "matched", "placement": placement, "seed": s} for s in seeds]
+        # Seed by seed, so that a study stopped early holds every placement on the same seeds: the
+        # paired comparisons need them.
+        runs += [{"task": task, "budget": "matched", "placement": p, "seed": s}
+                 for s in dict.fromkeys(main_seeds + other_seeds) for p in MAIN + OTHERS
+                 if s in (main_seeds if p in MAIN else other_seeds)]
         runs += [{"task": task, "budget": "half", "placement": p, "seed": s}
-                 for p in MAIN + OTHERS for s in other_seeds]
+                 for s in other_seeds for p in MAIN + OTHERS]
     return runs
 
 
