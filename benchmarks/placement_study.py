@@ -20,7 +20,7 @@ loss is on the response tokens.
   patterns; with 5 seeds the smallest possible p is 1/16, so "beyond seed spread" there means a
   win on every seed).
 
-On 2 CPU cores one run of 96 steps takes about 5 minutes; the full study is about 90 runs. On a GPU
+On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 100 runs. On a GPU
 it takes minutes.
 
     python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--summary-only]
@@ -48,18 +48,18 @@ BASELINES = ("all-linear", "kappatune")
 
 
 def planned(args) -> list[dict]:
-    """Every run the study wants: task, budget, placement, seed."""
+    """Every run the study wants (task, budget, placement, seed), most telling first, so that a
+    study stopped early has answered the main question on the same seeds for every placement
+    (the paired comparisons need them): the NFN-guided placements against the two baselines at
+    the matched budget on --other-seeds, then MLP and Spectrum, then the main placements' other
+    seeds, then the half budget. Each phase covers every task before the next begins."""
     main_seeds, other_seeds = ([int(s) for s in v.split(",")] for v in (args.main_seeds, args.other_seeds))
-    runs = []
-    for task in args.tasks.split(","):
-        # Seed by seed, so that a study stopped early holds every placement on the same seeds: the
-        # paired comparisons need them.
-        runs += [{"task": task, "budget": "matched", "placement": p, "seed": s}
-                 for s in dict.fromkeys(main_seeds + other_seeds) for p in MAIN + OTHERS
-                 if s in (main_seeds if p in MAIN else other_seeds)]
-        runs += [{"task": task, "budget": "half", "placement": p, "seed": s}
-                 for s in other_seeds for p in MAIN + OTHERS]
-    return runs
+    first = ("recommended", "allocate", "per-layer", "all-linear", "kappatune")
+    phases = [("matched", first, other_seeds), ("matched", ("mlp", "spectrum"), other_seeds),
+              ("matched", MAIN, [s for s in main_seeds if s not in other_seeds]), ("half", MAIN + OTHERS, other_seeds)]
+    return [{"task": task, "budget": budget, "placement": p, "seed": s}
+            for budget, placements, seeds in phases for task in args.tasks.split(",")
+            for s in seeds for p in placements]
 
 
 def done() -> list[dict]:
@@ -194,9 +194,9 @@ def main() -> None:
     pending = [r for r in planned(args) if key(r) not in finished]
     print(f"{len(planned(args)) - len(pending)} runs done, {len(pending)} to go")
     start = time.perf_counter()
-    for task in dict.fromkeys(r["task"] for r in pending):
+    for task, runs in itertools.groupby(pending, key=lambda r: r["task"]):
         if not args.summary_only:
-            run_task(task, [r for r in pending if r["task"] == task], args)
+            run_task(task, list(runs), args)
     runs = [r for r in done() if r.get("steps") == args.steps]
     result = summary(runs)
     (RESULTS / "placement_study_summary.json").write_text(json.dumps(
