@@ -154,14 +154,14 @@ def _progress(total: int | None, enabled: bool):
 
 
 def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: int | None, progress: bool,
-             layout: ModelLayout):
-    """The forward pass: ``(records, selector, replicates, checkpoints, samples, tokens)``."""
+             layout: ModelLayout, device: torch.device):
+    """The forward pass, its inputs on ``device``: ``(records, selector, replicates, checkpoints,
+    samples, tokens)``."""
     modules = find_linear_modules(model, include_head=config.include_head)
     if not modules:
         raise ModelError(f"{type(model).__name__} has no linear modules (nn.Linear or Conv1D) to diagnose")
     target = _forward_target(model, config.include_head)
     call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(target.forward).parameters else {}
-    device = _input_device(model)
     checkpoints: list[Checkpoint] = []
     selector = records = None
     start = time.perf_counter()
@@ -283,7 +283,8 @@ def diagnose(
     data; only rank 0 shows progress.
     """
     config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
-    config = replace(config, batch_tokens=_batch_tokens(model, config, _input_device(model)))  # recorded as used
+    device = _input_device(model)
+    config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
     data, total = _prepared(model, data, tokenizer, config)
     layout = model_layout(model)
     progress = progress and world().is_main  # one bar for a data-parallel diagnosis
@@ -292,7 +293,7 @@ def diagnose(
     start = time.perf_counter()
     try:
         records, selector, replicates, checkpoints, samples, tokens = _collect(
-            model, data, tokenizer, config, total, progress, layout)
+            model, data, tokenizer, config, total, progress, layout, device)
     finally:
         model.train(was_training)
     if config.weight_scores:
