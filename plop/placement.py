@@ -150,7 +150,7 @@ def resolve_targets(
         check_report_matches(report, layout)
     if target_modules is not None:
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-        return Targets("custom", targets, layout.types_of(peft_matches(layout, targets)))
+        return Targets("custom", targets, layout.types_of(modules_peft_adapts(layout, targets)))
     placement = placement or ("recommended" if report is not None else None)
     if placement is None:
         raise ConfigError("say where the adapters go: a report, target_modules or a placement")
@@ -169,7 +169,7 @@ def resolve_targets(
     return layout.targets(placement, types)
 
 
-def peft_matches(layout: ModelLayout, target_modules: Sequence[str] | str) -> list[str]:
+def modules_peft_adapts(layout: ModelLayout, target_modules: Sequence[str] | str) -> list[str]:
     """The linear modules PEFT would adapt, by PEFT's own matcher, so plop and PEFT never disagree."""
     from peft import LoraConfig
     from peft.tuners.tuners_utils import check_target_module_exists

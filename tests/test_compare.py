@@ -119,7 +119,7 @@ def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(token
     """per-layer: the lowest-NFN linear modules; spectrum: the highest-SNR ones, computed here
     from each weight's singular values; both trained at the recommendation's budget."""
     from plop.finetune.compare import candidates
-    from plop.placement import peft_matches
+    from plop.placement import modules_peft_adapts
     from plop.models import model_layout
     from plop.weight_scores import weight_scores
 
@@ -129,8 +129,11 @@ def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(token
     by_nfn = sorted(report.modules, key=lambda m: m.nfn)
     snr = {m.name: weight_scores(model.get_submodule(m.name).weight)[1] for m in report.modules}
     layout = model_layout(model)
-    assert sorted(peft_matches(layout, per_layer.targets.target_modules)) == sorted(m.name for m in by_nfn[:count])
-    assert sorted(peft_matches(layout, spectrum.targets.target_modules)) == sorted(sorted(snr, key=snr.get)[-count:])
+    def adapted(candidate) -> list[str]:
+        return sorted(modules_peft_adapts(layout, candidate.targets.target_modules))
+
+    assert adapted(per_layer) == sorted(m.name for m in by_nfn[:count])
+    assert adapted(spectrum) == sorted(sorted(snr, key=snr.get)[-count:])
     result = compare(model, tokenizer, examples(16), report, placements=["per-layer", "spectrum"], rank=8,
                      config=TrainConfig(steps=1, batch_size=8, eval_fraction=0.25))
     for row, candidate in zip(result.rows, (per_layer, spectrum)):

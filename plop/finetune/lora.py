@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..placement import ModelLayout, Targets, peft_matches
+from ..placement import ModelLayout, Targets, modules_peft_adapts
 from ..report import Report, peft_lora_config, rank_patterns
 from .config import TrainConfig
 
@@ -32,7 +32,7 @@ def lora_config(layout: ModelLayout, config: TrainConfig, targets: Targets, repo
     if targets.rank_pattern:  # an allocation: each type its rank, alpha / rank as for the run's rank
         options.update(rank_patterns(targets.rank_pattern, config.rank, config.lora_alpha))
     if targets.target_modules or not targets.target_parameters:
-        peft_matches(layout, targets.target_modules)
+        modules_peft_adapts(layout, targets.target_modules)
     return peft_lora_config(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets.target_modules,
                             target_parameters=targets.target_parameters, **options)
 
