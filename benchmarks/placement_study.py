@@ -13,6 +13,9 @@ loss is on the response tokens.
 * Resumable: each finished run is appended as one JSON line to
   results/placement_study_runs.jsonl, and runs already there are skipped, so an interrupted study
   (or one split over several machines' sessions) continues where it stopped.
+* Which tokens to score: per task, the advice when only the prompt's or only the response's
+  tokens are scored, beside all tokens (results/placement_study_tokens.json; ``--advice-only``
+  diagnoses the tasks and fine-tunes nothing).
 * The summary (results/placement_study_summary.json, a Markdown table, placement_study_summary.png)
   gives per task and budget the mean and std of the eval loss after training, and for each
   placement against all-linear and against kappatune the mean paired difference, the per-seed wins,
@@ -23,7 +26,7 @@ loss is on the response tokens.
 On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 100 runs. On a GPU
 it takes minutes.
 
-    python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--summary-only]
+    python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--advice-only | --summary-only]
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RUNS = RESULTS / "placement_study_runs.jsonl"
+SCOPES = RESULTS / "placement_study_tokens.json"
 TASKS = {"gsm8k": (HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl",
                    HERE.parent.parent / "shared" / "data" / "gsm8k" / "test.jsonl"),
          "code": (HERE / "data" / "stdlib_code.jsonl", None)}  # no split of its own: the last rows are held out
@@ -89,12 +93,14 @@ def run_task(task: str, pending: list[dict], args) -> None:
     import plop
     from plop.models import load_model
 
-    model, tokenizer, model_id = load_model(None, device="cpu")
+    model, tokenizer, model_id = load_model(None, device=args.device)
     train, test, info = task_data(task, tokenizer, args)
     report = plop.diagnose(model, train[: args.diagnose_samples], tokenizer, model_id=model_id, max_length=256,
                            rank=args.rank, progress=True)
     report.save(RESULTS / f"placement_study_{task}_report.json")
     print(f"{task}: recommended {report.recommendation.types} (stable: {report.recommendation.stable})")
+    scope_advice(task, report, lambda scope: plop.diagnose(model, train[: args.diagnose_samples], tokenizer,
+                                                           max_length=256, rank=args.rank, tokens=scope))
     for run in pending:
         rank = args.rank if run["budget"] == "matched" else max(1, args.rank // 2)
         comparison = plop.compare(model, tokenizer, train, report, placements=[run["placement"]], seeds=[run["seed"]],
@@ -106,6 +112,19 @@ def run_task(task: str, pending: list[dict], args) -> None:
         with RUNS.open("a") as f:  # one line per finished run: what makes the study resumable
             f.write(json.dumps(record) + "\n")
         print(f"{run}: eval loss {row['eval_loss_after']:.4f}", flush=True)
+
+
+def scope_advice(task: str, report, diagnose) -> None:
+    """Which tokens to score: the advice when only the prompt's or only the response's tokens are
+    scored (``diagnose(scope)``), beside all of them (``report``); recorded once per task."""
+    found = json.loads(SCOPES.read_text()) if SCOPES.is_file() else {}
+    if task in found:
+        return
+    reports = {"all": report, **{scope: diagnose(scope) for scope in ("prompt", "response")}}
+    found[task] = {scope: {"recommended": r.recommendation.types,
+                           "type_nfn": {t.type: round(t.nfn_mean, 4) for t in r.types}} for scope, r in reports.items()}
+    SCOPES.write_text(json.dumps(found, indent=2) + "\n")
+    print(f"{task}: advice by scored tokens " + "; ".join(f"{k}: {v['recommended']}" for k, v in found[task].items()))
 
 
 def sign_flip_p(diffs: np.ndarray) -> float:
@@ -183,17 +202,24 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--diagnose-samples", type=int, default=128)
     parser.add_argument("--eval-samples", type=int, default=40)
+    parser.add_argument("--device", default=None, help="where to diagnose and train (default: cuda when there is one)")
+    parser.add_argument("--advice-only", action="store_true", help="diagnose each task (and its token scopes) only")
     parser.add_argument("--summary-only", action="store_true", help="summarise the runs already done, run nothing")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(2)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     RESULTS.mkdir(exist_ok=True)
     finished = {key(r) for r in done() if r.get("steps") == args.steps}
     pending = [r for r in planned(args) if key(r) not in finished]
     print(f"{len(planned(args)) - len(pending)} runs done, {len(pending)} to go")
     start = time.perf_counter()
+    if args.advice_only:
+        for task in args.tasks.split(","):
+            run_task(task, [], args)
+        return
     for task, runs in itertools.groupby(pending, key=lambda r: r["task"]):
         if not args.summary_only:
             run_task(task, list(runs), args)
