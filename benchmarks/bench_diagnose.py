@@ -11,6 +11,10 @@ on the same rows:
              into sequences of up to 512 tokens, no padding at all, positions restarting at each
              row (transformers then masks attention within each row; equal to separate rows to
              1e-5). Each row alone is no limit on a CPU: batches of one row run slower than padding.
+  sorted     the plain body forward on the batches plop.diagnose builds (length-sorted under the
+             token budget, default 8 x 256 tokens): what the diagnosis costs without its hooks
+  compiled   the same as sorted through torch.compile(dynamic=True): its first call (the compile)
+             is recorded apart as compile_seconds
   diagnose   plop.diagnose on the texts: length-sorted batches under the token budget (default
              8 x 256 tokens), closed-form NFN from the modules' own outputs
   padded-diagnose  plop.diagnose on the padded batches of (padded): the NFN reference (it is what
@@ -55,7 +59,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 GSM8K = HERE.parent.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-VARIANTS = ("padded", "real", "diagnose", "padded-diagnose", "authors", "auto", "gradient")
+VARIANTS = ("padded", "real", "sorted", "compiled", "diagnose", "padded-diagnose", "authors", "auto", "gradient")
 ONCE = {"authors", "gradient"}  # slow: one timed run after a one-batch warm-up
 MAX_LENGTH, BATCH = 256, 8
 SUBSET_SIZES = (8, 16, 32, 64, 128, 256)
@@ -154,18 +158,23 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
     import torch
 
     from plop import diagnose
+    from plop.batching import text_batches
 
     model, tokenizer = load_default()
     texts, _ = questions(samples)
     batches = [tokenizer(texts[i : i + BATCH], padding=True, truncation=True, max_length=MAX_LENGTH,
                          return_tensors="pt", padding_side="right") for i in range(0, len(texts), BATCH)]
     packed = pack_rows(tokenizer(texts, truncation=True, max_length=MAX_LENGTH)["input_ids"], 512)
+    plops = [b.inputs for b in text_batches(texts, tokenizer, max_length=MAX_LENGTH, batch_tokens=BATCH * MAX_LENGTH)]
     extra: dict = {}
 
-    def body(inputs) -> None:
+    # torch.compile is lazy: nothing compiles until the warm-up's first call
+    compiled = torch.compile(model.model, dynamic=True) if variant == "compiled" else None
+
+    def body(inputs, module=None) -> None:
         with torch.no_grad():
             for b in inputs:
-                model.model(**b, use_cache=False)
+                (model.model if module is None else module)(**b, use_cache=False)
 
     def plop_diagnose(data, **kw):
         def run() -> None:
@@ -187,6 +196,8 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
     runs = {
         "padded": lambda: body(batches),
         "real": lambda: body(packed),
+        "sorted": lambda: body(plops),
+        "compiled": lambda: body(plops, compiled),
         "diagnose": plop_diagnose(texts),
         "padded-diagnose": plop_diagnose(batches),
         "authors": lambda: authors_estimator(model, batches[:1] if warm else batches),
@@ -195,7 +206,9 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
     }
     run = runs[variant]
     warm = True
-    run()  # warm-up: first-call allocations and lazy initialisation are not what we measure
+    start = time.perf_counter()
+    run()  # warm-up: first-call allocations, lazy initialisation and compiles are not what we measure
+    extra["warm_up_seconds"] = time.perf_counter() - start
     warm = False
     base = rss_mib("VmRSS")
     reset_peak()
@@ -205,7 +218,8 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
         run()
         times.append(time.perf_counter() - start)
     tokens = {"real_tokens": sum(int(b["attention_mask"].sum()) for b in batches),
-              "padded_tokens": sum(b["input_ids"].numel() for b in batches)}
+              "padded_tokens": sum(b["input_ids"].numel() for b in batches),
+              "sorted_tokens": sum(b["input_ids"].numel() for b in plops)}
     return {"variant": variant, "seconds": min(times), "all_seconds": times, "peak_mib": rss_mib("VmHWM"),
             "base_mib": base, "peak_extra_mib": rss_mib("VmHWM") - base, **tokens, **extra}
 
@@ -303,6 +317,11 @@ def ratios_of(r: dict) -> dict[str, float]:
         "diagnose/padded time": r["diagnose"]["seconds"] / r["padded"]["seconds"],
         "real/padded time": r["real"]["seconds"] / r["padded"]["seconds"],
         "diagnose/real time": r["diagnose"]["seconds"] / r["real"]["seconds"],
+        "real/padded tokens": r["padded"]["real_tokens"] / r["padded"]["padded_tokens"],
+        "sorted/padded tokens": r["padded"]["sorted_tokens"] / r["padded"]["padded_tokens"],
+        "diagnose/sorted time (the hooks)": r["diagnose"]["seconds"] / r["sorted"]["seconds"],
+        "compiled/sorted time": r["compiled"]["seconds"] / r["sorted"]["seconds"],
+        "compile/sorted time": r["compiled"]["warm_up_seconds"] / r["sorted"]["seconds"],
         "padded-diagnose/padded time": r["padded-diagnose"]["seconds"] / r["padded"]["seconds"],
         "diagnose/padded peak memory": r["diagnose"]["peak_mib"] / r["padded"]["peak_mib"],
         "diagnose/padded-diagnose peak memory": r["diagnose"]["peak_mib"] / r["padded-diagnose"]["peak_mib"],
