@@ -66,8 +66,14 @@ def planned(args) -> list[dict]:
             for s in seeds for p in placements]
 
 
-def done() -> list[dict]:
-    return [json.loads(line) for line in RUNS.read_text().splitlines() if line.strip()] if RUNS.is_file() else []
+def done(path: Path = RUNS) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def pending(args, finished: list[dict]) -> list[dict]:
+    """The planned runs not among the ``finished`` ones (a run of another step count is not the same run)."""
+    keys = {key(r) for r in finished if r.get("steps") == args.steps}
+    return [r for r in planned(args) if key(r) not in keys]
 
 
 def key(run: dict) -> tuple:
@@ -212,15 +218,14 @@ def main() -> None:
     torch.set_num_threads(2)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     RESULTS.mkdir(exist_ok=True)
-    finished = {key(r) for r in done() if r.get("steps") == args.steps}
-    pending = [r for r in planned(args) if key(r) not in finished]
-    print(f"{len(planned(args)) - len(pending)} runs done, {len(pending)} to go")
+    todo = pending(args, done())
+    print(f"{len(planned(args)) - len(todo)} runs done, {len(todo)} to go")
     start = time.perf_counter()
     if args.advice_only:
         for task in args.tasks.split(","):
             run_task(task, [], args)
         return
-    for task, runs in itertools.groupby(pending, key=lambda r: r["task"]):
+    for task, runs in itertools.groupby(todo, key=lambda r: r["task"]):
         if not args.summary_only:
             run_task(task, list(runs), args)
     runs = [r for r in done() if r.get("steps") == args.steps]

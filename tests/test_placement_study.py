@@ -1,0 +1,87 @@
+"""The placement study's plan, resumption and statistics (benchmarks/placement_study.py): the
+study itself fine-tunes for hours, so what is tested here is what decides which runs it makes and
+what it concludes from them."""
+
+import argparse
+import importlib.util
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "placement_study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("placement_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def args():
+    return argparse.Namespace(tasks="gsm8k,code", main_seeds="0,1,2,3,4", other_seeds="0,1,2", steps=96)
+
+
+def test_the_plan_covers_what_the_issue_asks(study, args):
+    runs = study.planned(args)
+    assert len({study.key(r) for r in runs}) == len(runs) == 100
+    seeds = Counter((r["task"], r["budget"], r["placement"]) for r in runs)
+    for task in ("gsm8k", "code"):
+        for p in study.MAIN:
+            assert seeds[task, "matched", p] == 5
+        for p in study.OTHERS:
+            assert seeds[task, "matched", p] == 3
+        for p in study.MAIN + study.OTHERS:
+            assert seeds[task, "half", p] == 3
+
+
+def test_a_study_stopped_early_has_every_first_placement_on_the_same_seeds(study, args):
+    """Seed by seed: after the first 15 runs, the NFN-guided placements and both baselines each
+    have seeds 0-2 of the matched budget on the first task, so every paired comparison is made."""
+    first = study.planned(args)[:15]
+    assert {(r["task"], r["budget"]) for r in first} == {("gsm8k", "matched")}
+    by_placement = {p: sorted(r["seed"] for r in first if r["placement"] == p) for p in {r["placement"] for r in first}}
+    assert set(by_placement) == {"recommended", "allocate", "per-layer", *study.BASELINES}
+    assert all(seeds == [0, 1, 2] for seeds in by_placement.values())
+
+
+def test_finished_runs_are_read_back_and_skipped(study, args, tmp_path):
+    runs_file = tmp_path / "runs.jsonl"
+    plan = study.planned(args)
+    with runs_file.open("a") as f:
+        for run in plan[:7]:
+            f.write(json.dumps({**run, "steps": 96, "eval_loss_after": 1.0}) + "\n")
+        f.write(json.dumps({**plan[7], "steps": 32, "eval_loss_after": 1.0}) + "\n")  # another study's run
+    todo = study.pending(args, study.done(runs_file))
+    assert todo == plan[7:]
+    assert study.done(tmp_path / "absent.jsonl") == []
+
+
+def test_sign_flip_p_is_exact(study):
+    assert study.sign_flip_p(np.array([-0.01, -0.02, -0.01, -0.03, -0.02])) == pytest.approx(2 / 32)
+    assert study.sign_flip_p(np.array([-0.01, 0.01])) == 1.0
+    # one positive difference of five: patterns with |mean| at least as large as observed
+    diffs = np.array([-0.03, -0.02, -0.02, -0.01, 0.01])
+    flips = np.array([[1 - 2 * ((k >> i) & 1) for i in range(5)] for k in range(32)])
+    expected = np.mean(np.abs((flips * diffs).mean(1)) >= abs(diffs.mean()) - 1e-12)
+    assert study.sign_flip_p(diffs) == pytest.approx(expected)
+    assert 2 / 32 < expected < 1
+
+
+def test_summary_pairs_each_placement_with_each_baseline_by_seed(study):
+    loss = {"all-linear": [1.00, 1.02, 0.99], "kappatune": [1.01, 1.01, 1.00], "allocate": [0.98, 1.00, 0.97]}
+    runs = [{"task": "code", "budget": "half", "placement": p, "seed": s, "eval_loss_after": v}
+            for p, values in loss.items() for s, v in enumerate(values)]
+    cell = study.summary(runs)["code/half"]
+    allocate = cell["allocate"]
+    assert allocate["mean"] == pytest.approx(np.mean(loss["allocate"]))
+    assert allocate["std"] == pytest.approx(np.std(loss["allocate"], ddof=1))
+    assert allocate["vs_all-linear"]["mean_diff"] == pytest.approx(-0.02)
+    assert allocate["vs_all-linear"]["wins"] == 3 and allocate["vs_all-linear"]["p"] == pytest.approx(0.25)
+    assert allocate["vs_kappatune"]["wins"] == 3
+    assert "vs_all-linear" not in cell["all-linear"] and cell["all-linear"]["vs_kappatune"]["seeds"] == 3
