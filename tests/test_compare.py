@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -84,6 +85,9 @@ def test_aggregate_table_and_json(comparison, tmp_path):
     saved = json.loads(result.save(tmp_path / "results.json").read_text())
     assert saved["budget"] == result.budget and len(saved["rows"]) == 14 and len(saved["aggregate"]) == 7
     assert saved["settings"]["steps"] == 2 and saved["settings"]["seeds"] == [0, 1]
+    for row in saved["rows"]:  # each run's training loss, to judge whether it had converged
+        assert [p["step"] for p in row["loss_curve"]] == [1, 2]
+        assert all(math.isfinite(p["loss"]) and p["loss"] > 0 for p in row["loss_curve"])
 
     console = Console(record=True, width=200)
     console.print(result)
