@@ -133,6 +133,17 @@ def scope_advice(task: str, report, diagnose) -> None:
     print(f"{task}: advice by scored tokens " + "; ".join(f"{k}: {v['recommended']}" for k, v in found[task].items()))
 
 
+def loss_quarters(curves: list[list[dict]]) -> list[float]:
+    """The mean training loss in each quarter of the run, averaged over runs: converged when the
+    last two quarters are close next to the fall from the first."""
+    means = []
+    for curve in curves:
+        losses = np.array([p["loss"] for p in curve])
+        bounds = np.linspace(0, len(losses), 5).astype(int)
+        means.append([losses[a:b].mean() for a, b in zip(bounds, bounds[1:])])
+    return [float(v) for v in np.mean(means, axis=0)]
+
+
 def sign_flip_p(diffs: np.ndarray) -> float:
     """Exact two-sided p-value of the mean paired difference under random sign flips."""
     observed = abs(diffs.mean())
@@ -153,6 +164,9 @@ def summary(runs: list[dict]) -> dict:
             values = np.array(list(by_seed.values()))
             entry = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                      "seeds": len(values)}
+            curves = [r["loss_curve"] for r in cell if r["placement"] == p and len(r.get("loss_curve", ())) >= 4]
+            if curves:
+                entry["train_loss_quarters"] = loss_quarters(curves)
             for base in BASELINES:
                 shared = sorted(set(by_seed) & set(loss.get(base, {})))
                 if p == base or len(shared) < 2:
@@ -170,11 +184,12 @@ def summary(runs: list[dict]) -> dict:
 def report_summary(result: dict) -> None:
     for cell, rows in result.items():
         print(f"\n### {cell}\n\n| placement | eval loss after (mean ± std) | seeds | vs all-linear: diff, wins, p "
-              f"| vs kappatune: diff, wins, p |\n|---|---|---|---|---|")
+              f"| vs kappatune: diff, wins, p | train loss by quarter |\n|---|---|---|---|---|---|")
         for p, e in sorted(rows.items(), key=lambda kv: kv[1]["mean"]):
             vs = [f"{c['mean_diff']:+.4f}, {c['wins']}/{c['seeds']}, {c['p']:.2f}" if (c := e.get(f"vs_{b}")) else "–"
                   for b in BASELINES]
-            print(f"| {p} | {e['mean']:.4f} ± {e['std']:.4f} | {e['seeds']} | {vs[0]} | {vs[1]} |")
+            quarters = " / ".join(f"{v:.3f}" for v in e.get("train_loss_quarters", ())) or "–"
+            print(f"| {p} | {e['mean']:.4f} ± {e['std']:.4f} | {e['seeds']} | {vs[0]} | {vs[1]} | {quarters} |")
     plot(result)
 
 

@@ -85,3 +85,14 @@ def test_summary_pairs_each_placement_with_each_baseline_by_seed(study):
     assert allocate["vs_all-linear"]["wins"] == 3 and allocate["vs_all-linear"]["p"] == pytest.approx(0.25)
     assert allocate["vs_kappatune"]["wins"] == 3
     assert "vs_all-linear" not in cell["all-linear"] and cell["all-linear"]["vs_kappatune"]["seeds"] == 3
+    assert "train_loss_quarters" not in allocate  # runs recorded without a loss curve
+
+
+def test_loss_quarters_average_each_quarter_over_runs(study):
+    falling = [{"step": i + 1, "loss": v} for i, v in enumerate([2.0, 2.0, 1.5, 1.5, 1.1, 1.1, 1.0, 1.0])]
+    flat = [{"step": i + 1, "loss": 1.0} for i in range(8)]
+    assert study.loss_quarters([falling]) == pytest.approx([2.0, 1.5, 1.1, 1.0])
+    assert study.loss_quarters([falling, flat]) == pytest.approx([1.5, 1.25, 1.05, 1.0])
+    runs = [{"task": "gsm8k", "budget": "matched", "placement": "mlp", "seed": s, "eval_loss_after": 1.0,
+             "loss_curve": curve} for s, curve in enumerate([falling, flat])]
+    assert study.summary(runs)["gsm8k/matched"]["mlp"]["train_loss_quarters"] == pytest.approx([1.5, 1.25, 1.05, 1.0])
