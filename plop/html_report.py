@@ -25,7 +25,8 @@ dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; marg
 dt { color: #5b6570; } dd { margin: 0; overflow-wrap: anywhere; }
 table { border-collapse: collapse; margin: .5em 0; } caption { text-align: left; color: #5b6570; padding: .3em 0; }
 th, td { padding: .25em .8em; border-bottom: 1px solid #dde1e5; white-space: nowrap; }
-th { text-align: left; border-bottom: 2px solid #9aa4ae; } .num { text-align: right; font-variant-numeric: tabular-nums; }
+th { text-align: left; border-bottom: 2px solid #9aa4ae; }
+.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.rec td { background: #e7f5e9; font-weight: 600; color: #14632a; }
 img { max-width: 100%; height: auto; border: 1px solid #dde1e5; }
 .export { margin: .6em 0; } .export-head { display: flex; gap: 1em; align-items: center; font-weight: 600; }
@@ -86,7 +87,8 @@ def _table(caption: str, headers: Sequence[str], numeric: set[int], rows: Sequen
 
     head = "".join(cell("th", i, h) for i, h in enumerate(headers))
     body = "\n".join(row(values, recommended) for values, recommended in rows)
-    return f"<table>\n<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return (f"<table>\n<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
+            f"<tbody>\n{body}\n</tbody>\n</table>")
 
 
 def _header(report: Report) -> str:
@@ -97,7 +99,7 @@ def _header(report: Report) -> str:
         "samples": f"{data['samples']} samples, {data['tokens']:,} tokens",
         "data SHA-256": data.get("sha256"),
         "estimator": report.settings.get("estimator", "closed_form"),
-        "created": f"{report.created} by plop {report.plop_version}" if report.created else f"plop {report.plop_version}",
+        "created": (f"{report.created} by " if report.created else "") + f"plop {report.plop_version}",
     }
     items = "".join(f"<dt>{escape(k)}</dt><dd>{escape(str(v))}</dd>" for k, v in facts.items() if v)
     return f"<h1>plop diagnosis · {escape(model['id'])}</h1>\n<dl>{items}</dl>"

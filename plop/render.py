@@ -224,7 +224,8 @@ def diff_table(d) -> Table:
     for warning in d.warnings:
         caption.append("\n" + plain_safe(f"warning: {warning}"), style="yellow")
     if d.precision is not None:
-        caption.append("\n" + plain_safe(d.precision.summary()), style="red" if d.precision.verdict == "beyond noise" else None)
+        style = "red" if d.precision.verdict == "beyond noise" else None
+        caption.append("\n" + plain_safe(d.precision.summary()), style=style)
     table.caption = caption
     table.caption_justify = "left"
     return table

@@ -117,8 +117,8 @@ REPORT_SCHEMA = _obj(
         "plop_version": _str,
         "model": _obj({"id": _str, "architecture": _str}),
         "data": _obj({"source": _str, "samples": _count, "tokens": _count}),
-        "settings": {"type": "object",
-                     "properties": {"rank": _pos, "top_k": _pos, "budget": {"type": ["integer", "null"], "minimum": 1}}},
+        "settings": {"type": "object", "properties": {"rank": _pos, "top_k": _pos,
+                                                      "budget": {"type": ["integer", "null"], "minimum": 1}}},
         "modules": {
             "type": "array",
             "minItems": 1,
@@ -288,7 +288,8 @@ class Report:
         try:
             raw = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:
-            raise ReportError(f"{plain_safe(str(path))}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+            where = f"line {e.lineno}, column {e.colno}"
+            raise ReportError(f"{plain_safe(str(path))}: not JSON ({where}: {e.msg})") from None
         except ValueError as e:  # NaN or Infinity, which JSON itself does not have
             raise ReportError(f"{plain_safe(str(path))}: not valid JSON ({e})") from None
         return cls.from_dict(raw, source=plain_safe(str(path)))

@@ -68,8 +68,8 @@ def pair_batches(model: nn.Module, examples: Sequence, tokenizer, batch_size: in
         sources = [clip_text(e.prompt if e.prompt else e.response, max_length) for e in chunk]
         encoder = tokenizer(sources, padding=True, truncation=True, max_length=max_length, return_tensors="pt",
                             padding_side="right")
-        targets = tokenizer([clip_text(e.response, max_length) for e in chunk], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt", padding_side="right")
+        targets = tokenizer([clip_text(e.response, max_length) for e in chunk], padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt", padding_side="right")
         ids, mask = targets["input_ids"], targets["attention_mask"]
         if ids.shape == encoder["input_ids"].shape and not torch.equal(mask, encoder["attention_mask"]):
             ids = torch.nn.functional.pad(ids, (0, 1), value=tokenizer.pad_token_id)

@@ -23,6 +23,6 @@ def export(t: Target) -> ExportResult:
         settings["lora_task_type"] = t.report.task_type
     if t.target_parameters:
         settings["lora_target_parameters"] = t.target_parameters
-    gaps, exact = t.gaps("TRL's CLI", loraplus=False, patterns=False, parameters=True,
-                         loraplus_hint="; in Python pass optimizers=(peft.optimizers.create_loraplus_optimizer(...), None)")
+    hint = "; in Python pass optimizers=(peft.optimizers.create_loraplus_optimizer(...), None)"
+    gaps, exact = t.gaps("TRL's CLI", loraplus=False, patterns=False, parameters=True, loraplus_hint=hint)
     return finish(t, "trl", settings, "trl-sft.yaml", warnings + gaps, exact and t.is_exact(targets))

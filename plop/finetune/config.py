@@ -20,8 +20,9 @@ class TrainConfig:
     """Settings of a fine-tune; all of them land in the summary JSON.
 
     ``alpha``: ``lora_alpha``; None (the default) means ``2 * rank`` whatever the rank, as
-    :meth:`Report.to_peft_config` does, so ``replace(config, rank=8)`` keeps that rule. ``loraplus_ratio``: LoRA+ learning-rate ratio of the B matrices to the A matrices (1:
-    plain LoRA). ``steps`` or ``epochs`` bound the run (neither: one epoch). ``logging_steps``
+    :meth:`Report.to_peft_config` does, so ``replace(config, rank=8)`` keeps that rule.
+    ``loraplus_ratio``: LoRA+ learning-rate ratio of the B matrices to the A matrices (1: plain
+    LoRA). ``steps`` or ``epochs`` bound the run (neither: one epoch). ``logging_steps``
     and ``save_steps`` below 1 are fractions of the run (the Trainer's convention), so short and
     long runs both get a readable loss curve and a few checkpoints. ``eval_steps``: also
     evaluate during training (the eval loss is always measured before and after).
