@@ -187,6 +187,8 @@ def _non_finite(value: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
 def rank_patterns(ranks: Mapping[str, int], r: int, lora_alpha: float) -> dict[str, dict[str, float]]:
     """PEFT's ``rank_pattern`` for a rank per type, and the ``alpha_pattern`` that keeps each
     type's ``alpha / rank`` at ``lora_alpha / r``."""
