@@ -60,7 +60,8 @@ class Candidate:
 @dataclass
 class CompareRow:
     """One fine-tune. ``budget_ratio``: its LoRA parameters over the budget; ``loss_curve``: the
-    training loss as logged (``step``, ``loss``), to see whether the run had converged."""
+    training loss as the trainer logged it (``step``, ``loss``, ``lr``), to see whether the run
+    had converged."""
 
     placement: str
     types: list[str]
@@ -73,7 +74,7 @@ class CompareRow:
     eval_ppl_after: float | None
     seconds_per_step: float | None
     seed: int
-    loss_curve: list[dict[str, float]] = field(default_factory=list)
+    loss_curve: list[dict[str, float | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -272,7 +273,7 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         within_budget=abs(ratio - 1) <= BUDGET_TOLERANCE, eval_loss_before=before.get("loss"),
         eval_loss_after=after.get("loss"), eval_ppl_after=after.get("ppl"),
         seconds_per_step=summary["seconds_per_step"], seed=seed,
-        loss_curve=[{"step": h["step"], "loss": h["loss"]} for h in summary["loss_curve"]],
+        loss_curve=summary["loss_curve"],
     )
 
 
