@@ -95,7 +95,7 @@ def task_data(task: str, tokenizer, args):
     return rows[: min(n_train, len(rows) - args.eval_samples)], rows[-args.eval_samples:], info
 
 
-def run_task(task: str, pending: list[dict], args) -> None:
+def run_task(task: str, runs: list[dict], args) -> None:
     import plop
     from plop.models import load_model
 
@@ -107,7 +107,7 @@ def run_task(task: str, pending: list[dict], args) -> None:
     print(f"{task}: recommended {report.recommendation.types} (stable: {report.recommendation.stable})")
     scope_advice(task, report, lambda scope: plop.diagnose(model, train[: args.diagnose_samples], tokenizer,
                                                            max_length=256, rank=args.rank, tokens=scope))
-    for run in pending:
+    for run in runs:
         rank = args.rank if run["budget"] == "matched" else max(1, args.rank // 2)
         comparison = plop.compare(model, tokenizer, train, report, placements=[run["placement"]], seeds=[run["seed"]],
                                   rank=rank, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
