@@ -23,8 +23,8 @@ loss is on the response tokens.
   patterns; with 5 seeds the smallest possible p is 1/16, so "beyond seed spread" there means a
   win on every seed).
 
-On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 100 runs. On a GPU
-it takes minutes.
+On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 100 runs. A GPU
+should take minutes (not yet tried).
 
     python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--advice-only | --summary-only]
 """
