@@ -88,6 +88,26 @@ def test_summary_pairs_each_placement_with_each_baseline_by_seed(study):
     assert "train_loss_quarters" not in allocate  # runs recorded without a loss curve
 
 
+def test_the_pooled_cell_pairs_over_task_and_seed(study):
+    """Two tasks of three seeds: per task the smallest p is 1/4; pooled over the six (task, seed)
+    pairs a placement that wins on all of them reaches 1/32, and one loss on one task shows."""
+    loss = {("gsm8k", "per-layer"): [0.90, 0.91, 0.92], ("gsm8k", "all-linear"): [0.91, 0.92, 0.93],
+            ("code", "per-layer"): [1.20, 1.19, 1.25], ("code", "all-linear"): [1.21, 1.18, 1.27]}
+    runs = [{"task": t, "budget": "matched", "placement": p, "seed": s, "eval_loss_after": v}
+            for (t, p), values in loss.items() for s, v in enumerate(values)]
+    result = study.summary(runs)
+    assert set(result) == {"gsm8k/matched", "code/matched", "pooled/matched"}
+    assert result["gsm8k/matched"]["per-layer"]["vs_all-linear"]["p"] == pytest.approx(0.25)
+    pooled = result["pooled/matched"]["per-layer"]["vs_all-linear"]
+    diffs = np.array([-0.01, -0.01, -0.01, -0.01, 0.01, -0.02])
+    assert pooled["seeds"] == 6 and pooled["wins"] == 5
+    assert pooled["mean_diff"] == pytest.approx(diffs.mean())
+    assert pooled["p"] == pytest.approx(study.sign_flip_p(diffs)) and pooled["p"] > 1 / 32
+    assert result["pooled/matched"]["all-linear"] == {}  # a baseline is not paired with itself
+    one_task = study.summary([r for r in runs if r["task"] == "code"])
+    assert "pooled/matched" not in one_task
+
+
 def test_loss_quarters_average_each_quarter_over_runs(study):
     falling = [{"step": i + 1, "loss": v} for i, v in enumerate([2.0, 2.0, 1.5, 1.5, 1.1, 1.1, 1.0, 1.0])]
     flat = [{"step": i + 1, "loss": 1.0} for i in range(8)]
