@@ -12,7 +12,8 @@ loss is on the response tokens.
   every other placement and the half budget get ``--other-seeds``.
 * Resumable: each finished run is appended as one JSON line to
   results/placement_study_runs.jsonl, and runs already there are skipped, so an interrupted study
-  (or one split over several machines' sessions) continues where it stopped.
+  (or one split over several machines' sessions) continues where it stopped. Each run records its
+  device, and the summary counts them: a CPU and a GPU run of one seed differ in rounding.
 * Which tokens to score: per task, the advice when only the prompt's or only the response's
   tokens are scored, beside all tokens (results/placement_study_tokens.json; ``--advice-only``
   diagnoses the tasks and fine-tunes nothing).
@@ -36,6 +37,7 @@ import argparse
 import itertools
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -115,7 +117,7 @@ def run_task(task: str, runs: list[dict], args) -> None:
                                   lr=args.lr, eval_examples=test, progress=True)
         (row,) = comparison.to_dict()["rows"]
         record = {**run, **row, "steps": args.steps, "budget_params": comparison.budget, "train": info["source"],
-                  "recommended_types": report.recommendation.types}
+                  "recommended_types": report.recommendation.types, "device": args.device}
         with RUNS.open("a") as f:  # one line per finished run: what makes the study resumable
             f.write(json.dumps(record) + "\n")
         print(f"{run}: eval loss {row['eval_loss_after']:.4f}", flush=True)
@@ -275,6 +277,7 @@ def main() -> None:
     result = summary(runs)
     (RESULTS / "placement_study_summary.json").write_text(json.dumps(
         {"steps": args.steps, "rank": args.rank, "runs": len(runs), "cells": result,
+         "devices": dict(Counter(r.get("device", "unrecorded") for r in runs)),
          "seconds": time.perf_counter() - start}, indent=2) + "\n")
     report_summary(result)
 
