@@ -162,8 +162,7 @@ def summary(runs: list[dict]) -> dict:
     out = {}
     for task, budget in sorted({(r["task"], r["budget"]) for r in runs}):
         cell = [r for r in runs if (r["task"], r["budget"]) == (task, budget)]
-        loss = {p: {r["seed"]: r["eval_loss_after"] for r in cell if r["placement"] == p}
-                for p in dict.fromkeys(r["placement"] for r in cell)}
+        loss = losses_by(cell, lambda r: r["seed"])
         rows = {}
         for p, by_seed in loss.items():
             values = np.array(list(by_seed.values()))
@@ -178,10 +177,15 @@ def summary(runs: list[dict]) -> dict:
         cell = [r for r in runs if r["budget"] == budget]
         if len({r["task"] for r in cell}) < 2:
             continue
-        loss = {p: {(r["task"], r["seed"]): r["eval_loss_after"] for r in cell if r["placement"] == p}
-                for p in dict.fromkeys(r["placement"] for r in cell)}
+        loss = losses_by(cell, lambda r: (r["task"], r["seed"]))
         out[f"pooled/{budget}"] = {p: against_baselines(p, loss) for p in loss}
     return out
+
+
+def losses_by(cell: list[dict], key) -> dict[str, dict]:
+    """Each placement's eval loss after training, by ``key(run)``."""
+    return {p: {key(r): r["eval_loss_after"] for r in cell if r["placement"] == p}
+            for p in dict.fromkeys(r["placement"] for r in cell)}
 
 
 def against_baselines(placement: str, loss: dict[str, dict]) -> dict:
@@ -201,20 +205,22 @@ def against_baselines(placement: str, loss: dict[str, dict]) -> dict:
 
 
 def report_summary(result: dict) -> None:
+    """Each cell as a Markdown table; a pooled cell has only the paired comparisons."""
     for cell, rows in result.items():
         pooled = cell.startswith("pooled/")
-        print(f"\n### {cell}\n\n| placement | " + ("" if pooled else "eval loss after (mean ± std) | seeds | ")
-              + "vs all-linear: diff, wins, p | vs kappatune: diff, wins, p |" + ("" if pooled else
-              " train loss by quarter |") + "\n|---|---|---|" + ("" if pooled else "---|---|---|"))
-        for p, e in sorted(rows.items(), key=lambda kv: kv[1]["mean"] if not pooled else
-                           kv[1].get("vs_all-linear", {}).get("mean_diff", 0.0)):
-            vs = " | ".join(f"{c['mean_diff']:+.4f}, {c['wins']}/{c['seeds']}, {c['p']:.3f}"
-                            if (c := e.get(f"vs_{b}")) else "–" for b in BASELINES)
-            if pooled:
-                print(f"| {p} | {vs} |")
-                continue
-            quarters = " / ".join(f"{v:.3f}" for v in e.get("train_loss_quarters", ())) or "–"
-            print(f"| {p} | {e['mean']:.4f} ± {e['std']:.4f} | {e['seeds']} | {vs} | {quarters} |")
+        columns = ["placement", *([] if pooled else ["eval loss after (mean ± std)", "seeds"]),
+                   *(f"vs {b}: diff, wins, p" for b in BASELINES), *([] if pooled else ["train loss by quarter"])]
+        print(f"\n### {cell}\n\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
+        order = ((lambda p: rows[p].get("vs_all-linear", {}).get("mean_diff", 0.0)) if pooled
+                 else (lambda p: rows[p]["mean"]))
+        for p in sorted(rows, key=order):
+            e = rows[p]
+            values = [f"{c['mean_diff']:+.4f}, {c['wins']}/{c['seeds']}, {c['p']:.3f}"
+                      if (c := e.get(f"vs_{b}")) else "–" for b in BASELINES]
+            if not pooled:
+                quarters = " / ".join(f"{v:.3f}" for v in e.get("train_loss_quarters", ())) or "–"
+                values = [f"{e['mean']:.4f} ± {e['std']:.4f}", str(e["seeds"]), *values, quarters]
+            print(f"| {p} | " + " | ".join(values) + " |")
     plot({cell: rows for cell, rows in result.items() if not cell.startswith("pooled/")})
 
 
