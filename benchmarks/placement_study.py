@@ -98,7 +98,10 @@ def task_data(task: str, tokenizer, args):
     return rows[: min(n_train, len(rows) - args.eval_samples)], rows[-args.eval_samples:], info
 
 
-def run_task(task: str, runs: list[dict], args) -> None:
+def prepare(task: str, args) -> tuple:
+    """The model, the task's rows and their diagnosis (with the token-scope advice). Made once per
+    task and process: the plan's phases come back to each task, and the diagnosis of the same rows
+    is the same, so diagnosing again would only cost a minute each time."""
     import plop
     from plop.models import load_model
 
@@ -110,6 +113,14 @@ def run_task(task: str, runs: list[dict], args) -> None:
     print(f"{task}: recommended {report.recommendation.types} (stable: {report.recommendation.stable})")
     scope_advice(task, report, lambda scope: plop.diagnose(model, train[: args.diagnose_samples], tokenizer,
                                                            max_length=256, rank=args.rank, tokens=scope))
+    return model, tokenizer, train, test, info, report
+
+
+def run_task(prepared: tuple, runs: list[dict], args) -> None:
+    """Fine-tune each of ``runs`` (one task's) and append it to the runs file as soon as it ends."""
+    import plop
+
+    model, tokenizer, train, test, info, report = prepared
     for run in runs:
         rank = args.rank if run["budget"] == "matched" else max(1, args.rank // 2)
         comparison = plop.compare(model, tokenizer, train, report, placements=[run["placement"]], seeds=[run["seed"]],
@@ -274,11 +285,13 @@ def main() -> None:
     start = time.perf_counter()
     if args.advice_only:
         for task in args.tasks.split(","):
-            run_task(task, [], args)
+            prepare(task, args)
         return
-    for task, runs in itertools.groupby(todo, key=lambda r: r["task"]):
-        if not args.summary_only:
-            run_task(task, list(runs), args)
+    prepared: dict[str, tuple] = {}
+    for task, runs in itertools.groupby([] if args.summary_only else todo, key=lambda r: r["task"]):
+        if task not in prepared:
+            prepared[task] = prepare(task, args)
+        run_task(prepared[task], list(runs), args)
     runs = [r for r in done() if r.get("steps") == args.steps]
     result = summary(runs)
     (RESULTS / "placement_study_summary.json").write_text(json.dumps(
