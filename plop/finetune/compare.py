@@ -29,7 +29,7 @@ from ..distributed import shared_tempdir
 from ..errors import PlopError
 from ..fsio import atomic_write
 from ..layers import dense_weight
-from ..models import model_layout
+from ..models import ModelLayout, model_layout
 from ..placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
 from ..ranker import Selector, adapter_cost, modules_regex
 from ..report import ModuleRecord, Report
@@ -121,19 +121,20 @@ class Comparison:
 
 
 def candidates(report: Report, model: nn.Module, placements: Sequence[str],
-               budget: int | None = None) -> list[Candidate]:
+               budget: int | None = None, layout: ModelLayout | None = None) -> list[Candidate]:
     """The targets of each placement, on the report's modules. ``inverse``: as many types as the
     recommendation, but the highest-NFN ones; ``kappatune``, ``per-layer`` and ``spectrum``: as
     many modules as the recommendation, the best-conditioned ones by PEFT's KappaTune, the
     lowest-NFN ones, or the highest-SNR ones (Spectrum); ``allocate``: a rank per type growing as
     its NFN falls (:func:`plop.ranker.allocate_ranks`), under ``budget`` parameters. A placement
-    this model has no module for is skipped with a warning."""
+    this model has no module for is skipped with a warning. ``layout``: the model's, when the
+    caller already has it."""
     unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]
     if unknown:
         raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
     rec = report.recommendation
     by_name = {m.name: m for m in report.modules}
-    layout = model_layout(model)
+    layout = model_layout(model) if layout is None else layout
     out = []
     for placement in placements:
         if placement == "recommended":  # an allocate report's own ranks, or one rank for all
@@ -236,10 +237,10 @@ def compare(
     if placements is None:
         placements = [p for p in COMPARE_DEFAULT if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
-    check_report_matches(report, model_layout(base))
-    recommended = candidates(report, base, ["recommended"])[0]
-    budget = recommended.params_at(rank)
-    found = candidates(report, base, placements, budget)
+    layout = model_layout(base)
+    check_report_matches(report, layout)
+    budget = candidates(report, base, ["recommended"], layout=layout)[0].params_at(rank)
+    found = candidates(report, base, placements, budget, layout)
     scale = config.lora_alpha / config.rank
 
     rows = []
