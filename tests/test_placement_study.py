@@ -29,15 +29,16 @@ def args():
 
 def test_the_plan_covers_what_the_issue_asks(study, args):
     runs = study.planned(args)
-    assert len({study.key(r) for r in runs}) == len(runs) == 100
+    assert len({study.key(r) for r in runs}) == len(runs) == 94
     seeds = Counter((r["task"], r["budget"], r["placement"]) for r in runs)
     for task in ("gsm8k", "code"):
         for p in study.MAIN:
             assert seeds[task, "matched", p] == 5
         for p in study.OTHERS:
             assert seeds[task, "matched", p] == 3
-        for p in study.MAIN + study.OTHERS:
+        for p in study.MAIN + study.HALF_OTHERS:
             assert seeds[task, "half", p] == 3
+        assert seeds[task, "half", "spectrum"] == 0  # asked for at the matched budget only
 
 
 def test_a_study_stopped_early_has_every_first_placement_on_the_same_seeds(study, args):
