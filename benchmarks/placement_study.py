@@ -15,7 +15,8 @@ loss is on the response tokens.
 * Resumable: each finished run is appended as one JSON line to
   results/placement_study_runs.jsonl, and runs already there are skipped, so an interrupted study
   (or one split over several machines' sessions) continues where it stopped. Each run records its
-  device, and the summary counts them: a CPU and a GPU run of one seed differ in rounding.
+  device and CPU threads, and the summary counts them: a CPU and a GPU run of one seed, or runs on
+  1 and 2 threads, differ in rounding.
 * Which tokens to score: per task, the advice when only the prompt's or only the response's
   tokens are scored, beside all tokens (results/placement_study_tokens.json; ``--advice-only``
   diagnoses the tasks and fine-tunes nothing).
@@ -304,6 +305,7 @@ def main() -> None:
     (RESULTS / "placement_study_summary.json").write_text(json.dumps(
         {"steps": args.steps, "rank": args.rank, "runs": len(runs), "cells": result,
          "devices": dict(Counter(r.get("device", "unrecorded") for r in runs)),
+         "threads": dict(Counter(str(r.get("threads", "unrecorded")) for r in runs)),
          "seconds": time.perf_counter() - start}, indent=2) + "\n")
     report_summary(result)
 
