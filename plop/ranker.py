@@ -34,7 +34,9 @@ from .report import ModuleRecord, Recommendation, TypeRanking
 
 STABLE_AGREEMENT = 0.9  # a selection is "stable" when >= 90 % of bootstrap replicates reproduce it
 BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 by default
-ALLOCATION_RANKS = (2, 4, 8, 12, 16, 24, 32, 48, 64)
+# steps of at most 1.5x above 4: with 2x steps (2, 4, 8) a half-budget allocation on SmolLM2 could
+# spend only 85 % of its budget, the next scale up overshooting it
+ALLOCATION_RANKS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 def adapter_cost(records: Sequence[ModuleRecord], rank: int) -> tuple[int, float]:
     """Trainable LoRA parameters at ``rank`` over ``records`` and the adapter size in MB."""

@@ -161,6 +161,7 @@ def test_allocate_trains_its_ranks_per_type_within_the_budget(tokenizer, report)
     (row,) = result.rows
     assert row.trainable_params == allocation.params and row.budget_ratio == pytest.approx(allocation.params / budget,
                                                                                            abs=1e-4)
+    assert row.rank_pattern == ranks and row.rank == max(ranks.values())
 
 
 def test_an_allocate_report_sets_the_budget_with_its_own_ranks(tokenizer):

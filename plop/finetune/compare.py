@@ -75,6 +75,7 @@ class CompareRow:
     seconds_per_step: float | None
     seed: int
     loss_curve: list[dict[str, float | None]] = field(default_factory=list)
+    rank_pattern: dict[str, int] | None = None  # an allocation's rank per type; ``rank`` is its largest
 
 
 @dataclass
@@ -274,7 +275,7 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         within_budget=abs(ratio - 1) <= BUDGET_TOLERANCE, eval_loss_before=before.get("loss"),
         eval_loss_after=after.get("loss"), eval_ppl_after=after.get("ppl"),
         seconds_per_step=summary["seconds_per_step"], seed=seed,
-        loss_curve=summary["loss_curve"],
+        loss_curve=summary["loss_curve"], rank_pattern=candidate.targets.rank_pattern,
     )
 
 
