@@ -11,7 +11,9 @@ loss is on the response tokens.
 * recommended, allocate, all-linear and kappatune get ``--main-seeds`` at the matched budget;
   every other placement and the half budget get ``--other-seeds``. Spectrum, a data-free baseline
   the issue asks for at the matched budget only, is not run at the half budget (6 runs, 40 CPU
-  minutes, that answer nothing asked).
+  minutes, that answer nothing asked). The main four get ``--main-seeds`` at the half budget too,
+  last: with 3 seeds no single task can show a difference beyond seed spread (the smallest
+  sign-flip p is 1/4).
 * Resumable: each finished run is appended as one JSON line to
   results/placement_study_runs.jsonl, and runs already there are skipped, so an interrupted study
   (or one split over several machines' sessions) continues where it stopped. Each run records its
@@ -28,7 +30,7 @@ loss is on the response tokens.
   win on every seed). Per budget, a ``pooled`` cell makes the same comparison over every (task,
   seed) pair, which is where "wins on both tasks" is read.
 
-On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 94 runs. A GPU
+On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 110 runs. A GPU
 should take minutes (not yet tried).
 
     python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--advice-only | --summary-only]
@@ -63,11 +65,13 @@ def planned(args) -> list[dict]:
     study stopped early has answered the main question on the same seeds for every placement
     (the paired comparisons need them): the NFN-guided placements against the two baselines at
     the matched budget on --other-seeds, then MLP and Spectrum, then the main placements' other
-    seeds, then the half budget. Each phase covers every task before the next begins."""
+    seeds, then the half budget, then the main four's other seeds there. Each phase
+    covers every task before the next begins."""
     main_seeds, other_seeds = ([int(s) for s in v.split(",")] for v in (args.main_seeds, args.other_seeds))
     first = ("recommended", "allocate", "per-layer", "all-linear", "kappatune")
+    more_seeds = [s for s in main_seeds if s not in other_seeds]
     phases = [("matched", first, other_seeds), ("matched", ("mlp", "spectrum"), other_seeds),
-              ("matched", MAIN, [s for s in main_seeds if s not in other_seeds]), ("half", MAIN + HALF_OTHERS, other_seeds)]
+              ("matched", MAIN, more_seeds), ("half", MAIN + HALF_OTHERS, other_seeds), ("half", MAIN, more_seeds)]
     return [{"task": task, "budget": budget, "placement": p, "seed": s}
             for budget, placements, seeds in phases for task in args.tasks.split(",")
             for s in seeds for p in placements]

@@ -29,7 +29,7 @@ def args():
 
 def test_the_plan_covers_what_the_issue_asks(study, args):
     runs = study.planned(args)
-    assert len({study.key(r) for r in runs}) == len(runs) == 94
+    assert len({study.key(r) for r in runs}) == len(runs) == 110
     seeds = Counter((r["task"], r["budget"], r["placement"]) for r in runs)
     for task in ("gsm8k", "code"):
         for p in study.MAIN:
@@ -37,7 +37,7 @@ def test_the_plan_covers_what_the_issue_asks(study, args):
         for p in study.OTHERS:
             assert seeds[task, "matched", p] == 3
         for p in study.MAIN + study.HALF_OTHERS:
-            assert seeds[task, "half", p] == 3
+            assert seeds[task, "half", p] == (5 if p in study.MAIN else 3)
         assert seeds[task, "half", "spectrum"] == 0  # asked for at the matched budget only
 
 
