@@ -80,6 +80,19 @@ def test_only_the_recommended_modules_carry_adapters(tmp_path, tokenizer, report
     assert result.summary["types"] == report.recommendation.types
 
 
+def test_an_allocate_report_trains_each_type_at_its_own_rank(tmp_path, tokenizer):
+    """What the README advises at a tight budget: diagnose --allocate, then train on that report."""
+    report = diagnose(make_model(), [e.text for e in examples(16)], tokenizer, strategy="allocate")
+    ranks = report.recommendation.rank_pattern
+    result = train(make_model(), tokenizer, examples(), config(tmp_path), report=report, progress=False)
+    wrapped = {name.rsplit(".", 1)[-1]: m for name, m in result.model.named_modules() if hasattr(m, "lora_A")}
+    assert set(wrapped) == set(ranks) and len(set(ranks.values())) > 1
+    for t, module in wrapped.items():
+        assert module.lora_A["default"].out_features == ranks[t]
+        assert module.scaling["default"] == pytest.approx(2.0)
+    assert result.summary["trainable_params"] == report.recommendation.trainable_params
+
+
 def test_named_placement_without_a_report(tmp_path, tokenizer):
     result = train(make_model(), tokenizer, examples(), config(tmp_path), placement="mlp", progress=False)
     assert {name.rsplit(".", 1)[1] for name in adapted(result.model)} == {"gate_proj", "up_proj", "down_proj"}
