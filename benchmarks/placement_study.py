@@ -30,8 +30,9 @@ loss is on the response tokens.
   win on every seed). Per budget, a ``pooled`` cell makes the same comparison over every (task,
   seed) pair, which is where "wins on both tasks" is read.
 
-On 2 CPU cores one run of 96 steps takes about 7 minutes (4 s a step); the full study is 110 runs. A GPU
-should take minutes (not yet tried).
+On 2 CPU cores one run of 96 steps takes 6–8 minutes (3.7–4.4 s a step); the full study is 110 runs.
+``--threads 1`` beside ``--tasks`` lets two processes, one per task, share the cores. A GPU should take
+minutes (not yet tried: none was lent).
 
     python benchmarks/placement_study.py [--tasks gsm8k,code] [--steps 96] [--advice-only | --summary-only]
 """
