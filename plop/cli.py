@@ -20,7 +20,7 @@ from .errors import PlopError
 from .exports import FORMATS
 from .finetune.config import REPORT_TO, TrainConfig
 from .fsio import atomic_write
-from .placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, TRAIN_PLACEMENTS
+from .placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, TRAIN_PLACEMENTS, ranks_text
 from .untrusted import plain_safe, terminal_safe
 from .version import __version__
 
@@ -334,7 +334,7 @@ def cmd_train(args) -> int:
              if before and after else "")
     processes = f" on {s['world_size']} processes (global batch {s['global_batch']})" if s["world_size"] > 1 else ""
     Console().print(
-        f"trained {method} rank {s['rank']} on [bold]{terminal_safe(', '.join(s['types']))}[/] "
+        f"trained {method} {ranks_text(s['rank'], s['rank_pattern'])} on [bold]{terminal_safe(', '.join(s['types']))}[/] "
         f"({terminal_safe(s['placement'])}): "
         f"{s['trainable_params']:,} trainable parameters\n"
         f"{s['steps']} steps{processes}, {s['seconds_per_step'] or 0:.3f} s/step{evals}\n"

@@ -82,6 +82,18 @@ class Targets:
     target_parameters: list[str] | None = None
     rank_pattern: dict[str, int] | None = None  # an allocation's rank per type (PEFT rank_pattern)
 
+    @classmethod
+    def recommended(cls, rec: Recommendation) -> Targets:
+        """A report's recommendation, with an allocation's own rank per type."""
+        return cls("recommended", rec.target_modules, list(rec.types), rec.target_parameters, rec.rank_pattern)
+
+
+def ranks_text(rank: int, rank_pattern: Mapping[str, int] | None) -> str:
+    """``rank 16``, or an allocation's ``ranks v_proj 6, up_proj 2`` (its rank per type)."""
+    if rank_pattern:
+        return "ranks " + ", ".join(f"{t} {r}" for t, r in rank_pattern.items())
+    return f"rank {rank}"
+
 
 def placement_types(types: Sequence[ModuleRecord] | Mapping[str, str], placement: str,
                     refused: Collection[str] = ()) -> list[str]:
@@ -160,7 +172,7 @@ def resolve_targets(
         if report is None:
             raise PlopError("placement 'recommended' needs a report", "run plop diagnose first, or pass --report")
         rec = report.recommendation
-        return Targets("recommended", rec.target_modules, list(rec.types), rec.target_parameters)
+        return Targets.recommended(rec)
     names = [m.name for m in report.modules] if report is not None else layout.body
     types = placement_types({n: layout.role_map[n] for n in names}, placement, layout.refused)
     if not types:

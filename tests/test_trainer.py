@@ -91,6 +91,7 @@ def test_an_allocate_report_trains_each_type_at_its_own_rank(tmp_path, tokenizer
         assert module.lora_A["default"].out_features == ranks[t]
         assert module.scaling["default"] == pytest.approx(2.0)
     assert result.summary["trainable_params"] == report.recommendation.trainable_params
+    assert result.summary["rank_pattern"] == ranks  # the summary says the ranks trained, not config.rank
 
 
 def test_named_placement_without_a_report(tmp_path, tokenizer):

@@ -139,7 +139,7 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
     out = []
     for placement in placements:
         if placement == "recommended":  # an allocate report's own ranks, or one rank for all
-            targets = Targets(placement, rec.target_modules, list(rec.types), rec.target_parameters, rec.rank_pattern)
+            targets = Targets.recommended(rec)
             modules = rec.modules
             if rec.rank_pattern:
                 out.append(Candidate(targets, _params_per_rank([by_name[n] for n in modules]), rec.trainable_params))

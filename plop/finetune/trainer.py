@@ -30,7 +30,7 @@ from ..distributed import barrier, launched, timeout
 from ..errors import FileError, ModelError, PlopError
 from ..fsio import atomic_write
 from ..models import ensure_pad_token, is_causal_lm, model_info, model_layout
-from ..placement import Targets, resolve_targets
+from ..placement import Targets, ranks_text, resolve_targets
 from ..report import Report
 from ..seq2seq import is_encoder_decoder
 from ..version import __version__
@@ -205,7 +205,8 @@ def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, res
     return {
         "placement": targets.placement, "types": targets.types, "target_modules": targets.target_modules,
         "target_parameters": targets.target_parameters,
-        "adapter_name": config.adapter_name, "rank": config.rank, "alpha": config.lora_alpha,
+        "adapter_name": config.adapter_name, "rank": config.rank, "rank_pattern": targets.rank_pattern,
+        "alpha": config.lora_alpha,
         "loraplus_ratio": config.loraplus_ratio, "dora": config.dora,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "seconds": round(seconds, 3),
@@ -221,7 +222,8 @@ def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, res
 def _placement_text(targets: Targets, config: TrainConfig) -> str:
     """The placement in TensorBoard's markdown: where the adapters went and at which rank."""
     method = "DoRA" if config.dora else "LoRA"
-    return (f"**{targets.placement}**: {method} r={config.rank}, alpha={config.lora_alpha:g}, "
+    return (f"**{targets.placement}**: {method} {ranks_text(config.rank, targets.rank_pattern)}, "
+            f"alpha/rank {config.lora_alpha / config.rank:g}, "
             f"LoRA+ ratio {config.loraplus_ratio:g}  \ntypes: {', '.join(targets.types)}  \n"
             f"target_modules: `{targets.target_modules!r}`")
 
