@@ -18,9 +18,9 @@ import torch
 import archs
 import sweep
 from conftest import make_batches
-from plop.collector import NFNCollector
-from plop.experts import ExpertStats, find_experts
-from plop.layers import find_linear_modules
+from plop.measure.collector import NFNCollector
+from plop.measure.experts import ExpertStats, find_experts
+from plop.measure.layers import find_linear_modules
 
 
 def row(name: str) -> dict:

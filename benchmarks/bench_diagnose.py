@@ -80,13 +80,13 @@ def reset_peak() -> None:
 def data_file() -> tuple[Path, str]:
     if GSM8K.is_file():
         return GSM8K, "question"
-    from plop.data import DEMO_DATA
+    from plop.files.data import DEMO_DATA
 
     return DEMO_DATA, "prompt"
 
 
 def questions(n: int, with_answers: bool = False) -> tuple[list[str], str]:
-    from plop.data import sample_indices
+    from plop.files.data import sample_indices
 
     path, field = data_file()
     lines = path.read_text().splitlines()
@@ -99,7 +99,7 @@ def load_default():
     import torch
 
     torch.set_num_threads(2)
-    from plop.models import load_model
+    from plop.model.loading import load_model
 
     model, tokenizer, _ = load_model(None, device="cpu")
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
@@ -158,7 +158,7 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
     import torch
 
     from plop import diagnose
-    from plop.batching import text_batches
+    from plop.measure.batching import text_batches
 
     model, tokenizer = load_default()
     texts, _ = questions(samples)
@@ -252,9 +252,9 @@ def sample_efficiency(rows: int, seeds: int) -> dict:
     import numpy as np
     import torch
 
-    from plop.collector import _COUNT, _SUM, NFNCollector
-    from plop.layers import find_linear_modules
-    from plop.roles import role_types
+    from plop.measure.collector import _COUNT, _SUM, NFNCollector
+    from plop.measure.layers import find_linear_modules
+    from plop.model.roles import role_types
 
     model, tokenizer = load_default()
     texts, source = questions(rows, with_answers=True)

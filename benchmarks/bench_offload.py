@@ -4,7 +4,7 @@ Saves a random-weight LLaMA-architecture model (default: 18 layers of width 1024
 1.2 GB of float32 weights) with plop's tiny character tokenizer, then diagnoses it on plop's demo
 rows twice, each in a fresh process so that each peak is its own:
 
-  full     ``plop.models.load_model(path)``: every weight in memory
+  full     ``plop.model.loading.load_model(path)``: every weight in memory
   offload  ``load_model(path, max_memory=BUDGET, offload_dir=DIR)``: accelerate keeps BUDGET of
            weights in memory, the rest on disk, read one layer at a time during the forward
 
@@ -53,8 +53,8 @@ def child(args) -> None:
     import torch
 
     import plop
-    from plop.data import load_examples
-    from plop.models import load_model
+    from plop.files.data import load_examples
+    from plop.model.loading import load_model
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -4,7 +4,7 @@ The embedded default (SmolLM2-135M-Instruct, its Q4_1 GGUF dequantized to float3
 weights "full precision" means here) is diagnosed on the same demo rows three times: as loaded,
 as bitsandbytes 8-bit (LLM.int8) and as 4-bit NF4 (float32 compute), top-3 with the default
 200-replicate bootstrap. Printed: per-type mean NFN and its relative change, the three
-recommendations, and :func:`plop.precision.compare_precision`'s verdict (same / within bootstrap
+recommendations, and :func:`plop.ranking.precision.compare_precision`'s verdict (same / within bootstrap
 noise / beyond noise). Written: benchmarks/results/bench_quantized.json.
 
 bitsandbytes' 4-bit CPU path is slow without its optional ``kernels`` package (a few seconds per
@@ -24,9 +24,9 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import plop
-from plop.data import load_examples
-from plop.models import load_model
-from plop.precision import compare_precision
+from plop.files.data import load_examples
+from plop.model.loading import load_model
+from plop.ranking.precision import compare_precision
 
 HERE = Path(__file__).resolve().parent
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")

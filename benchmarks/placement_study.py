@@ -93,7 +93,7 @@ def key(run: dict) -> tuple:
 
 
 def task_data(task: str, tokenizer, args):
-    from plop.data import load_examples
+    from plop.files.data import load_examples
 
     train_path, test_path = TASKS[task]
     if not train_path.is_file():
@@ -112,7 +112,7 @@ def prepare(task: str, args) -> tuple:
     task and process: the plan's phases come back to each task, and the diagnosis of the same rows
     is the same, so diagnosing again would only cost a minute each time."""
     import plop
-    from plop.models import load_model
+    from plop.model.loading import load_model
 
     model, tokenizer, model_id = load_model(None, device=args.device)
     train, test, info = task_data(task, tokenizer, args)

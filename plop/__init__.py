@@ -14,7 +14,9 @@ from .version import __version__
 _EXPORTS = {
     "diagnose": "plop.diagnosis",
     "DiagnoseConfig": "plop.config",
-    "Report": "plop.report",
+    "Report": "plop.ranking.report",
+    "load_model": "plop.model.loading",
+    "load_examples": "plop.files.data",
     "train": "plop.finetune.trainer",
     "TrainResult": "plop.finetune.trainer",
     "TrainingInterrupted": "plop.finetune.trainer",
@@ -41,8 +43,10 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolv
                          ReportError, UnsafeRegexError)
     from .finetune.compare import Comparison, compare
     from .finetune.config import TrainConfig
+    from .files.data import load_examples
     from .finetune.trainer import TrainingInterrupted, TrainResult, train
-    from .report import Report
+    from .model.loading import load_model
+    from .ranking.report import Report
 
 
 def __getattr__(name: str) -> Any:

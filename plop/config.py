@@ -32,7 +32,7 @@ class DiagnoseConfig:
     ``samples``: how many rows to use (``None``: all; ``"auto"``: stop as soon as the bootstrap
     says the recommendation is stable, after at least 16). ``batch_tokens``: texts are batched
     by length, ``rows x longest row <= batch_tokens`` (``None``: ``batch_size x max_length``,
-    or more on a GPU with memory to spare; see :mod:`plop.batching`). ``tokens``: which tokens of
+    or more on a GPU with memory to spare; see :mod:`plop.measure.batching`). ``tokens``: which tokens of
     prompt/response examples a decoder-only model is scored on (``"response"``: what supervised
     fine-tuning trains on; the model always reads the whole example). ``estimator``: ``"closed_form"``
     (exact ``||W||_F / sqrt(d_in)`` denominator, no extra compute) or ``"monte_carlo"``.

@@ -1,4 +1,4 @@
-"""``plop.diagnose``: one no-grad pass over a small data subset -> :class:`~plop.report.Report`."""
+"""``plop.diagnose``: one no-grad pass over a small data subset -> :class:`~plop.ranking.report.Report`."""
 
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
-from .collector import NFNCollector
+from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
+from .measure.collector import NFNCollector
 from .config import AUTO_MIN_SAMPLES, DiagnoseConfig
-from .coverage import coverage
-from .distributed import GlobalState, data_parallel_passes, world
+from .model.coverage import coverage
+from .measure.distributed import GlobalState, data_parallel_passes, world
 from .errors import ConfigError, DataError, ModelError
-from .experts import ExpertStats, ExpertWeightStats, find_experts
-from .layers import dense_weight, find_linear_modules
-from .models import ensure_pad_token, model_info, model_layout
-from .names import layer_index
-from .placement import ModelLayout, placement_costs, recommendation_targets
-from .ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
-from .report import ModuleRecord, Report
-from .seq2seq import is_encoder_decoder, model_inputs, pair_batches
-from .untrusted import clip_text
-from .weight_scores import weight_scores
+from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
+from .measure.layers import dense_weight, find_linear_modules
+from .model.loading import ensure_pad_token, model_info, model_layout
+from .model.names import layer_index
+from .model.placement import ModelLayout, placement_costs, recommendation_targets
+from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
+from .ranking.report import ModuleRecord, Report
+from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
+from .files.untrusted import clip_text
+from .measure.weight_scores import weight_scores
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
 
@@ -65,7 +65,7 @@ def _is_examples(data) -> bool:
 def _batches(data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokenizer,
              config: DiagnoseConfig) -> Iterator[Batch]:
     """Texts and examples scored on some of their tokens become length-sorted batches under the
-    token budget (:mod:`plop.batching`); token batches (``input_ids`` and ideally
+    token budget (:mod:`plop.measure.batching`); token batches (``input_ids`` and ideally
     ``attention_mask``) pass through."""
     if not (_is_texts(data) or _is_examples(data)):
         return token_batches(data, config.samples if isinstance(config.samples, int) else None)
@@ -109,7 +109,7 @@ def _records(state: GlobalState, types: Mapping[str, str]) -> list[ModuleRecord]
 
 
 def _expert_record(s: ExpertWeightStats, type_: str) -> ModuleRecord:
-    """A stacked expert weight as one record: its NFN is the routed tokens' (see plop.experts),
+    """A stacked expert weight as one record: its NFN is the routed tokens' (see plop.measure.experts),
     its baseline the experts' mean, and ``expert_nfn`` the breakdown (None: no token routed)."""
     experts, d_out, d_in = s.shape
     return ModuleRecord(
@@ -204,7 +204,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
 def _local_passes(collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch],
                   forward) -> Iterator[tuple[GlobalState, Batch]]:
     """``(state, batch)`` after each batch, the state being this process's own accumulators: the
-    single-process counterpart of :func:`plop.distributed.data_parallel_passes`."""
+    single-process counterpart of :func:`plop.measure.distributed.data_parallel_passes`."""
     state = GlobalState(collector.stats, dict(experts))
     for batch in batches:
         forward(batch)
@@ -214,7 +214,7 @@ def _local_passes(collector: NFNCollector, experts: Mapping[str, ExpertWeightSta
 
 def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: DiagnoseConfig):
     """Prompt/response examples as a decoder-only model reads them (their texts) or as token
-    batches with the response for an encoder-decoder's decoder (:mod:`plop.seq2seq`)."""
+    batches with the response for an encoder-decoder's decoder (:mod:`plop.measure.seq2seq`)."""
     if not is_encoder_decoder(model):
         return list(examples) if config.tokens != "all" else [e.text for e in examples]
     if config.tokens != "all":
@@ -264,7 +264,7 @@ def diagnose(
 
     For every linear module ``W`` it measures
     ``NFN(W) = mean_t ||W z_t|| / ||z_t||  /  (||W||_F / sqrt(d_in))`` over the task's tokens
-    ``z_t`` (see :mod:`plop.nfn`), ranks module types by mean NFN over layers and recommends the
+    ``z_t`` (see :mod:`plop.measure.nfn`), ranks module types by mean NFN over layers and recommends the
     lowest ones.
 
     Args:
@@ -278,7 +278,7 @@ def diagnose(
         progress: show a progress bar with tokens/s and ETA.
 
     Inside an initialised ``torch.distributed`` process group of several processes the
-    diagnosis is data-parallel (see :mod:`plop.distributed`): each process runs its share of
+    diagnosis is data-parallel (see :mod:`plop.measure.distributed`): each process runs its share of
     the batches, and every process returns the report one process would have made of all the
     data; only rank 0 shows progress.
     """

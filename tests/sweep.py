@@ -17,7 +17,7 @@ import archs
 from conftest import make_batches
 from plop import diagnose
 from plop.exports import export
-from plop.roles import role
+from plop.model.roles import role
 
 LENGTHS = [12, 7, 12, 3, 9, 12]  # right padding in every batch
 VISION = ("vision_tower", "visual", "vision_model", "multi_modal_projector")  # not run on text data

@@ -7,7 +7,7 @@ import torch
 
 from plop import TrainConfig, train
 from plop.finetune.adapters import list_adapters, load_adapters, merge_adapter
-from plop.data import Example
+from plop.files.data import Example
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer
 

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import AlignedToy, make_batches, make_llama
 from plop import Report, diagnose
-from plop.ranker import ALLOCATION_RANKS, allocate_ranks
+from plop.ranking.ranker import ALLOCATION_RANKS, allocate_ranks
 from test_cli import run
 
 

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from plop import diagnose
-from plop.batching import default_batch_tokens, pack, pad_right, text_batches, windows
+from plop.measure.batching import default_batch_tokens, pack, pad_right, text_batches, windows
 from plop.cli import main
-from plop.collector import BootstrapWeights
+from plop.measure.collector import BootstrapWeights
 from plop.config import DiagnoseConfig
 from plop.errors import ConfigError
 from tiny_lm import make_model, make_tokenizer, save_tiny

@@ -14,10 +14,10 @@ from torch import nn
 
 from conftest import make_batches, pad_batches
 from plop import diagnose
-from plop.collector import NFNCollector
+from plop.measure.collector import NFNCollector
 from plop.errors import NonFiniteError, PlopError
-from plop.layers import find_linear_modules
-from plop.names import layer_index
+from plop.measure.layers import find_linear_modules
+from plop.model.names import layer_index
 
 
 def _no_hooks(model: nn.Module) -> bool:

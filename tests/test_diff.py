@@ -1,4 +1,4 @@
-"""plop.diff on real reports of tiny models: the diff is checked against values read straight off
+"""plop.ranking.diff on real reports of tiny models: the diff is checked against values read straight off
 the two reports' ``types``, never against plop's own arithmetic."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from conftest import AlignedToy, make_batches, make_gpt2, make_llama
 from rich.console import Console
 
 from plop import Report, diagnose
-from plop.diff import diff_reports
-from plop.render import diff_table, plot_diff
+from plop.ranking.diff import diff_reports
+from plop.ranking.render import diff_table, plot_diff
 from plop.errors import PlopError
 
 

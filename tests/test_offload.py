@@ -22,7 +22,7 @@ def test_a_disk_offloaded_diagnosis_equals_one_in_memory(tmp_path):
 
 
 def test_the_cap_puts_weights_on_disk(tmp_path):
-    from plop.models import load_model
+    from plop.model.loading import load_model
 
     model, _, _ = load_model(str(save_tiny(tmp_path / "model")), device="cpu", max_memory="20KB",
                              offload_dir=tmp_path / "offload")

@@ -19,9 +19,9 @@ import torch
 import plop
 from plop.cli import main
 from plop.errors import ConfigError, ModelError
-from plop.layers import dense_weight, find_linear_modules
-from plop.models import load_model
-from plop.precision import compare_precision, quantization_pair
+from plop.measure.layers import dense_weight, find_linear_modules
+from plop.model.loading import load_model
+from plop.ranking.precision import compare_precision, quantization_pair
 from tiny_lm import examples, make_model, make_tokenizer
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes not installed")

@@ -12,9 +12,9 @@ from torch import nn
 from conftest import make_batches, pad_batches
 from plop import diagnose
 from plop.config import AUTO_MIN_SAMPLES
-from plop.placement import placement_costs, placement_types
-from plop.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
-from plop.report import ModuleRecord
+from plop.model.placement import placement_costs, placement_types
+from plop.ranking.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
+from plop.ranking.report import ModuleRecord
 
 LLAMA_TYPES = {
     "self_attn.q_proj": (64, 64), "self_attn.k_proj": (64, 32), "self_attn.v_proj": (64, 32),

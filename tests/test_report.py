@@ -12,7 +12,7 @@ import torch
 
 from conftest import make_batches, make_llama
 from plop import FileError, Report, ReportError, diagnose
-from plop.report import SCHEMA_VERSION
+from plop.ranking.report import SCHEMA_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,4 @@
-"""plop.roles on the real module names of the tiny sweep models, checked against what PEFT wraps."""
+"""plop.model.roles on the real module names of the tiny sweep models, checked against what PEFT wraps."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import re
 import pytest
 
 import archs
-from plop.layers import find_linear_modules
-from plop.experts import find_experts
-from plop.roles import peft_target_parameters, peft_targets, placement_roles, role, role_types
+from plop.measure.layers import find_linear_modules
+from plop.measure.experts import find_experts
+from plop.model.roles import peft_target_parameters, peft_targets, placement_roles, role, role_types
 
 
 def linear_names(name: str) -> list[str]:

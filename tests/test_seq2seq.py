@@ -8,7 +8,7 @@ import pytest
 import archs
 import tiny_lm
 from plop import diagnose
-from plop.data import Example
+from plop.files.data import Example
 from plop.finetune.config import TrainConfig
 from plop.finetune.trainer import train
 

@@ -10,7 +10,7 @@ import torch
 
 from plop import diagnose
 from plop.cli import main
-from plop.data import Example
+from plop.files.data import Example
 from plop.errors import ConfigError
 from tiny_lm import examples, make_model, make_tokenizer, save_tiny
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from plop import TrainConfig, diagnose, train
-from plop.data import Example
+from plop.files.data import Example
 from plop.errors import PlopError
 from plop.finetune.config import SUMMARY_FILE
 from plop.finetune.sft import SFTCollator, split_examples, tokenize_examples

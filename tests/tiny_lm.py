@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from plop.data import Example
+from plop.files.data import Example
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 CHARS = sorted(set(string.printable) - set("\t\r\x0b\x0c"))

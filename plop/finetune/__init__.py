@@ -1,6 +1,6 @@
-"""Fine-tuning where the diagnosis says: the configuration (:mod:`.config`), SFT data (:mod:`.sft`),
-the PEFT wrap (:mod:`.lora`), the ``transformers.Trainer`` subclass (:mod:`.hf_trainer`), training
-(:mod:`.trainer`), placement comparisons (:mod:`.compare`) and task adapters (:mod:`.adapters`).
+"""Fine-tuning where the diagnosis says: PEFT LoRA / LoRA+ / DoRA on the transformers Trainer, placement
+comparisons at a matched budget, and task adapters. The diagnosis never imports this package.
 
-The diagnosis never imports this package; it imports the diagnosis.
+:mod:`.config` (TrainConfig), :mod:`.sft` (response-only labels), :mod:`.lora` (the PEFT wrap),
+:mod:`.hf_trainer` (LoRA+ on the Trainer), :mod:`.trainer` (``plop.train``), :mod:`.compare`, :mod:`.adapters`.
 """

@@ -24,16 +24,16 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from ..data import Example
-from ..distributed import shared_tempdir
+from ..files.data import Example
+from ..measure.distributed import shared_tempdir
 from ..errors import PlopError
-from ..fsio import atomic_write
-from ..layers import dense_weight
-from ..models import ModelLayout, model_layout
-from ..placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
-from ..ranker import Selector, adapter_cost, modules_regex
-from ..report import ModuleRecord, Report
-from ..weight_scores import weight_scores
+from ..files.fsio import atomic_write
+from ..measure.layers import dense_weight
+from ..model.loading import ModelLayout, model_layout
+from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
+from ..ranking.ranker import Selector, adapter_cost, modules_regex
+from ..ranking.report import ModuleRecord, Report
+from ..measure.weight_scores import weight_scores
 from .config import TrainConfig
 from .trainer import train_on_targets
 
@@ -110,13 +110,13 @@ class Comparison:
         return atomic_write(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __rich_console__(self, console, options):
-        from ..render import comparison_table
+        from ..ranking.render import comparison_table
 
         yield comparison_table(self)
 
     def plot(self, path: str | Path | None = None):
         """Eval loss after training per placement (mean, min-max over seeds) and its parameters."""
-        from ..render import plot_comparison
+        from ..ranking.render import plot_comparison
 
         return plot_comparison(self, path)
 
@@ -127,7 +127,7 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
     recommendation, but the highest-NFN ones; ``kappatune``, ``per-layer`` and ``spectrum``: as
     many modules as the recommendation, the best-conditioned ones by PEFT's KappaTune, the
     lowest-NFN ones, or the highest-SNR ones (Spectrum); ``allocate``: a rank per type growing as
-    its NFN falls (:func:`plop.ranker.allocate_ranks`), under ``budget`` parameters. A placement
+    its NFN falls (:func:`plop.ranking.ranker.allocate_ranks`), under ``budget`` parameters. A placement
     this model has no module for is skipped with a warning. ``layout``: the model's, when the
     caller already has it."""
     unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]

@@ -65,7 +65,7 @@ class PlacementToTensorBoard(TrainerCallback):
             return
         writer.add_text("plop/placement", self.placement_text, state.global_step)
         if self.report is not None:
-            from ..render import plot_report
+            from ..ranking.render import plot_report
 
             writer.add_figure("plop/nfn", plot_report(self.report), state.global_step)  # closes the figure
         writer.flush()

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
-from ..placement import ModelLayout, Targets, modules_peft_adapts
-from ..report import Report, peft_lora_config, rank_patterns
+from ..model.placement import ModelLayout, Targets, modules_peft_adapts
+from ..ranking.report import Report, peft_lora_config, rank_patterns
 from .config import TrainConfig
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data import Example
+from ..files.data import Example
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 

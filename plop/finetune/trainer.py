@@ -25,14 +25,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..data import Example
-from ..distributed import barrier, launched, timeout
+from ..files.data import Example
+from ..measure.distributed import barrier, launched, timeout
 from ..errors import FileError, ModelError, PlopError
-from ..fsio import atomic_write
-from ..models import ensure_pad_token, is_causal_lm, model_info, model_layout
-from ..placement import Targets, ranks_text, resolve_targets
-from ..report import Report
-from ..seq2seq import is_encoder_decoder
+from ..files.fsio import atomic_write
+from ..model.loading import ensure_pad_token, is_causal_lm, model_info, model_layout
+from ..model.placement import Targets, ranks_text, resolve_targets
+from ..ranking.report import Report
+from ..measure.seq2seq import is_encoder_decoder
 from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig
 from .lora import lora_config, wrap

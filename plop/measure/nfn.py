@@ -36,7 +36,7 @@ The Jensen gap
     :func:`monte_carlo_baseline` keeps the authors' estimator for validation.
 
 The numerator needs no extra work: ``W z_t`` is the module's own output minus its bias, read
-from a forward hook (see :mod:`plop.collector`).
+from a forward hook (see :mod:`plop.measure.collector`).
 """
 
 from __future__ import annotations

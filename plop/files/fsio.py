@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import FileError
+from ..errors import FileError
 from .untrusted import plain_safe
 
 TEMP_MARK = ".plop-tmp-"

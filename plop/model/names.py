@@ -1,4 +1,4 @@
-"""Module names: which block a module sits in (its type is its role, see :mod:`plop.roles`).
+"""Module names: which block a module sits in (its type is its role, see :mod:`plop.model.roles`).
 Torch-free, so the ranker, the placements and the CLI can use it without importing torch."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 The unit is the model's *block weights*: every parameter of two or more dimensions inside a
 repeated block (a name with a layer index), embeddings aside. A linear module counts as seen when
 its hook saw a token, a 3-D expert weight when a token was routed to it. What is left gets a
-reason, and every role (:func:`plop.roles.role`) holding more than ``threshold`` of the block
+reason, and every role (:func:`plop.model.roles.role`) holding more than ``threshold`` of the block
 weights is listed: a vision tower on text data, a Mamba mixer's convolution, an experts module
 whose forward a hub kernel replaced (its hook never ran), routers and state-space parameters.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .layers import is_linear_like
+from ..measure.layers import is_linear_like
 from .roles import INDEX, role
 
 THRESHOLD = 0.05

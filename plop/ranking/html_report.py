@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from .report import Report
-from .fsio import atomic_write
+from ..files.fsio import atomic_write
 from .render import figure_bytes, plot_report, target_modules_line
 
 _CSS = """

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .batching import Batch
 from .collector import ModuleStats, NFNCollector
-from .errors import ConfigError, PlopError
+from ..errors import ConfigError, PlopError
 from .experts import ExpertWeightStats
 
 TIMEOUT_ENV = "PLOP_DIST_TIMEOUT"

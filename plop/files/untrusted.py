@@ -16,7 +16,7 @@ import subprocess
 import sys
 import unicodedata
 
-from .errors import FieldTypeError, UnsafeRegexError
+from ..errors import FieldTypeError, UnsafeRegexError
 
 try:  # Python 3.11+; sre_parse before, and deprecated since
     from re import _constants as _sre, _parser as _sre_parse

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from .untrusted import clip_text
+from ..files.untrusted import clip_text
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

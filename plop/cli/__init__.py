@@ -15,14 +15,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DEVICES, DTYPES, ESTIMATORS, QUANTIZATIONS, TOKEN_SCOPES, DiagnoseConfig
-from .errors import PlopError
-from .exports import FORMATS
-from .finetune.config import REPORT_TO, TrainConfig
-from .fsio import atomic_write
-from .placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, TRAIN_PLACEMENTS, ranks_text
-from .untrusted import plain_safe, terminal_safe
-from .version import __version__
+from ..config import DEVICES, DTYPES, ESTIMATORS, QUANTIZATIONS, TOKEN_SCOPES, DiagnoseConfig
+from ..errors import PlopError
+from ..exports import FORMATS
+from ..finetune.config import REPORT_TO, TrainConfig
+from ..files.fsio import atomic_write
+from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, TRAIN_PLACEMENTS, ranks_text
+from ..files.untrusted import plain_safe, terminal_safe
+from ..version import __version__
 
 EXIT_USAGE = 2
 
@@ -110,7 +110,7 @@ def model_command(sub, name: str, help: str, epilog: str, description: str,
 
 
 def text_format(args):
-    from .data import TextFormat
+    from ..files.data import TextFormat
 
     template = args.template.encode().decode("unicode_escape") if args.template else None
     return TextFormat(text_field=args.text_field, template=template, chat=args.chat,
@@ -120,7 +120,7 @@ def text_format(args):
 def _world():
     """This process's place in a ``torchrun`` / ``accelerate launch`` job, joining its process
     group on first use (a single process when not launched so)."""
-    from .distributed import init_from_env
+    from ..measure.distributed import init_from_env
 
     return init_from_env()
 
@@ -130,8 +130,8 @@ def load_model_and_data(args, samples):
     process of a launched job: the seeded sampling gives all of them the same rows)."""
     from rich.console import Console
 
-    from .data import load_examples
-    from .models import load_model
+    from ..files.data import load_examples
+    from ..model.loading import load_model
 
     from transformers.utils import logging as hf_logging
 
@@ -164,7 +164,7 @@ def _strategy(args) -> str:
 def cmd_diagnose(args) -> int:
     from rich.console import Console
 
-    from .diagnosis import diagnose
+    from ..diagnosis import diagnose
 
     if args.out and Path(args.out).is_dir():  # before the slow loading, not after
         raise PlopError(f"--out {args.out} is a directory", "name a .json file")
@@ -196,7 +196,7 @@ def cmd_diagnose(args) -> int:
 def cmd_show(args) -> int:
     from rich.console import Console
 
-    from .report import Report
+    from ..ranking.report import Report
 
     report = Report.load(args.report)
     Console().print(report)
@@ -204,8 +204,8 @@ def cmd_show(args) -> int:
         report.plot(args.plot)
         print(plain_safe(f"plot written to {args.plot}"))
     if args.html:
-        from .exports import export
-        from .html_report import default_exports, write_html
+        from ..exports import export
+        from ..ranking.html_report import default_exports, write_html
 
         # every stack's snippet gets a copy button; peft's own is the LoraConfig line, which needs no torch
         snippets = {**default_exports(report), **{f: export(report, f).text for f in FORMATS if f != "peft"}}
@@ -217,9 +217,9 @@ def cmd_show(args) -> int:
 def cmd_diff(args) -> int:
     from rich.console import Console
 
-    from .diff import diff_reports
-    from .render import diff_table, plot_diff
-    from .report import Report
+    from ..ranking.diff import diff_reports
+    from ..ranking.render import diff_table, plot_diff
+    from ..ranking.report import Report
 
     d = diff_reports(Report.load(args.a), Report.load(args.b), label_a=args.a, label_b=args.b)
     if args.json:
@@ -232,8 +232,8 @@ def cmd_diff(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .exports import export, merge_into
-    from .report import Report
+    from ..exports import export, merge_into
+    from ..ranking.report import Report
 
     report = Report.load(args.report)
     fmt, out = ("peft", args.peft) if args.peft else (args.to, args.out)
@@ -273,7 +273,7 @@ def _diagnosed(args, model, tokenizer, model_id, examples, info):
     """Diagnose on the training data itself when no report was given."""
     from rich.console import Console
 
-    from .diagnosis import diagnose
+    from ..diagnosis import diagnose
 
     config = DiagnoseConfig(max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, rank=args.rank)
     report = diagnose(model, examples, tokenizer, config, model_id=model_id, data_info=info,
@@ -298,9 +298,9 @@ def _seeds(value: str) -> list[int]:
 def cmd_train(args) -> int:
     from rich.console import Console
 
-    from .finetune.trainer import TrainingInterrupted, check_output_dir, needs_diagnosis, train
-    from .render import nfn_change_table
-    from .report import Report
+    from ..finetune.trainer import TrainingInterrupted, check_output_dir, needs_diagnosis, train
+    from ..ranking.render import nfn_change_table
+    from ..ranking.report import Report
 
     config = _train_config(args, epochs=args.epochs, output_dir=args.output_dir, resume=args.resume,
                            overwrite=args.overwrite, adapter_name=args.adapter_name, report_to=args.report_to)
@@ -348,8 +348,8 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
     from rich.console import Console
 
-    from .finetune.compare import compare
-    from .report import Report
+    from ..finetune.compare import compare
+    from ..ranking.report import Report
 
     config = _train_config(args)
     report = Report.load(args.report) if args.report else None
@@ -372,8 +372,8 @@ def cmd_compare(args) -> int:
 def cmd_adapters_list(args) -> int:
     from rich.console import Console
 
-    from .finetune.adapters import list_adapters
-    from .render import adapters_table
+    from ..finetune.adapters import list_adapters
+    from ..ranking.render import adapters_table
 
     rows = list_adapters(args.dir)
     if not rows:
@@ -384,8 +384,8 @@ def cmd_adapters_list(args) -> int:
 
 
 def cmd_adapters_merge(args) -> int:
-    from .finetune.adapters import list_adapters, merge_adapter
-    from .models import load_model
+    from ..finetune.adapters import list_adapters, merge_adapter
+    from ..model.loading import load_model
 
     rows = {r["name"]: r for r in list_adapters(args.dir)}
     if args.name not in rows:
@@ -631,7 +631,7 @@ def _fail(message: str) -> int:
     process group whose peer has left can abort the process (SIGABRT) after its line, so either
     would turn its exit code 2 into a signal."""
     line = plain_safe(f"plop: error: {message}")
-    distributed = sys.modules.get("plop.distributed")
+    distributed = sys.modules.get("plop.measure.distributed")
     if distributed is not None and distributed.world().parallel:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         print(line, file=sys.stderr, flush=True)
@@ -665,14 +665,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(message)
     finally:
-        if "plop.distributed" in sys.modules:  # only a command that loaded a model joined a group
-            sys.modules["plop.distributed"].finish()
+        if "plop.measure.distributed" in sys.modules:  # only a command that loaded a model joined a group
+            sys.modules["plop.measure.distributed"].finish()
 
 
 def interrupted() -> int:
     print("plop: interrupted", file=sys.stderr)
     return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

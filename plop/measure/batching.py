@@ -11,7 +11,7 @@ What stays exactly as in sampled order:
 * the rows: the same sampled set, each tokenized once and right padded, so a row's positions,
   and its features under the attention mask, do not depend on its batch-mates;
 * the bootstrap: a row's Poisson weights follow its place in the sampled order
-  (:attr:`Batch.rows`, see :class:`plop.collector.BootstrapWeights`), not its batch;
+  (:attr:`Batch.rows`, see :class:`plop.measure.collector.BootstrapWeights`), not its batch;
 * the checkpoints: rows are sorted only inside windows of the sampled order of 16, 16, 32, 64, ...
   rows (each as long as all before it, up to 1024), and a diagnosis records its selection (and
   ``samples="auto"`` may stop) only where a window closes, when the rows seen are exactly the
@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import AUTO_MIN_SAMPLES
-from .errors import DataError
+from ..config import AUTO_MIN_SAMPLES
+from ..errors import DataError
 
 MAX_WINDOW = 1024
 _BATCH_COST_SHARE = 16  # a forward costs budget / 16 tokens of its own (see pack)

@@ -14,7 +14,7 @@ Selection strategies
                    :data:`ALLOCATION_RANKS` (types below the smallest get none), with the scale
                    ``s`` that spends the most of the budget without exceeding it.
 
-Stability comes from a streaming Poisson bootstrap over samples (see :mod:`plop.collector`):
+Stability comes from a streaming Poisson bootstrap over samples (see :mod:`plop.measure.collector`):
 the selection is recomputed under every replicate, giving each type the probability that it
 lands in the recommended set.
 """
@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from .config import STRATEGIES, check_choice
-from .errors import ConfigError
+from ..config import STRATEGIES, check_choice
+from ..errors import ConfigError
 from .report import ModuleRecord, Recommendation, TypeRanking
 
 STABLE_AGREEMENT = 0.9  # a selection is "stable" when >= 90 % of bootstrap replicates reproduce it

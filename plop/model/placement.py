@@ -2,7 +2,7 @@
 (a report's recommendation, a named placement, or explicit ``target_modules``) into PEFT targets.
 
 Torch-free: it works on module names and shapes (a :class:`ModelLayout`), which
-:func:`plop.models.model_layout` reads off a loaded model.
+:func:`plop.model.loading.model_layout` reads off a loaded model.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from .errors import ConfigError, PlopError
-from .ranker import adapter_cost, modules_regex
-from .report import ModuleRecord, Recommendation, Report
+from ..errors import ConfigError, PlopError
+from ..ranking.ranker import adapter_cost, modules_regex
+from ..ranking.report import ModuleRecord, Recommendation, Report
 from .roles import peft_target_parameters, peft_targets, placement_groups, role_types
 
 PLACEMENTS = ("qv", "attention", "mlp", "all-linear")  # resolved from a model's own module roles
@@ -31,7 +31,7 @@ class ModelLayout:
     (``name -> (d_out, d_in)``, the output head included), the head's name, its 3-D expert
     weights (``name -> (experts, d_out, d_in)``, PEFT ``target_parameters``), every module name
     (PEFT wraps convolutions too, so exact targets must miss them) and the types PEFT refuses on
-    this model (type -> why, see :mod:`plop.peft_rules`)."""
+    this model (type -> why, see :mod:`plop.model.peft_rules`)."""
 
     architecture: str
     linear: Mapping[str, tuple[int, int]]
@@ -47,7 +47,7 @@ class ModelLayout:
 
     @cached_property
     def role_map(self) -> dict[str, str]:
-        """Every linear module's and expert weight's role-true type (:func:`plop.roles.role_types`)."""
+        """Every linear module's and expert weight's role-true type (:func:`plop.model.roles.role_types`)."""
         return role_types([*self.linear, *self.params], params=self.params)
 
     def types_of(self, names: Collection[str]) -> list[str]:
@@ -102,7 +102,7 @@ def placement_types(types: Sequence[ModuleRecord] | Mapping[str, str], placement
 
     ``qv``: query and value projections (a fused qkv counts); ``attention``: types inside an
     attention block; ``mlp``: the feed-forward's (experts included); ``all-linear``: every type
-    (see :func:`plop.roles.placement_groups`).
+    (see :func:`plop.model.roles.placement_groups`).
     """
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown placement {placement!r}; choose from {', '.join(PLACEMENTS)}")

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import ESTIMATORS, check_choice
-from .errors import NonFiniteError
+from ..config import ESTIMATORS, check_choice
+from ..errors import NonFiniteError
 from .layers import dense_weight, is_offloaded, module_shape, parameter
 from .nfn import normalized_feature_norm, random_baseline, random_baselines, random_unit_vectors
 

@@ -1,7 +1,7 @@
 """The diagnosis ``Report``: one dataclass, a versioned JSON schema, and exports.
 
 A report is plain data: it can be saved, loaded on a machine without the model, rendered again
-(:mod:`plop.render`), turned into a pandas DataFrame or a ``peft.LoraConfig``.
+(:mod:`plop.ranking.render`), turned into a pandas DataFrame or a ``peft.LoraConfig``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ from typing import Any
 
 import jsonschema
 
-from .config import STRATEGIES
-from .errors import ConfigError, FileError, ReportError, UnsafeRegexError
-from .fsio import atomic_write, read_text_capped
-from .untrusted import check_regex, plain_safe
-from .version import __version__
+from ..config import STRATEGIES
+from ..errors import ConfigError, FileError, ReportError, UnsafeRegexError
+from ..files.fsio import atomic_write, read_text_capped
+from ..files.untrusted import check_regex, plain_safe
+from ..version import __version__
 
 SCHEMA_VERSION = 1
 SCHEMA_ID = "plop.report"
@@ -44,7 +44,7 @@ class ModuleRecord:
     input_norm_mean: float
     input_norm_max: float
     output_norm_mean: float
-    kappa: float | None = None  # data-free scores, when asked for (plop.weight_scores)
+    kappa: float | None = None  # data-free scores, when asked for (plop.measure.weight_scores)
     snr: float | None = None
     experts: int | None = None  # a 3-D expert weight (E, d_out, d_in); its NFN is the routed tokens' mean
     expert_nfn: list[float | None] | None = None  # per expert; None for an expert no token reached
@@ -232,7 +232,7 @@ class Report:
     costs: dict[str, dict]
     stability: dict[str, Any]
     data_free: dict[str, list[str]] | None = None  # what KappaTune and Spectrum would pick, beside NFN
-    coverage: dict[str, Any] = field(default_factory=dict)  # see plop.coverage; empty in older reports
+    coverage: dict[str, Any] = field(default_factory=dict)  # see plop.model.coverage; empty in older reports
     plop_version: str = __version__
     schema: str = SCHEMA_ID
     schema_version: int = SCHEMA_VERSION
@@ -246,7 +246,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (:func:`plop.fsio.atomic_write`): a failed write never leaves a
+        """Write atomically (:func:`plop.files.fsio.atomic_write`): a failed write never leaves a
         partial file or clobbers a good one, and a symlink at ``path`` is refused."""
         return atomic_write(path, self.to_json() + "\n")
 

@@ -1,8 +1,8 @@
 """Diff two reports: how much does placement move between two tasks, or two checkpoints?
 
 PLoP's recommendation is task-dependent by design; :func:`diff_reports` says by how much, type by
-type (mean NFN, rank) and for the recommendation itself. :func:`plop.render.diff_table` renders it
-in a terminal, :func:`plop.render.plot_diff` as a dumbbell chart.
+type (mean NFN, rank) and for the recommendation itself. :func:`plop.ranking.render.diff_table` renders it
+in a terminal, :func:`plop.ranking.render.plot_diff` as a dumbbell chart.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import PlopError
+from ..errors import PlopError
 from .precision import PrecisionCheck, compare_precision, quantization_pair
 from .report import Report
 

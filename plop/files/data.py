@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError, first_line
+from ..errors import DataError, first_line
 from .fsio import kind_of
 from .untrusted import check_text_field, clip_text, plain_safe
 

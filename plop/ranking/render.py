@@ -1,6 +1,6 @@
 """How plop's results look: every rich table and every matplotlib figure.
 
-The functions read the attributes of what they draw (a :class:`plop.report.Report`, a
+The functions read the attributes of what they draw (a :class:`plop.ranking.report.Report`, a
 :class:`plop.finetune.compare.Comparison`, rows of adapters) and import none of those modules:
 rendering sits below them, and they call it.
 """
@@ -19,8 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .fsio import atomic_write
-from .untrusted import plain_safe, terminal_safe
+from ..files.fsio import atomic_write
+from ..files.untrusted import plain_safe, terminal_safe
 
 _BAR_WIDTH = 10
 
@@ -199,7 +199,7 @@ def _number(value: float | int | None, spec: str) -> str:
 
 
 def diff_table(d) -> Table:
-    """A :class:`plop.diff.ReportDiff`: types in A's order with NFN and rank on both sides; the caption says what the
+    """A :class:`plop.ranking.diff.ReportDiff`: types in A's order with NFN and rank on both sides; the caption says what the
     recommendation does and any warning. Types recommended in B are bold green, as in ``plop show``."""
     table = Table(title=Text(plain_safe(f"A: {d.label_a}") + "\n" + plain_safe(f"B: {d.label_b}")),
                   box=box.SIMPLE_HEAD, pad_edge=False)
