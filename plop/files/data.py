@@ -28,7 +28,7 @@ from ..errors import DataError, first_line
 from .fsio import kind_of
 from .untrusted import check_text_field, clip_text, plain_safe
 
-DEMO_DATA = Path(__file__).parent / "resources" / "demo.jsonl"
+DEMO_DATA = Path(__file__).parent.parent / "resources" / "demo.jsonl"  # plop/resources
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
 # Field pairs recognised without any flag, in order of preference.
 _PAIRS = (("prompt", "response"), ("question", "answer"), ("instruction", "output"), ("input", "output"),
