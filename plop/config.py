@@ -1,12 +1,15 @@
-"""What a diagnosis can be asked for: :class:`DiagnoseConfig` and the choices it accepts.
+"""What plop can be asked for: :class:`ModelConfig` (which model, how loaded) and
+:class:`DiagnoseConfig` (how it is measured and what is recommended).
 
-Torch-free, so the CLI reads its defaults and choices from here without paying for torch.
+Each field carries its default, type, choices and help (PEFT's ``field(metadata={"help": ...})``
+style): the command line is generated from them (:mod:`plop.cli.options`), so a new option is a
+new field here and the code that uses it. Torch-free, so ``plop --help`` pays for no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from .errors import ConfigError
 
@@ -16,7 +19,21 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 TOKEN_SCOPES = ("all", "prompt", "response")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")  # bitsandbytes, as QLoRA trains on the base
-AUTO_MIN_SAMPLES = 16  # samples="auto" never stops on fewer: the bootstrap needs some rows to resample
+DEFAULT_SAMPLES = 100  # rows a diagnosis reads from a data file unless told otherwise
+
+
+def option(default: Any = None, help: str = "", **cli: Any) -> Any:
+    """A config field that documents itself. ``cli`` says what the command line needs beyond the
+    field's type: ``flag`` (another name), ``metavar``, ``choices``, ``group``, ``exclusive`` (a
+    mutually exclusive group's name), ``positional``, ``parse`` ("names": comma-separated,
+    "positive": a whole number >= 1), ``cli=False`` (API only)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+def default_alpha(rank: float) -> float:
+    """``lora_alpha`` when none is given: twice the rank, the LoRA+ paper's and PEFT examples' choice,
+    so that ``alpha / rank`` stays 2 whatever the rank."""
+    return 2 * rank
 
 
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -24,61 +41,130 @@ def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{name} must be one of {', '.join(choices)}, not {value!r}")
 
 
+def check_positive(name: str, value: object, optional: bool = False) -> None:
+    """A whole number >= 1 (``None`` too where ``optional``); bools are not numbers here."""
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+class AutoSampling:
+    """``samples="auto"``: read rows in growing windows and stop at the first window after which
+    the bootstrap calls the recommendation stable. The one home of that policy."""
+
+    MIN = 16  # never stop on fewer rows: the bootstrap needs some rows to resample
+    CAP = 1024  # rows read from a data file at most; a stable answer comes far sooner in practice
+
+    @classmethod
+    def rows(cls, samples: int | str | None) -> int | None:
+        """Rows to read from the data for ``samples``: the cap for ``"auto"``."""
+        return cls.CAP if samples == "auto" else samples  # type: ignore[return-value]
+
+    @classmethod
+    def stops(cls, samples: int | str | None, seen: int) -> bool:
+        """Whether a stable recommendation after ``seen`` rows ends the pass."""
+        return samples == "auto" and seen >= cls.MIN
+
+
+@dataclass
+class ModelConfig:
+    """Which model to diagnose or train, and how it is loaded (:func:`plop.load_model`)."""
+
+    model: str | None = option(None, "hub id, local model directory or .gguf file (default: the embedded "
+                                     "SmolLM2-135M-Instruct)", positional=True)
+    dtype: str = option("auto", "weights' dtype", choices=DTYPES)
+    device: str = option("auto", "where the model runs ('auto': the GPUs when there are some)", choices=DEVICES)
+    quantize: str = option("none", "load the base as QLoRA trains it: bitsandbytes 8-bit, or 4-bit NF4 (CPU or GPU)",
+                           choices=QUANTIZATIONS)
+    trust_remote_code: bool = option(False, "run the model repository's own code")
+    max_memory: str | None = option(None, 'weights each GPU and the CPU may hold, e.g. "2GiB"; the rest stays on '
+                                          "disk", metavar="SIZE", group="models bigger than memory (one process)")
+    offload_dir: str | None = option(None, "where weights that do not fit go (safetensors checkpoints are read in "
+                                           "place without it)", metavar="DIR",
+                                     group="models bigger than memory (one process)")
+
+    def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("device", self.device, DEVICES)
+        check_choice("quantize", self.quantize, QUANTIZATIONS)
+
+
+_RECOMMEND = "recommendation"
+
+
 @dataclass
 class DiagnoseConfig:
     """Settings of a diagnosis; all of them are recorded in the report, and all are checked here,
-    before any model is touched.
+    before any model is touched."""
 
-    ``samples``: how many rows to use (``None``: all; ``"auto"``: stop as soon as the bootstrap
-    says the recommendation is stable, after at least 16). ``batch_tokens``: texts are batched
-    by length, ``rows x longest row <= batch_tokens`` (``None``: ``batch_size x max_length``,
-    or more on a GPU with memory to spare; see :mod:`plop.measure.batching`). ``tokens``: which tokens of
-    prompt/response examples a decoder-only model is scored on (``"response"``: what supervised
-    fine-tuning trains on; the model always reads the whole example). ``estimator``: ``"closed_form"``
-    (exact ``||W||_F / sqrt(d_in)`` denominator, no extra compute) or ``"monte_carlo"``.
-    ``strategy``: ``"top_k"``, ``"budget"`` (needs ``budget``, trainable parameters at
-    ``rank``), ``"per_layer"``, or ``"allocate"`` (a rank per type, growing as its NFN falls,
-    ``rank ∝ (min NFN / NFN)^allocate_power``, under ``budget``; without one, under what the
-    ``top_k`` recommendation costs at ``rank``). ``weight_scores``: also compute KappaTune's condition
-    number and Spectrum's SNR of every weight (data-free; one SVD per matrix), to show where they
-    disagree with NFN.
-    """
-
-    samples: int | Literal["auto"] | None = None
-    max_length: int = 256
-    batch_size: int = 8
-    batch_tokens: int | None = None
-    tokens: Literal["all", "prompt", "response"] = "all"
-    seed: int = 0
-    estimator: Literal["closed_form", "monte_carlo"] = "closed_form"
-    strategy: Literal["top_k", "budget", "per_layer", "allocate"] = "top_k"
-    top_k: int = 3
-    budget: int | None = None
-    rank: int = 16
-    allocate_power: float = 2.0
-    n_bootstrap: int = 200
-    include_head: bool = False
-    weight_scores: bool = False
+    samples: int | Literal["auto"] | None = option(
+        None, "rows to sample ('auto': stop once the recommendation is stable; API default: all rows given)",
+        group="data", cli_default=DEFAULT_SAMPLES)
+    max_length: int = option(256, "tokens per sample", group="data", parse="positive")
+    batch_size: int = option(8, "rows per batch (with --max-length, the default token budget of a batch)",
+                             group="data", parse="positive")
+    batch_tokens: int | None = option(
+        None, "tokens per batch: rows are batched by length, rows x longest <= N (default: --batch-size x "
+              "--max-length, more on a GPU with memory to spare)", metavar="N", group="measurement", parse="positive")
+    tokens: Literal["all", "prompt", "response"] = option(
+        "all", "which tokens of prompt/response data to score (the model reads them all); 'response': what "
+               "supervised fine-tuning trains on", choices=TOKEN_SCOPES, group="measurement")
+    seed: int = option(0, "seed of the row sampling and the bootstrap", group="data")
+    estimator: Literal["closed_form", "monte_carlo"] = option(
+        "closed_form", "NFN's denominator: the exact ||W||_F / sqrt(d_in), or the paper's Monte-Carlo estimate",
+        choices=ESTIMATORS, group="measurement")
+    strategy: Literal["top_k", "budget", "per_layer", "allocate"] = option(
+        "top_k", "how the recommendation is chosen (the command line decodes it from --top-k, --budget, "
+                 "--per-layer and --allocate)", choices=STRATEGIES, cli=False)
+    top_k: int = option(3, "the k lowest-NFN types", group=_RECOMMEND, exclusive="strategy", parse="positive")
+    budget: int | None = option(None, "trainable LoRA parameters at --rank: the lowest-NFN types that fit",
+                                group=_RECOMMEND, exclusive="strategy", parse="positive")
+    rank: int = option(16, "LoRA rank the costs are computed at", group=_RECOMMEND, parse="positive")
+    allocate_power: float = option(2.0, "allocate's exponent: rank ~ (min NFN / NFN)^power", cli=False)
+    n_bootstrap: int = option(200, "bootstrap resamples for the selection probabilities", cli=False)
+    include_head: bool = option(False, "also diagnose the output head", group="measurement")
+    weight_scores: bool = option(False, "also score every weight without data (KappaTune condition number, "
+                                        "Spectrum SNR)", group="measurement")
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.batch_tokens is not None and (
-            not isinstance(self.batch_tokens, int) or isinstance(self.batch_tokens, bool) or self.batch_tokens < 1
-        ):
-            raise ConfigError(f"batch_tokens must be a positive integer, got {self.batch_tokens!r}")
-        if self.samples is not None and self.samples != "auto" and (
-            not isinstance(self.samples, int) or self.samples < 1
-        ):
-            raise ConfigError(f"samples must be a positive integer or 'auto', got {self.samples!r}")
+            check_positive(name, getattr(self, name))
+        check_positive("batch_tokens", self.batch_tokens, optional=True)
+        if self.samples != "auto":
+            check_positive("samples", self.samples, optional=True)
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("tokens", self.tokens, TOKEN_SCOPES)
-        if self.budget is not None and (not isinstance(self.budget, int) or self.budget < 1):
-            raise ConfigError(f"budget must be a positive number of parameters, got {self.budget!r}")
+        check_budget(self.strategy, self.budget)
         if not self.allocate_power > 0:
             raise ConfigError(f"allocate_power must be positive, got {self.allocate_power!r}")
-        if self.strategy == "budget" and self.budget is None:
-            raise ConfigError("the budget strategy needs a positive parameter budget")
+
+
+@dataclass
+class StrategyFlags:
+    """The command line's shorthands for a strategy, decoded into :class:`DiagnoseConfig`'s
+    ``strategy`` and ``budget`` (the API sets those directly)."""
+
+    per_layer: bool = option(False, "pick individual modules (k per layer on average) instead of whole types",
+                             group=_RECOMMEND, exclusive="strategy")
+    allocate: int | None = option(
+        None, "a LoRA rank per type, larger where NFN is lower, under BUDGET parameters (default: what the top-k "
+              "placement costs at --rank); PEFT rank_pattern", metavar="BUDGET", group=_RECOMMEND,
+        exclusive="strategy", optional_value=0, parse="positive")
+
+    def apply(self, values: dict[str, Any]) -> dict[str, Any]:
+        """``values`` (DiagnoseConfig fields) with the strategy these flags and ``budget`` ask for."""
+        if self.allocate is not None:  # --allocate alone (0): spend what the top-k costs
+            return {**values, "strategy": "allocate", "budget": self.allocate or None}
+        if values.get("budget") is not None:
+            return {**values, "strategy": "budget"}
+        return {**values, "strategy": "per_layer"} if self.per_layer else values
+
+
+def check_budget(strategy: str, budget: int | None) -> None:
+    """A budget is a positive parameter count, and the budget strategy needs one."""
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise ConfigError(f"budget must be a positive parameter budget, got {budget!r}")
+    if strategy == "budget" and budget is None:
+        raise ConfigError("the budget strategy needs a positive parameter budget")

@@ -18,7 +18,7 @@ from torch import nn
 
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
-from .config import AUTO_MIN_SAMPLES, DiagnoseConfig
+from .config import AutoSampling, DiagnoseConfig
 from .model.coverage import coverage
 from .measure.distributed import GlobalState, data_parallel_passes, world
 from .errors import ConfigError, DataError, ModelError
@@ -30,6 +30,7 @@ from .model.placement import ModelLayout, placement_costs, recommendation_target
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
 from .ranking.report import ModuleRecord, Report
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
+from .files.data import take_sample
 from .files.untrusted import clip_text
 from .measure.weight_scores import weight_scores
 
@@ -192,7 +193,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
             selector = Selector(_eligible(records, layout), config.strategy, top_k=config.top_k,
                                 budget=config.budget, rank=config.rank, power=config.allocate_power)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
-            if config.samples == "auto" and state.samples >= AUTO_MIN_SAMPLES:
+            if AutoSampling.stops(config.samples, state.samples):
                 if selector.recommend(_replicates(state, selector.records))[0].stable:
                     break
         if selector is None:
@@ -234,7 +235,7 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     total = None
     examples = _is_examples(data)
     if _is_texts(data) or examples:
-        data = data[: config.samples] if isinstance(config.samples, int) else data
+        data = take_sample(data, config.samples if isinstance(config.samples, int) else None, config.seed)
         total = len(data)
     if config.tokens != "all" and not examples:
         raise ConfigError(f"tokens={config.tokens!r} needs prompt/response examples",

@@ -242,9 +242,9 @@ def test_an_internal_bug_keeps_its_traceback(tmp_path):
     """Only user errors become one line: a bug inside a command (here one that raises a bare
     ValueError, as numpy would) must show its traceback and exit 1, never pass for a user error."""
     code = ("import sys\nfrom plop.cli import main\n"
-            "import plop.cli as cli\n"
+            "import plop.cli.reports as reports\n"
             "def boom(args):\n    raise ValueError('internal: numpy said no')\n"
-            "cli.cmd_show = boom\n"
+            "reports.show = boom\n"
             "sys.exit(main(['show', 'whatever.json']))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=60)
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "internal: numpy said no" in proc.stderr

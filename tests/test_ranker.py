@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import make_batches, pad_batches
 from plop import diagnose
-from plop.config import AUTO_MIN_SAMPLES
+from plop.config import AutoSampling
 from plop.model.placement import placement_costs, placement_types
 from plop.ranking.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
 from plop.ranking.report import ModuleRecord
@@ -257,8 +257,8 @@ def test_samples_auto_stops_early_when_stable(aligned_toy):
     full = diagnose(aligned_toy, data, top_k=1, n_bootstrap=100)
     auto = diagnose(aligned_toy, data, samples="auto", top_k=1, n_bootstrap=100)
     assert full.data["samples"] == 160
-    assert AUTO_MIN_SAMPLES <= auto.data["samples"] < 160
-    assert auto.data["samples"] == AUTO_MIN_SAMPLES  # stable at the first check
+    assert AutoSampling.MIN <= auto.data["samples"] < 160
+    assert auto.data["samples"] == AutoSampling.MIN  # stable at the first check
     assert auto.recommendation.stable
     assert auto.recommendation.types == full.recommendation.types == ["low"]
     assert auto.settings["samples"] == "auto"

@@ -1,7 +1,7 @@
 """The recommendation in stack-neutral terms, and what a stack's emitted targets really match.
 
 Every exporter reads a :class:`Target` instead of the report, so the rules shared by all stacks
-(default alpha, PEFT's matching semantics, layer-relative paths) live here once.
+(layer-relative paths, what a stack cannot express) live here once.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..config import default_alpha
+from ..model.roles import peft_matches
 
 
 # Architectures/model types whose suffix targets also reach a vision tower (checked in lint.py).
@@ -24,18 +27,10 @@ class Options:
     """The LoRA hyper-parameters the user asks for; ``None`` rank/alpha fall back to the report."""
 
     rank: int | None = None
-    alpha: int | None = None
+    alpha: float | None = None
     dropout: float = 0.05
     dora: bool = False
     loraplus_ratio: float | None = None  # lr_B / lr_A; None or 1 means plain LoRA
-
-
-def peft_matches(name: str, target: str | Iterable[str]) -> bool:
-    """PEFT's rule: a str is a regex that must full-match the module name, a list holds suffixes
-    matched at a ``.`` boundary (https://huggingface.co/docs/peft/package_reference/lora, target_modules)."""
-    if isinstance(target, str):
-        return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
 
 
 def suffix_regex(suffixes: Iterable[str]) -> str:
@@ -63,7 +58,7 @@ class Target:
         self.modules: list[str] = list(rec.modules)
         self.target_modules: list[str] | str = rec.target_modules
         self.rank: int = self.options.rank or rec.rank
-        self.alpha: int = self.options.alpha or 2 * self.rank  # plop's and LLaMA-Factory's default
+        self.alpha: float = self.options.alpha or default_alpha(self.rank)
         # later strategies (--allocate, MoE experts) may add these; older reports lack them
         self.rank_pattern: dict[str, int] | None = getattr(rec, "rank_pattern", None)
         self.alpha_pattern: dict[str, int] | None = getattr(rec, "alpha_pattern", None)

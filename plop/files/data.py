@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import option
 from ..errors import DataError, first_line
 from .fsio import kind_of
 from .untrusted import check_text_field, clip_text, plain_safe
@@ -54,16 +55,28 @@ class Example:
 
 
 @dataclass
+class DataSource:
+    """Where the task data comes from (:func:`load_rows`)."""
+
+    data: str | None = option(None, "JSON/JSONL/CSV/Parquet/text file or folder, or a hub dataset name (default: "
+                                    "plop's built-in demo data)", group="data")
+    split: str = option("train", "split of a hub dataset or folder", group="data")
+    data_config: str | None = option(None, "configuration of a hub dataset", group="data", aliases=("--config",))
+
+
+@dataclass
 class TextFormat:
     """How rows become text. At most one of ``text_field``, ``template`` and ``chat``; with none,
     a ``text`` field or a known prompt/response pair (``prompt``/``response``,
     ``question``/``answer``, ...) is used."""
 
-    text_field: str | None = None
-    template: str | None = None
-    chat: bool = False
-    prompt_field: str | None = None
-    response_field: str | None = None
+    text_field: str | None = option(None, "take the text from this one field", group="data", exclusive="text")
+    template: str | None = option(None, 'format several fields, e.g. "Q: {question}\\nA: {answer}"', group="data",
+                                  exclusive="text", parse="escapes")
+    chat: bool = option(False, "apply the tokenizer's chat template to prompt/response", group="data",
+                        exclusive="text")
+    prompt_field: str | None = option(None, "field holding the prompt (default: detected)", group="data")
+    response_field: str | None = option(None, "field holding the response (default: detected)", group="data")
 
     def __post_init__(self) -> None:
         if sum([self.text_field is not None, self.template is not None, self.chat]) > 1:
@@ -210,11 +223,60 @@ def load_rows(source: str | None = None, *, split: str = "train", config: str | 
 
 
 def sample_indices(n_rows: int, samples: int | None, seed: int) -> list[int]:
-    """A seeded random subset of row indices (all rows, shuffled, when ``samples`` is None)."""
-    if samples is not None and samples > n_rows:
-        warnings.warn(f"asked for {samples} samples but the data has {n_rows} rows; using all of them", stacklevel=2)
+    """The one sampling rule: a seeded random subset of row indices, in the seeded order (all rows,
+    shuffled, when ``samples`` is None or covers them all)."""
     order = np.random.default_rng(seed).permutation(n_rows)
     return [int(i) for i in order[: samples or n_rows]]
+
+
+def take_sample(data: list, samples: int | None, seed: int) -> list:
+    """``samples`` items of ``data`` by :func:`sample_indices`; data no larger than that is a sample
+    already (what :func:`load_examples` returns) and is kept as given."""
+    if samples is None or len(data) <= samples:
+        return list(data)
+    return [data[i] for i in sample_indices(len(data), samples, seed)]
+
+
+@dataclass
+class TaskRows:
+    """Rows read and sampled, their text format resolved: everything about the data that can be
+    checked before a model is loaded. :meth:`examples` formats them (a chat template needs the
+    model's tokenizer)."""
+
+    rows: list[dict[str, Any]]
+    indices: list[int]
+    fmt: TextFormat
+    info: dict[str, Any]
+
+    def examples(self, tokenizer=None) -> tuple[list[Example], dict[str, Any]]:
+        """``(examples, info)``: rows whose text is empty are dropped (``info["dropped_empty"]``)."""
+        examples, kept = [], []
+        for i, row in zip(self.indices, self.rows):
+            ex = self.fmt.example(row, tokenizer, i)
+            if ex.text.strip():
+                examples.append(ex)
+                kept.append(i)
+        if not examples:
+            raise DataError(f"{self.info['source']}: no non-empty text left in the selected rows")
+        info = {**self.info, "indices": kept, "dropped_empty": len(self.indices) - len(kept),
+                "format": {k: v for k, v in asdict(self.fmt).items() if v not in (None, False)}}
+        return examples, info
+
+
+def read_rows(source: str | None = None, *, samples: int | None = None, seed: int = 0,
+              text_format: TextFormat | None = None, split: str = "train", config: str | None = None,
+              warn_short: bool = True) -> TaskRows:
+    """Read ``source`` (:func:`load_rows`), sample ``samples`` rows and resolve the text format.
+    ``warn_short``: say so when the data has fewer rows than asked for."""
+    ds, info = load_rows(source, split=split, config=config)
+    if len(ds) == 0:
+        raise DataError(f"{info['source']}: the data is empty")
+    fmt = (text_format or TextFormat()).resolve(info["fields"])
+    if warn_short and samples is not None and samples > len(ds):
+        warnings.warn(f"asked for {samples} samples but the data has {len(ds)} rows; using all of them", stacklevel=2)
+    indices = sample_indices(len(ds), samples, seed)
+    rows = [ds[i] for i in indices] if isinstance(ds, list) else list(ds.select(indices))  # select: one Arrow take
+    return TaskRows(rows, indices, fmt, {**info, "seed": seed})
 
 
 def load_examples(
@@ -231,20 +293,5 @@ def load_examples(
 
     Rows whose text is empty are dropped (and counted in ``info["dropped_empty"]``).
     """
-    ds, info = load_rows(source, split=split, config=config)
-    if len(ds) == 0:
-        raise DataError(f"{info['source']}: the data is empty")
-    fmt = (text_format or TextFormat()).resolve(info["fields"])
-    indices = sample_indices(len(ds), samples, seed)
-    rows = [ds[i] for i in indices] if isinstance(ds, list) else ds.select(indices)  # select: one Arrow take
-    examples, kept = [], []
-    for i, row in zip(indices, rows):
-        ex = fmt.example(row, tokenizer, i)
-        if ex.text.strip():
-            examples.append(ex)
-            kept.append(i)
-    if not examples:
-        raise DataError(f"{info['source']}: no non-empty text left in the selected rows")
-    info.update(indices=kept, dropped_empty=len(indices) - len(kept), seed=seed,
-                format={k: v for k, v in asdict(fmt).items() if v not in (None, False)})
-    return examples, info
+    return read_rows(source, samples=samples, seed=seed, text_format=text_format, split=split,
+                     config=config).examples(tokenizer)

@@ -48,8 +48,9 @@ def _umask() -> int:
     return mask
 
 
-def _prepare(target: Path, *, folder: bool) -> None:
-    """Refuse destinations a plain ``open`` would mishandle, then create the parent folders.
+def check_destination(path: str | os.PathLike | None, *, folder: bool = False) -> None:
+    """Refuse a destination a plain ``open`` would mishandle (nothing to check for ``None`` or ``""``).
+    Commands call it on their output paths before any slow work, and every write calls it again.
 
     ``folder``: the destination is a folder (an existing one is left for :func:`atomic_dir` to
     handle), else a file (an existing folder there is refused).
@@ -59,6 +60,9 @@ def _prepare(target: Path, *, folder: bool) -> None:
     the file in place never follows a link either, so a link planted after this check is
     replaced, and nothing is written outside.
     """
+    if not path:
+        return
+    target = Path(path)
     if target.is_symlink():
         raise FileError(f"{_show(target)} is a symbolic link; plop does not write through links",
                         "remove it or choose another path")
@@ -70,6 +74,11 @@ def _prepare(target: Path, *, folder: bool) -> None:
                 kind = kind_of(parent.lstat().st_mode)
                 raise FileError(f"cannot write {_show(target)}: {_show(parent)} is {kind}, not a folder")
             break
+
+
+def _prepare(target: Path, *, folder: bool) -> None:
+    """:func:`check_destination`, then create the parent folders."""
+    check_destination(target, folder=folder)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

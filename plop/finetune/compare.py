@@ -31,7 +31,7 @@ from ..files.fsio import atomic_write
 from ..measure.layers import dense_weight
 from ..model.loading import ModelLayout, model_layout
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
-from ..ranking.ranker import Selector, adapter_cost, modules_regex
+from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modules
 from ..ranking.report import ModuleRecord, Report
 from ..measure.weight_scores import weight_scores
 from .config import TrainConfig
@@ -185,7 +185,7 @@ def _chosen_modules(placement: str, model: nn.Module, report: Report, layout, co
     if placement == "kappatune":
         return _kappatune_modules(model, {m.name: m for m in linear}, count)
     if placement == "per-layer":
-        return [m.name for m in sorted(linear, key=lambda m: m.nfn)[:count]]
+        return select_modules(linear, np.array([m.nfn for m in linear]), rank=1, count=count)
     return [m.name for m in sorted(linear, key=lambda m: -_snr(m, model))[:count]]
 
 

@@ -9,51 +9,49 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import default_alpha, option
 from ..errors import ConfigError
 
 SUMMARY_FILE = "plop_train_summary.json"
 REPORT_TO = ("none", "tensorboard", "wandb")  # passed to the Trainer; the package must be installed
+_LORA = "fine-tuning"
 
 
 @dataclass
 class TrainConfig:
-    """Settings of a fine-tune; all of them land in the summary JSON.
-
-    ``alpha``: ``lora_alpha``; None (the default) means ``2 * rank`` whatever the rank, as
-    :meth:`Report.to_peft_config` does, so ``replace(config, rank=8)`` keeps that rule.
-    ``loraplus_ratio``: LoRA+ learning-rate ratio of the B matrices to the A matrices (1: plain
-    LoRA). ``steps`` or ``epochs`` bound the run (neither: one epoch). ``logging_steps``
-    and ``save_steps`` below 1 are fractions of the run (the Trainer's convention), so short and
-    long runs both get a readable loss curve and a few checkpoints. ``eval_steps``: also
-    evaluate during training (the eval loss is always measured before and after).
-    ``adapter_name``: ``"default"`` writes into ``output_dir``; any other name into
-    ``output_dir/<name>/``, PEFT's own layout for several adapters on one base model.
-    ``report_to``: where the Trainer logs (``tensorboard``, ``wandb`` or ``none``); with
-    TensorBoard, plop also logs the placement and the report's NFN heatmap at step 0.
+    """Settings of a fine-tune; all of them land in the summary JSON. ``alpha`` None means
+    :func:`plop.config.default_alpha` of whatever the rank is, so ``replace(config, rank=8)`` keeps
+    that rule; ``steps`` or ``epochs`` bound the run (neither: one epoch); ``logging_steps`` and
+    ``save_steps`` below 1 are fractions of the run (the Trainer's convention), so short and long
+    runs both get a readable loss curve and a few checkpoints; ``adapter_name`` other than
+    ``"default"`` writes into ``output_dir/<name>/``, PEFT's layout for several adapters on one base.
     """
 
-    rank: int = 16
-    alpha: float | None = None
-    dropout: float = 0.05
-    lr: float = 2e-4
-    loraplus_ratio: float = 16.0
-    dora: bool = False
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 256
-    eval_fraction: float = 0.1
-    seed: int = 0
-    output_dir: str = "plop-adapter"
-    resume: bool = False
-    overwrite: bool = False
-    adapter_name: str = "default"
-    logging_steps: float = 0.02
-    save_steps: float = 0.25
-    save_total_limit: int = 2
-    eval_steps: int | None = None
-    report_to: str = "none"
+    rank: int = option(16, "LoRA rank", group=_LORA)
+    alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
+    dropout: float = option(0.05, "LoRA dropout", group=_LORA)
+    lr: float = option(2e-4, "learning rate (of the A matrices under LoRA+)", group=_LORA)
+    loraplus_ratio: float = option(16.0, "LoRA+: the B matrices' learning rate over the A matrices' (1: plain LoRA)",
+                                   group=_LORA)
+    dora: bool = option(False, "DoRA: also learn each output's magnitude", group=_LORA)
+    steps: int | None = option(None, "optimizer steps (default: one epoch)", group=_LORA, parse="positive")
+    epochs: float | None = option(None, "epochs, instead of --steps", group=_LORA)
+    batch_size: int = option(8, "rows per batch", group="data", parse="positive")
+    grad_accum: int = option(1, "batches per optimizer step", group=_LORA, parse="positive")
+    max_length: int = option(256, "tokens per sample", group="data", parse="positive")
+    eval_fraction: float = option(0.1, "share of the data held out for the eval loss", group=_LORA)
+    seed: int = option(0, "seed of the row sampling, the split and the training", group="data")
+    output_dir: str = option("plop-adapter", "adapter, checkpoints and plop_train_summary.json", group="output")
+    resume: bool = option(False, "continue from the last checkpoint in the output dir", group="output",
+                          exclusive="again")
+    overwrite: bool = option(False, "replace a previous run in the output dir", group="output", exclusive="again")
+    adapter_name: str = option("default", "a named adapter goes to OUTPUT_DIR/NAME/", group="output")
+    logging_steps: float = option(0.02, "log every N steps (below 1: that fraction of the run)", cli=False)
+    save_steps: float = option(0.25, "checkpoint every N steps (below 1: that fraction of the run)", cli=False)
+    save_total_limit: int = option(2, "checkpoints kept", cli=False)
+    eval_steps: int | None = option(None, "also evaluate every N steps", cli=False)
+    report_to: str = option("none", "where the Trainer logs; tensorboard also gets the placement and NFN heatmap "
+                                    "at step 0", choices=REPORT_TO, group=_LORA)
 
     def __post_init__(self) -> None:
         for name in ("rank", "batch_size", "grad_accum", "max_length", "save_total_limit"):
@@ -87,7 +85,7 @@ class TrainConfig:
     @property
     def lora_alpha(self) -> float:
         """The ``lora_alpha`` in force: ``alpha``, else ``2 * rank``."""
-        return 2 * self.rank if self.alpha is None else self.alpha
+        return default_alpha(self.rank) if self.alpha is None else self.alpha
 
     @property
     def run_dir(self) -> Path:

@@ -30,7 +30,8 @@ from ..measure.distributed import barrier, launched, timeout
 from ..errors import FileError, ModelError, PlopError
 from ..files.fsio import atomic_write
 from ..model.loading import ensure_pad_token, is_causal_lm, model_info, model_layout
-from ..model.placement import Targets, ranks_text, resolve_targets
+from ..model.placement import Targets, resolve_targets
+from ..ranking.render import ranks_text
 from ..ranking.report import Report
 from ..measure.seq2seq import is_encoder_decoder
 from ..version import __version__

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import AUTO_MIN_SAMPLES
+from ..config import AutoSampling
 from ..errors import DataError
 
 MAX_WINDOW = 1024
@@ -51,7 +51,7 @@ class Batch:
         return len(self.rows)
 
 
-def windows(n: int, first: int = AUTO_MIN_SAMPLES, largest: int = MAX_WINDOW) -> Iterator[range]:
+def windows(n: int, first: int = AutoSampling.MIN, largest: int = MAX_WINDOW) -> Iterator[range]:
     """``range(0, n)`` cut into windows of ``first``, ``first``, then each as long as all before it,
     up to ``largest`` rows (which bounds what is tokenized ahead and the packing's work)."""
     start, size = 0, first

@@ -27,6 +27,8 @@ import functools
 import itertools
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -105,6 +107,18 @@ def finish() -> None:
     """Leave the process group cleanly at the end of a command (no-op for a single process)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def leave(line: str, code: int) -> None:
+    """End a failed process of a launched job at once, after saying ``line`` on stderr.
+
+    SIGTERM is held off while it speaks: the launcher SIGTERMs the other processes as soon as one
+    exits, and tearing down a process group whose peer has left can abort the process (SIGABRT)
+    after its line, so either would turn its exit code into a signal."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def barrier() -> None:

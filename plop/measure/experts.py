@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .nfn import normalized_feature_norm, random_baselines
+
 _SUM, _SUMSQ, _COUNT, _IN_SUM, _OUT_SUM = range(5)  # rows of ExpertWeightStats.sums
 
 
@@ -90,7 +92,7 @@ class ExpertWeightStats:
     def expert_nfn(self) -> np.ndarray:
         """NFN per expert, NaN for an expert no token was routed to."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.sums[_SUM] / self.count / self.baseline
+            return normalized_feature_norm(self.sums[_SUM] / self.count, self.baseline)
 
     @property
     def nfn(self) -> float:
@@ -165,10 +167,9 @@ class ExpertStats:
         self.stats: dict[str, ExpertWeightStats] = {}
         for prefix, module in experts.items():
             for pname, w in expert_weights(module).items():
-                w = w.detach().float()
-                baseline = torch.linalg.matrix_norm(w) / math.sqrt(w.shape[2])
-                self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(
-                    f"{prefix}.{pname}", tuple(w.shape), baseline.double().cpu().numpy(), n_bootstrap)
+                baseline = np.array(random_baselines(list(w.detach())))  # one (d_out, d_in) matrix per expert
+                self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(f"{prefix}.{pname}", tuple(w.shape), baseline,
+                                                                    n_bootstrap)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None
         self._weights: np.ndarray | None = None

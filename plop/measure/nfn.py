@@ -90,6 +90,6 @@ def monte_carlo_baseline(weight: torch.Tensor, samples: int = 4096, seed: int = 
     return torch.linalg.vector_norm(u @ weight.detach().float().T, dim=-1).double().mean().item()
 
 
-def normalized_feature_norm(ratio_mean: float, baseline: float) -> float:
-    """``NFN = mean_t ||W z_t|| / ||z_t||  /  baseline``."""
+def normalized_feature_norm(ratio_mean, baseline):
+    """``NFN = mean_t ||W z_t|| / ||z_t||  /  baseline``, for numbers or arrays (one per MoE expert)."""
     return ratio_mean / baseline

@@ -14,7 +14,7 @@ from functools import cached_property
 from ..errors import ConfigError, PlopError
 from ..ranking.ranker import adapter_cost, modules_regex
 from ..ranking.report import ModuleRecord, Recommendation, Report
-from .roles import peft_target_parameters, peft_targets, placement_groups, role_types
+from .roles import peft_matches, peft_target_parameters, peft_targets, placement_groups, role_types
 
 PLACEMENTS = ("qv", "attention", "mlp", "all-linear")  # resolved from a model's own module roles
 TRAIN_PLACEMENTS = ("recommended", *PLACEMENTS)
@@ -86,13 +86,6 @@ class Targets:
     def recommended(cls, rec: Recommendation) -> Targets:
         """A report's recommendation, with an allocation's own rank per type."""
         return cls("recommended", rec.target_modules, list(rec.types), rec.target_parameters, rec.rank_pattern)
-
-
-def ranks_text(rank: int, rank_pattern: Mapping[str, int] | None) -> str:
-    """``rank 16``, or an allocation's ``ranks v_proj 6, up_proj 2`` (its rank per type)."""
-    if rank_pattern:
-        return "ranks " + ", ".join(f"{t} {r}" for t, r in rank_pattern.items())
-    return f"rank {rank}"
 
 
 def placement_types(types: Sequence[ModuleRecord] | Mapping[str, str], placement: str,
@@ -182,12 +175,8 @@ def resolve_targets(
 
 
 def modules_peft_adapts(layout: ModelLayout, target_modules: Sequence[str] | str) -> list[str]:
-    """The linear modules PEFT would adapt, by PEFT's own matcher, so plop and PEFT never disagree."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    probe = LoraConfig(target_modules=target_modules)
-    matched = [n for n in layout.linear if check_target_module_exists(probe, n)]
+    """The linear modules PEFT would adapt (:func:`plop.model.roles.peft_matches`)."""
+    matched = [n for n in layout.linear if peft_matches(n, target_modules)]
     if not matched:
         raise PlopError(f"target modules {target_modules!r} match no linear module of this model",
                         f"its module types: {', '.join(layout.types_of(layout.body))}")

@@ -88,9 +88,14 @@ def role_types(names: Iterable[str], *, params: Collection[str] = ()) -> dict[st
     return {n: suffix(role(n)) for n in names}
 
 
-def _matches(key: str, name: str) -> bool:
-    """PEFT's list-entry rule (``peft.tuners.tuners_utils.check_target_module_exists``)."""
-    return name == key or name.endswith("." + key)
+def peft_matches(name: str, target: str | Iterable[str]) -> bool:
+    """PEFT's rule for ``target_modules`` (``peft.tuners.tuners_utils.check_target_module_exists``):
+    a str is a regex that must full-match the module name, a list holds names matched whole or as a
+    suffix at a ``.`` boundary. plop's one copy of it, tested equal to PEFT's own on every module
+    name of the architecture sweep, so exports and placements need no PEFT import to resolve targets."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target)
 
 
 def _suffix_list(chosen: Collection[str], role_map: Mapping[str, str], others: Iterable[str]) -> list[str] | None:
@@ -99,7 +104,7 @@ def _suffix_list(chosen: Collection[str], role_map: Mapping[str, str], others: I
     if any(INDEX in k for k in keys):
         return None
     wanted = {n for n, t in role_map.items() if t in chosen}
-    hit = {n for n in {*role_map, *others} if any(_matches(k, n) for k in keys)}
+    hit = {n for n in {*role_map, *others} if peft_matches(n, keys)}
     return keys if hit == wanted else None
 
 

@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from .report import Report
+from ..config import default_alpha
 from ..files.fsio import atomic_write
 from .render import figure_bytes, plot_report, target_modules_line
 
@@ -61,11 +62,11 @@ _CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_CSS)}; script
 
 
 def default_exports(report: Report) -> dict[str, str]:
-    """The PEFT ``LoraConfig`` line (``lora_alpha = 2 r``, as :meth:`Report.to_peft_config`) and the
+    """The PEFT ``LoraConfig`` line (the default alpha, as :meth:`Report.to_peft_config`) and the
     bare ``target_modules=[...]`` line."""
     r = report.recommendation.rank
     line = target_modules_line(report)
-    return {"peft": f"LoraConfig(r={r}, lora_alpha={2 * r}, {line})", "target_modules": line}
+    return {"peft": f"LoraConfig(r={r}, lora_alpha={default_alpha(r):g}, {line})", "target_modules": line}
 
 
 def _figure_data_uri(report: Report) -> str:

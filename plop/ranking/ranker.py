@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..config import STRATEGIES, check_choice
+from ..config import STRATEGIES, check_budget, check_choice, check_positive, default_alpha
 from ..errors import ConfigError
 from .report import ModuleRecord, Recommendation, TypeRanking
 
@@ -116,9 +116,11 @@ def allocate_ranks(means: Mapping[str, float], per_rank: Mapping[str, int], budg
     return best
 
 
-def _select_modules(
-    records: Sequence[ModuleRecord], nfn: np.ndarray, rank: int, count: int, budget: int | None
+def select_modules(
+    records: Sequence[ModuleRecord], nfn: np.ndarray, rank: int, count: int, budget: int | None = None
 ) -> list[str]:
+    """The per-layer rule: modules in ascending NFN (ties in record order), ``count`` of them, or
+    as many as fit ``budget`` LoRA parameters at ``rank``."""
     chosen, spent = [], 0
     for i in np.lexsort((np.arange(len(records)), nfn)):
         m = records[i]
@@ -186,12 +188,9 @@ class Selector:
         power: float = 2.0,
     ) -> None:
         check_choice("strategy", strategy, STRATEGIES)
-        if top_k < 1:
-            raise ConfigError(f"top_k must be >= 1, got {top_k}")
-        if rank < 1:
-            raise ConfigError(f"rank must be >= 1, got {rank}")
-        if strategy == "budget" and (budget is None or budget <= 0):
-            raise ConfigError("the budget strategy needs a positive parameter budget")
+        check_positive("top_k", top_k)
+        check_positive("rank", rank)
+        check_budget(strategy, budget)
         self.records = list(records)
         self.strategy, self.top_k, self.budget, self.rank, self.power = strategy, top_k, budget, rank, power
         self.per_rank: dict[str, int] = defaultdict(int)
@@ -206,7 +205,7 @@ class Selector:
     def __call__(self, nfn: np.ndarray) -> frozenset[str]:
         """The selected types (or module names, for ``per_layer``)."""
         if self.strategy == "per_layer":
-            return frozenset(_select_modules(self.records, nfn, self.rank, self.per_layer_count, self.budget))
+            return frozenset(select_modules(self.records, nfn, self.rank, self.per_layer_count, self.budget))
         means = type_means(self.records, nfn)
         if self.strategy == "top_k":
             return frozenset(_select_top_k(means, self.top_k))
@@ -247,7 +246,7 @@ class Selector:
         """Fill in an allocation's ranks, the alphas that keep alpha / rank = 2, and its cost."""
         ranks = allocate_ranks(type_means(self.records), self.per_rank, self.budget, self.power)
         rec.rank_pattern = {t: ranks[t] for t in rec.types}
-        rec.alpha_pattern = {t: 2 * r for t, r in rec.rank_pattern.items()}
+        rec.alpha_pattern = {t: default_alpha(r) for t, r in rec.rank_pattern.items()}
         rec.rank = max(ranks.values())
         rec.trainable_params = sum(r * self.per_rank[t] for t, r in ranks.items())
         rec.size_mb = rec.trainable_params * BYTES_PER_PARAM / 1e6

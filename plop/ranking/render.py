@@ -167,6 +167,28 @@ def comparison_table(comparison) -> Table:
     return table
 
 
+def ranks_text(rank: int, rank_pattern: dict[str, int] | None) -> str:
+    """``rank 16``, or an allocation's ``ranks v_proj 6, up_proj 2`` (its rank per type)."""
+    if rank_pattern:
+        return "ranks " + ", ".join(f"{t} {r}" for t, r in rank_pattern.items())
+    return f"rank {rank}"
+
+
+def train_summary_text(s: dict[str, Any], adapter_path: str) -> str:
+    """What ``plop train`` says when it is done, from the run's summary (rich markup, escaped)."""
+    method = "DoRA" if s["dora"] else "LoRA"
+    method += f"+ (ratio {s['loraplus_ratio']:g})" if s["loraplus_ratio"] != 1 else ""
+    before, after = s["eval_before"], s["eval_after"]
+    evals = (f"; eval loss {before['loss']:.4f} -> {after['loss']:.4f} (ppl {before['ppl']:.2f} -> {after['ppl']:.2f})"
+             if before and after else "")
+    processes = f" on {s['world_size']} processes (global batch {s['global_batch']})" if s["world_size"] > 1 else ""
+    return (f"trained {method} {ranks_text(s['rank'], s['rank_pattern'])} on "
+            f"[bold]{terminal_safe(', '.join(s['types']))}[/] ({terminal_safe(s['placement'])}): "
+            f"{s['trainable_params']:,} trainable parameters\n"
+            f"{s['steps']} steps{processes}, {s['seconds_per_step'] or 0:.3f} s/step{evals}\n"
+            f"adapter written to [bold]{terminal_safe(adapter_path)}[/] (PeftModel.from_pretrained(base, path) loads it)")
+
+
 def nfn_change_table(change: dict[str, dict]) -> Table:
     """What a fine-tune changed (``summary["nfn_change"]``): mean NFN per type, frozen and adapted."""
     table = Table(title="NFN after training, on the diagnosis rows (adapted vs frozen)", box=box.SIMPLE_HEAD,

@@ -1,0 +1,71 @@
+"""``plop compare``: fine-tune several placements at one parameter budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ConfigError
+from ..files.fsio import check_destination
+from ..files.untrusted import plain_safe
+from ..finetune.config import TrainConfig
+from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
+from .inputs import is_main, load_model_and_data, model_command
+from .options import build, names
+from .train import diagnosed
+
+EXAMPLES = """examples:
+  plop compare --report report.json --steps 50
+  plop compare ./my-model --data gsm8k.jsonl --report report.json --placements recommended,qv,all-linear \\
+      --seeds 0,1,2 --steps 200 --out results.json
+"""
+
+
+def seeds(value: str) -> list[int]:
+    try:
+        return [int(v) for v in names(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
+
+
+def register(sub) -> None:
+    p = model_command(sub, "compare", "fine-tune several placements at one parameter budget",
+                      "Each placement gets the rank that matches the recommendation's trainable parameters at "
+                      "--rank (within 10%); same data, steps, seed and learning rate.", EXAMPLES,
+                      train_config=TrainConfig,
+                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to"))
+    p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
+    p.add_argument("--placements", type=names, default=None, metavar="A,B",
+                   help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})")
+    p.add_argument("--seeds", type=seeds, default=[0], metavar="0,1,2", help="one run per placement and seed")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
+    o.add_argument("--plot", default=None, metavar="FILE",
+                   help="write a PNG: eval loss per placement (spread over seeds) and trainable parameters")
+    o.add_argument("--output-dir", default=None, help="keep every run's adapter here (default: discarded)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..finetune.compare import compare
+    from ..ranking.report import Report
+
+    if args.samples == "auto":
+        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
+    config = build(TrainConfig, args)
+    for path in (args.out, args.plot):
+        check_destination(path)
+    report = Report.load(args.report) if args.report else None
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
+    report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
+    result = compare(model, tokenizer, examples, report, placements=args.placements, seeds=args.seeds,
+                     rank=args.rank, config=config, output_dir=args.output_dir, progress=True)
+    if not is_main():
+        return 0
+    Console().print(result)
+    for path, write, what in ((args.out, result.save, "results"), (args.plot, result.plot, "plot")):
+        if path:
+            write(path)
+            print(plain_safe(f"{what} written to {path}"))
+    return 0

@@ -1,0 +1,68 @@
+"""What the commands that load a model share: the model and data options, and loading them in the
+order that fails fast (the data is read and checked before the slow model load)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import AutoSampling, DiagnoseConfig, ModelConfig
+from ..files.data import DataSource, TaskRows, TextFormat
+from .options import add_options, build, command
+
+
+def model_command(sub, name: str, help: str, description: str, epilog: str, *, train_config: type | None = None,
+                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> argparse.ArgumentParser:
+    """A subcommand that loads a model and reads data: the model and data options (``train_config``
+    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help."""
+    p = command(sub, name, help, description, epilog)
+    add_options(p, ModelConfig, skip=() if big_models else ("max_memory", "offload_dir"))
+    add_options(p, DataSource, TextFormat)
+    if train_config is None:
+        add_options(p, DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
+    else:  # a fine-tune reads all the rows unless told otherwise
+        add_options(p, DiagnoseConfig, only=("samples",), defaults={"samples": None},
+                    helps={"samples": "rows to sample (default: all)"})
+        add_options(p, train_config, skip=train_skip)
+    return p
+
+
+def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
+    """The data file read, its rows sampled and its fields checked, before any model is loaded."""
+    from ..files.data import read_rows
+
+    source = build(DataSource, args)
+    return read_rows(source.data, samples=AutoSampling.rows(samples), seed=args.seed,
+                     text_format=build(TextFormat, args), split=source.split, config=source.data_config,
+                     warn_short=samples != "auto")
+
+
+def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
+    """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
+    sampling gives all of them the same rows)."""
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from ..measure.distributed import init_from_env
+    from ..model.loading import load_model
+
+    rows = read_data(args, samples)
+    model_config = build(ModelConfig, args)
+    hf_logging.disable_progress_bar()  # the spinner says it once, instead of three bars per load
+    try:
+        status = "loading model (a .gguf file is converted once, then cached)"
+        with Console(stderr=True, quiet=not init_from_env().is_main).status(status):
+            model, tokenizer, model_id = load_model(
+                model_config.model, dtype=model_config.dtype, device=model_config.device,
+                trust_remote_code=model_config.trust_remote_code, max_memory=model_config.max_memory,
+                offload_dir=model_config.offload_dir, quantize=model_config.quantize)
+    finally:
+        hf_logging.enable_progress_bar()
+    examples, info = rows.examples(tokenizer)
+    return model, tokenizer, model_id, examples, info
+
+
+def is_main() -> bool:
+    """Whether this process writes and prints: rank 0 of a launched job, or the only process."""
+    from ..measure.distributed import world
+
+    return world().is_main

@@ -1,0 +1,156 @@
+"""The command line's options, generated from the config dataclasses' fields (:func:`plop.config.option`).
+
+A field gives its flag (``--field-name``), type, default, choices and help; a command names the
+configs it reads and gets their options grouped as the fields say. A field shared by several
+configs of one command (``seed``, ``max_length``) is one flag feeding all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, Literal
+
+EXIT_USAGE = 2
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # "(default: None)" says nothing: such options explain their absence in their own help
+        silent = action.default is None or action.default is False
+        return (action.help or "") if silent else super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in plop's one-line form (argparse's default adds the whole usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"plop: error: {message} (see '{self.prog} --help')\n")
+
+
+def positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {number}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return number
+
+
+def names(value: str) -> list[str]:
+    """``a,b, c`` -> ``["a", "b", "c"]``."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def samples(value: str) -> int | str:
+    return value if value == "auto" else positive(value)
+
+
+def escapes(value: str) -> str:
+    r"""A template typed in a shell: ``\n`` means a newline."""
+    return value.encode().decode("unicode_escape")
+
+
+_PARSERS = {"positive": positive, "names": names, "escapes": escapes}
+
+
+def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
+    """``(python type, Literal choices)`` of a field's annotation, ``None`` stripped."""
+    hint = annotation
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        literals = [a for a in args if typing.get_origin(a) is Literal]
+        plain = [a for a in args if typing.get_origin(a) is not Literal]
+        if literals and plain:  # int | Literal["auto"]: the parser reads both
+            return "samples", None
+        hint = args[0]
+    if typing.get_origin(hint) is Literal:
+        return str, typing.get_args(hint)
+    if typing.get_origin(hint) in (list, tuple):
+        return "names", None
+    return hint, None
+
+
+def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str], dict[str, Any]]:
+    """The ``add_argument`` call for one field."""
+    meta = f.metadata
+    kind, literal = _base_type(hint)
+    help_ = meta.get("help", "")
+    if meta.get("positional"):
+        return [f.name], {"nargs": "?", "default": default, "help": help_}
+    flags = [meta.get("flag", "--" + f.name.replace("_", "-")), *meta.get("aliases", ())]
+    kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
+    if kind is bool:
+        return flags, {**kwargs, "action": "store_true"}
+    parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
+    kwargs["type"] = _PARSERS[parse] if parse in _PARSERS else samples if parse == "samples" else kind
+    if "optional_value" in meta:  # --allocate alone, or --allocate BUDGET
+        kwargs.update(nargs="?", const=meta["optional_value"])
+    choices = meta.get("choices") or literal
+    if choices:
+        kwargs["choices"] = list(choices)
+    if meta.get("metavar"):
+        kwargs["metavar"] = meta["metavar"]
+    elif parse == "names":
+        kwargs["metavar"] = "A,B"
+    return flags, kwargs
+
+
+def add_options(parser: argparse.ArgumentParser, *configs: type, only: tuple[str, ...] | None = None,
+                skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
+                helps: dict[str, str] | None = None) -> None:
+    """Add the options of ``configs``' fields to ``parser``: all of them, or ``only`` those, less
+    ``skip``; ``defaults``/``helps`` change a field's default or help for this command alone."""
+    # kept on the parser: a command adding options from several configs shares their groups
+    groups: dict[str, Any] = parser.__dict__.setdefault("_plop_groups", {})
+    exclusive: dict[str, Any] = parser.__dict__.setdefault("_plop_exclusive", {})
+    seen: set[str] = parser.__dict__.setdefault("_plop_fields", set())
+    for cls in configs:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen or f.name in skip or not f.metadata.get("cli", True) or (only and f.name not in only):
+                continue
+            seen.add(f.name)
+            default = (defaults or {}).get(f.name, f.metadata.get("cli_default", f.default))
+            flags, kwargs = _argument(f, hints[f.name], default)
+            if helps and f.name in helps:
+                kwargs["help"] = helps[f.name]
+            target = parser
+            if "group" in f.metadata:
+                title = f.metadata["group"]
+                target = groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
+            if "exclusive" in f.metadata:
+                key = f.metadata["exclusive"]
+                if key not in exclusive:
+                    exclusive[key] = target.add_mutually_exclusive_group()
+                target = exclusive[key]
+            target.add_argument(*flags, **kwargs)
+
+
+def values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed options that are fields of ``cls``."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
+def build(cls: type, args: argparse.Namespace, **extra: Any):
+    """``cls`` from the parsed options that are its fields (``extra`` on top)."""
+    return cls(**{**values(cls, args), **extra})
+
+
+def command(sub, name: str, help: str, description: str = "", epilog: str = "") -> argparse.ArgumentParser:
+    """A subcommand in plop's help format."""
+    return sub.add_parser(name, help=help, description=description or None, epilog=epilog or None,
+                          formatter_class=Formatter)

@@ -1,0 +1,85 @@
+"""``plop train``: fine-tune LoRA / LoRA+ / DoRA where the diagnosis says."""
+
+from __future__ import annotations
+
+import sys
+
+from ..config import DiagnoseConfig
+from ..errors import ConfigError
+from ..files.untrusted import plain_safe, terminal_safe
+from ..finetune.config import TrainConfig
+from ..model.placement import TRAIN_PLACEMENTS
+from .inputs import is_main, load_model_and_data, model_command
+from .options import build, names
+
+EXAMPLES = """examples:
+  plop train --steps 100                          # embedded SmolLM2-135M, demo data: diagnose, then train there
+  plop train ./my-model --data train.jsonl --report report.json --output-dir runs/math
+  plop train --placement all-linear --rank 8 --loraplus-ratio 1 --epochs 2
+  plop train --target-modules q_proj,v_proj --dora --lr 1e-4
+  plop train --output-dir runs/math --steps 200 --resume     # continue from the last checkpoint
+  plop train --output-dir runs/tasks --adapter-name math     # a named adapter in runs/tasks/math/
+  accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (see the README)
+"""
+TRAIN_REPORT = "plop_report.json"  # the diagnosis a train run made for itself, reused by --resume
+REMEASURE_ROWS = 100  # rows re-diagnosed after a run placed without a report (plop diagnose's default)
+
+
+def register(sub) -> None:
+    p = model_command(sub, "train", "fine-tune LoRA / LoRA+ / DoRA where the diagnosis says",
+                      "Fine-tune adapters with transformers' Trainer. Without --report, --target-modules or "
+                      "--placement, the model is diagnosed on the same data first.", EXAMPLES, train_config=TrainConfig)
+    where = p.add_argument_group("where the adapters go").add_mutually_exclusive_group()
+    where.add_argument("--report", help="a report from plop diagnose: train on its recommendation")
+    where.add_argument("--target-modules", type=names, metavar="A,B", help="module types or names, e.g. q_proj,v_proj")
+    where.add_argument("--placement", choices=TRAIN_PLACEMENTS, help="a named placement")
+    p.set_defaults(func=run)
+
+
+def diagnosed(args, model, tokenizer, model_id, examples, info):
+    """Diagnose on the training data itself when no report was given (data-parallel in a launched job:
+    every process gets the same report)."""
+    from rich.console import Console
+
+    from ..diagnosis import diagnose
+
+    config = DiagnoseConfig(max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, rank=args.rank)
+    report = diagnose(model, examples, tokenizer, config, model_id=model_id, data_info=info, progress=True)
+    types = terminal_safe(", ".join(report.recommendation.types))
+    Console(stderr=True, quiet=not is_main()).print(f"diagnosed: LoRA goes on [bold]{types}[/] "
+                                                    f"(lowest NFN of {len(report.types)} module types)")
+    return report
+
+
+def run(args) -> int:
+    from rich.console import Console
+
+    from ..finetune.trainer import TrainingInterrupted, check_output_dir, needs_diagnosis, train
+    from ..ranking.render import nfn_change_table, train_summary_text
+    from ..ranking.report import Report
+
+    if args.samples == "auto":
+        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
+    config = build(TrainConfig, args)  # bad values fail before the slow loading
+    run_dir = check_output_dir(config)  # so does an occupied directory
+    report = Report.load(args.report) if args.report else None
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
+    if needs_diagnosis(report, args.target_modules, args.placement):
+        saved = run_dir / TRAIN_REPORT
+        resumed = args.resume and saved.is_file()  # the run being resumed must keep its placement
+        report = Report.load(saved) if resumed else diagnosed(args, model, tokenizer, model_id, examples, info)
+        if not resumed and is_main():
+            report.save(saved)
+    # re-measured after training on the rows the placement came from: what the fine-tune changed, where
+    rows = report.data["samples"] if report is not None else REMEASURE_ROWS
+    try:
+        result = train(model, tokenizer, examples, config, report=report, target_modules=args.target_modules,
+                       placement=args.placement, model_id=model_id, data_info=info, progress=True,
+                       remeasure=[e.text for e in examples[:rows]])
+    except TrainingInterrupted as stop:
+        print(plain_safe(f"plop: {stop}"), file=sys.stderr)
+        return 130
+    if is_main():  # rank 0 wrote the adapter and the summary, and says so
+        Console().print(train_summary_text(result.summary, str(result.adapter_path)))
+        Console().print(nfn_change_table(result.summary["nfn_change"]))
+    return 0

@@ -1,0 +1,85 @@
+"""The command line is generated from the config fields: a field's type, default, choices, help and
+group become its option, and the parsed options build the config back."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal
+
+import pytest
+
+from plop.cli import build_parser, main
+from plop.cli.options import Parser, add_options, build
+from plop.config import DiagnoseConfig, ModelConfig, option
+from plop.errors import ConfigError
+from plop.files.data import DataSource, TextFormat
+from plop.finetune.config import TrainConfig
+
+
+@dataclass
+class Toy:
+    count: int = option(3, "how many", parse="positive", group="g")
+    scope: Literal["a", "b"] = option("a", "which scope", group="g")
+    names: list[str] | None = option(None, "some names")
+    ratio: float = option(0.5, "a ratio", exclusive="x")
+    loud: bool = option(False, "say more", exclusive="x")
+    hidden: int = option(7, "API only", cli=False)
+    renamed: str | None = option(None, "another flag", flag="--other", aliases=("--old",))
+
+
+def _parser(**kwargs) -> Parser:
+    parser = Parser(prog="toy")
+    add_options(parser, Toy, **kwargs)
+    return parser
+
+
+def test_a_field_becomes_its_option_and_builds_the_config_back():
+    args = _parser().parse_args(["--count", "5", "--scope", "b", "--names", "x, y", "--ratio", "2.5", "--old", "z"])
+    toy = build(Toy, args)
+    assert toy == Toy(count=5, scope="b", names=["x", "y"], ratio=2.5, loud=False, renamed="z")
+    assert build(Toy, _parser().parse_args([])) == Toy()  # every default is the field's own
+
+
+def test_types_choices_exclusion_and_api_only_fields_are_enforced(capsys):
+    for argv, message in ((["--count", "0"], "positive whole number"), (["--scope", "c"], "invalid choice"),
+                          (["--ratio", "1", "--loud"], "not allowed with"), (["--hidden", "1"], "unrecognized")):
+        with pytest.raises(SystemExit) as stop:
+            _parser().parse_args(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_comes_from_the_fields_grouped_as_they_say():
+    parser = _parser()
+    text = parser.format_help()
+    for f in dataclasses.fields(Toy):
+        assert (f.metadata["help"] in text) == f.metadata.get("cli", True), f.name
+    assert [g.title for g in parser._action_groups if g._group_actions][-1] == "g"
+
+
+def test_only_skip_and_per_command_defaults():
+    parser = _parser(only=("count", "scope", "hidden"), defaults={"count": 9})
+    assert vars(parser.parse_args([])) == {"count": 9, "scope": "a"}
+    assert "names" not in vars(_parser(skip=("names",)).parse_args([]))
+
+
+@pytest.mark.parametrize("command,configs", [
+    ("diagnose", (ModelConfig, DataSource, TextFormat, DiagnoseConfig)),
+    ("train", (ModelConfig, DataSource, TextFormat, TrainConfig)),
+])
+def test_every_cli_field_of_a_command_is_an_option(command, configs):
+    """Each config field meant for the command line reaches it (a new field needs nothing more)."""
+    args = vars(build_parser().parse_args([command]))
+    skipped = {"max_memory", "offload_dir"} if command == "train" else set()
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("cli", True) and f.name not in skipped:
+                assert f.name in args, f"{cls.__name__}.{f.name}"
+
+
+def test_a_bad_value_is_one_line_before_any_model_loads(tmp_path, capsys):
+    # exit 2 with the config's own message; the model named does not exist, so reaching it would say so
+    code = main(["train", str(tmp_path / "no-model"), "--lr", "3", "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and "lr must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="lr must be in"):
+        TrainConfig(lr=3)
