@@ -121,6 +121,8 @@ class DiagnoseConfig:
     budget: int | None = option(None, "trainable LoRA parameters at --rank: the lowest-NFN types that fit",
                                 group=_RECOMMEND, exclusive="strategy", parse="positive")
     rank: int = option(16, "LoRA rank the costs are computed at", group=_RECOMMEND, parse="positive")
+    exclude: list[str] | None = option(None, "module types or full module names never recommended, whatever the "
+                                             "strategy (routers, gates, lm_head)", metavar="A,B", group=_RECOMMEND)
     allocate_power: float = option(2.0, "allocate's exponent: rank ~ (min NFN / NFN)^power", cli=False)
     n_bootstrap: int = option(200, "bootstrap resamples for the selection probabilities", cli=False)
     include_head: bool = option(False, "also diagnose the output head", group="measurement")
@@ -137,6 +139,8 @@ class DiagnoseConfig:
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("tokens", self.tokens, TOKEN_SCOPES)
         check_budget(self.strategy, self.budget)
+        if self.exclude is not None and not all(isinstance(x, str) and x for x in self.exclude):
+            raise ConfigError(f"exclude must be a list of module types or names, got {self.exclude!r}")
         if not self.allocate_power > 0:
             raise ConfigError(f"allocate_power must be positive, got {self.allocate_power!r}")
 

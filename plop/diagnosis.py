@@ -121,9 +121,10 @@ def _expert_record(s: ExpertWeightStats, type_: str) -> ModuleRecord:
     )
 
 
-def _eligible(records: Sequence[ModuleRecord], layout: ModelLayout) -> list[ModuleRecord]:
-    """The records a recommendation may choose: not of a type PEFT refuses on this model."""
-    return [m for m in records if m.type not in layout.refused]
+def _eligible(records: Sequence[ModuleRecord], layout: ModelLayout, exclude: Sequence[str]) -> list[ModuleRecord]:
+    """The records a recommendation may choose: not of a type PEFT refuses on this model, nor a
+    type or module the user excluded."""
+    return [m for m in records if m.type not in layout.refused and not {m.type, m.name} & set(exclude)]
 
 
 def _replicates(state: GlobalState, records: Sequence[ModuleRecord]) -> np.ndarray:
@@ -190,7 +191,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                 continue  # within a window the rows seen are not a prefix of the sample
             records = _records(state, layout.role_map)
             # rebuilt per window: a module first called late must still be costed and ranked
-            selector = Selector(_eligible(records, layout), config.strategy, top_k=config.top_k,
+            selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, top_k=config.top_k,
                                 budget=config.budget, rank=config.rank, power=config.allocate_power)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
             if AutoSampling.stops(config.samples, state.samples):
@@ -317,9 +318,10 @@ def _report(model, layout: ModelLayout, config: DiagnoseConfig, records, selecto
     recommendation, probabilities = selector.recommend(replicates)
     recommendation.samples_to_stable = _samples_to_stable(checkpoints)
     recommendation_targets(recommendation, layout)
-    recommendation.excluded = {t.type: layout.refused[t.type] for t in types if t.type in layout.refused} or None
-    for t, why in (recommendation.excluded or {}).items():
+    refused = {t.type: layout.refused[t.type] for t in types if t.type in layout.refused}
+    for t, why in refused.items():  # the user's own exclusions need no warning
         warnings.warn(f"{t} is left out of the recommendation: {why}", stacklevel=3)
+    recommendation.excluded = {**refused, **{x: "excluded by the user" for x in config.exclude or ()}} or None
     for t in types:
         t.selection_probability = None if probabilities is None else probabilities.get(t.type)
     return Report(
