@@ -4,6 +4,7 @@ no function grows past a screen, and the commands that only read a report start 
 from __future__ import annotations
 
 import ast
+import re
 import os
 import subprocess
 import sys
@@ -193,3 +194,33 @@ def test_cli_modules_stay_short_and_handlers_thin():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef):
                 assert node.end_lineno - node.lineno + 1 <= 40, f"{path.name}:{node.name}"
+
+
+def _code(path: Path) -> str:
+    """A module's code without its docstrings and comments."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+                and isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+# rule -> (a regex of its code, the one module allowed to hold it)
+RULES = {
+    "the default lora_alpha": (r"\b2 \* (r|rank|self\.rank)\b", {"config.py"}),
+    "PEFT's target matching": (r"re\.fullmatch\(target|\.endswith\('\.' \+", {"model/roles.py"}),
+    "NFN's random baseline": (r"sqrt\([^)]*shape\[|matrix_norm", {"measure/nfn.py"}),
+    "the samples='auto' policy": (r"samples == 'auto' and|AUTO_(MIN|SAMPLE)|CAP if", {"config.py"}),
+    "row sampling": (r"permutation\(n_rows\)|\[: *config\.samples\]", {"files/data.py"}),
+    "building a LoraConfig": (r"\bLoraConfig\(target", {"ranking/peft_config.py"}),
+    "the per-layer selection": (r"key=lambda m: m\.nfn", set()),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_rule_has_one_home(rule):
+    pattern, homes = RULES[rule]
+    holders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(pattern, _code(p))}
+    assert holders == homes, f"{rule} is written in {sorted(holders)}"

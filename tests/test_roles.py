@@ -9,7 +9,7 @@ import pytest
 import archs
 from plop.measure.layers import find_linear_modules
 from plop.measure.experts import find_experts
-from plop.model.roles import peft_target_parameters, peft_targets, placement_roles, role, role_types
+from plop.model.roles import peft_matches, peft_target_parameters, peft_targets, placement_roles, role, role_types
 
 
 def linear_names(name: str) -> list[str]:
@@ -169,3 +169,24 @@ def test_peft_can_target_a_shared_expert_alone_on_deepseek_v3():
     types = role_types(linear_names("deepseek_v3"))
     expected = {n for n, t in types.items() if t == "shared_experts.down_proj"}
     assert wrapped("deepseek_v3", target_modules=peft_targets(["shared_experts.down_proj"], types)) == expected
+
+
+# -- the one matching rule ----------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(archs.ARCHS))
+def test_peft_matches_is_peft_s_own_matcher_on_every_module_name(name):
+    """plop resolves targets without importing PEFT (exports, placements, ``plop check``); its one
+    rule must say what PEFT's ``check_target_module_exists`` says, on every module name."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    model = archs.build(name)
+    names = [n for n, _ in model.named_modules() if n]
+    linear = list(find_linear_modules(model))
+    types = role_types(linear)
+    targets = [[t] for t in sorted(set(types.values()))]  # each type alone, as a suffix list
+    targets += [peft_targets(set(groups), types) for groups in placement_roles(linear).values() if groups]
+    targets += [r".*\.(q_proj|v_proj)", r"model\.layers\.0\..*", [linear[0]], ["layers.0"]]
+    for target in targets:
+        probe = LoraConfig(target_modules=target)
+        ours = [n for n in names if peft_matches(n, target)]
+        assert ours == [n for n in names if check_target_module_exists(probe, n)], target

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..errors import ConfigError
 from ..files.fsio import check_destination
 from ..files.untrusted import plain_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
-from .inputs import is_main, load_model_and_data, model_command
+from .inputs import is_main, load_model_and_data, model_command, training_rows
 from .options import build, names
 from .train import diagnosed
 
@@ -51,13 +50,11 @@ def run(args) -> int:
     from ..finetune.compare import compare
     from ..ranking.report import Report
 
-    if args.samples == "auto":
-        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
     config = build(TrainConfig, args)
     for path in (args.out, args.plot):
         check_destination(path)
     report = Report.load(args.report) if args.report else None
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
     report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
     result = compare(model, tokenizer, examples, report, placements=args.placements, seeds=args.seeds,
                      rank=args.rank, config=config, output_dir=args.output_dir, progress=True)

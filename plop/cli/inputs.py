@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import AutoSampling, DiagnoseConfig, ModelConfig
+from ..errors import ConfigError
 from ..files.data import DataSource, TaskRows, TextFormat
 from .options import add_options, build, command
 
@@ -24,6 +25,13 @@ def model_command(sub, name: str, help: str, description: str, epilog: str, *, t
                     helps={"samples": "rows to sample (default: all)"})
         add_options(p, train_config, skip=train_skip)
     return p
+
+
+def training_rows(args: argparse.Namespace) -> int | None:
+    """``--samples`` of a command that trains: a number of rows, or all of them."""
+    if args.samples == "auto":
+        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
+    return args.samples
 
 
 def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:

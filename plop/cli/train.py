@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 from ..config import DiagnoseConfig
-from ..errors import ConfigError
 from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import TRAIN_PLACEMENTS
-from .inputs import is_main, load_model_and_data, model_command
+from .inputs import is_main, load_model_and_data, model_command, training_rows
 from .options import build, names
 
 EXAMPLES = """examples:
@@ -58,12 +57,10 @@ def run(args) -> int:
     from ..ranking.render import nfn_change_table, train_summary_text
     from ..ranking.report import Report
 
-    if args.samples == "auto":
-        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
     config = build(TrainConfig, args)  # bad values fail before the slow loading
     run_dir = check_output_dir(config)  # so does an occupied directory
     report = Report.load(args.report) if args.report else None
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
     if needs_diagnosis(report, args.target_modules, args.placement):
         saved = run_dir / TRAIN_REPORT
         resumed = args.resume and saved.is_file()  # the run being resumed must keep its placement

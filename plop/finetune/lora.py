@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..model.placement import ModelLayout, Targets, modules_peft_adapts
-from ..ranking.report import Report, peft_lora_config, rank_patterns
+from ..ranking.peft_config import peft_lora_config, rank_patterns
+from ..ranking.report import Report
 from .config import TrainConfig
 
 

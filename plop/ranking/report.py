@@ -10,7 +10,6 @@ import dataclasses
 import json
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import jsonschema
 
 from ..config import STRATEGIES
-from ..errors import ConfigError, FileError, ReportError, UnsafeRegexError
+from ..errors import FileError, ReportError, UnsafeRegexError
 from ..files.fsio import atomic_write, read_text_capped
 from ..files.untrusted import check_regex, plain_safe
 from ..version import __version__
@@ -189,26 +188,6 @@ def _non_finite(value: Any, where: str = "") -> str | None:
     return None
 
 
-def rank_patterns(ranks: Mapping[str, int], r: int, lora_alpha: float) -> dict[str, dict[str, float]]:
-    """PEFT's ``rank_pattern`` for a rank per type, and the ``alpha_pattern`` that keeps each
-    type's ``alpha / rank`` at ``lora_alpha / r``."""
-    return {"rank_pattern": dict(ranks), "alpha_pattern": {t: rank * lora_alpha / r for t, rank in ranks.items()}}
-
-
-def peft_lora_config(*, target_parameters: list[str] | None = None, **kwargs):
-    """``peft.LoraConfig(**kwargs)``, made safe for 3-D expert weights: PEFT's adapters on
-    ``target_parameters`` take no dropout and no DoRA, so the dropout is set to 0 there and DoRA
-    is refused with a ConfigError rather than deep inside PEFT."""
-    from peft import LoraConfig
-
-    if target_parameters:
-        if kwargs.get("use_dora"):
-            raise ConfigError("DoRA cannot adapt MoE expert weights (PEFT target_parameters)",
-                              "train without --dora, or choose targets without the experts")
-        kwargs["lora_dropout"] = 0.0
-    return LoraConfig(target_parameters=target_parameters, **kwargs)
-
-
 def _build(cls, values: dict[str, Any]):
     """``cls(**values)`` without the keys ``cls`` does not know (fields a later plop may add)."""
     known = {f.name for f in dataclasses.fields(cls)}
@@ -312,40 +291,20 @@ class Report:
             raise ValueError(f"level must be 'module' or 'type', not {level!r}")
         return pd.DataFrame(rows)
 
-    def to_peft_config(self, r: int | None = None, lora_alpha: int | None = None, **kwargs):
-        """A ``peft.LoraConfig`` on the recommended ``target_modules`` and ``target_parameters``
-        (see :func:`peft_lora_config`).
+    def to_peft_config(self, r: int | None = None, lora_alpha: float | None = None, **kwargs):
+        """A ``peft.LoraConfig`` on the recommendation (:func:`plop.ranking.peft_config.report_lora_config`):
+        ``r`` defaults to the rank the report was costed at, ``lora_alpha`` to the default alpha;
+        ``kwargs`` go to ``LoraConfig`` (``lora_dropout``, ``use_dora``, ``task_type``, ...)."""
+        from .peft_config import report_lora_config
 
-        ``r`` defaults to the rank the report was costed at, ``lora_alpha`` to ``2 * r``;
-        ``kwargs`` go to ``LoraConfig`` (``lora_dropout``, ``use_dora``, ``task_type``, ...).
-        An ``allocate`` recommendation also sets ``rank_pattern`` (its rank per type) and
-        ``alpha_pattern`` (each type's rank times ``lora_alpha / r``).
-        """
-        rec = self.recommendation
-        r = r or rec.rank
-        lora_alpha = lora_alpha or 2 * r
-        kwargs.setdefault("task_type", self.task_type)
-        kwargs.setdefault("target_parameters", rec.target_parameters)
-        if rec.rank_pattern:  # allocate: every chosen type has its own rank, alpha / rank as asked
-            for key, pattern in rank_patterns(rec.rank_pattern, r, lora_alpha).items():
-                kwargs.setdefault(key, pattern)
-        return peft_lora_config(r=r, lora_alpha=lora_alpha, target_modules=rec.target_modules, **kwargs)
+        return report_lora_config(self, r, lora_alpha, **kwargs)
 
     @property
     def task_type(self) -> str | None:
-        """PEFT's task type, read off the architecture name (``...ForCausalLM`` -> CAUSAL_LM;
-        ``...ForConditionalGeneration`` is SEQ_2_SEQ_LM for encoder-decoders only)."""
-        arch = self.model.get("architecture", "")
-        if arch.endswith("ForConditionalGeneration") and self.model.get("encoder_decoder") is False:
-            return "CAUSAL_LM"  # a vision-language model's language model generates the text
-        if arch.endswith("LMHeadModel") and not arch.endswith("WithLMHeadModel"):  # GPT2LMHeadModel & co.
-            return "CAUSAL_LM"
-        for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                             ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
-                             ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
-            if arch.endswith(suffix):
-                return task
-        return None
+        """PEFT's task type for this report's model (:func:`plop.ranking.peft_config.task_type`)."""
+        from .peft_config import task_type
+
+        return task_type(self.model)
 
     @property
     def module_types(self) -> list[str]:
