@@ -33,14 +33,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from rich.console import Console
-
-    from ..diagnosis import diagnose
-
     config = DiagnoseConfig(**build_strategy(args))  # bad values fail before the slow loading
     for path in (args.out, args.plot):
         check_destination(path)
     model, tokenizer, model_id, examples, info = load_model_and_data(args, config.samples)
+    from rich.console import Console
+
+    from ..diagnosis import diagnose
+
     report = diagnose(model, examples, tokenizer, config, model_id=model_id, data_info=info, progress=True)
     if not is_main():  # data-parallel: every process holds the report, rank 0 writes it
         return 0

@@ -47,14 +47,14 @@ def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
 def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
     """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
     sampling gives all of them the same rows)."""
+    rows = read_data(args, samples)  # first: a bad data file fails before torch is even imported
+    model_config = build(ModelConfig, args)
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
     from ..measure.distributed import init_from_env
     from ..model.loading import load_model
 
-    rows = read_data(args, samples)
-    model_config = build(ModelConfig, args)
     hf_logging.disable_progress_bar()  # the spinner says it once, instead of three bars per load
     try:
         status = "loading model (a .gguf file is converted once, then cached)"

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..errors import ModelError
 from ..files.untrusted import clip_text
 
 
@@ -30,10 +31,18 @@ def _shift(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     ``decoder_start_token_id`` (a bare ``T5Model`` has no LM head to ask)."""
     labels = ids.masked_fill(mask == 0, -100)
     if hasattr(model, "prepare_decoder_input_ids_from_labels"):
-        return model.prepare_decoder_input_ids_from_labels(labels=labels)
+        try:
+            return model.prepare_decoder_input_ids_from_labels(labels=labels)
+        except (AttributeError, ValueError) as e:  # T5's shift reads a start token its config may lack
+            if "decoder_start_token_id" not in str(e):
+                raise
+            raise ModelError(f"{type(model).__name__}'s config has no decoder_start_token_id, which its decoder "
+                             "starts from", "set it in the model's config.json (T5 models use their pad token, 0)"
+                             ) from None
     config = model.config
     pad = config.pad_token_id if config.pad_token_id is not None else 0
-    start = config.decoder_start_token_id if config.decoder_start_token_id is not None else pad
+    start = getattr(config, "decoder_start_token_id", None)
+    start = pad if start is None else start
     shifted = torch.full_like(ids, pad)
     shifted[:, 1:] = ids[:, :-1].masked_fill(mask[:, :-1] == 0, pad)
     shifted[:, 0] = start

@@ -92,7 +92,8 @@ def _ranking_table(report) -> Table:
                   box=box.SIMPLE_HEAD, pad_edge=False)
     for col, justify in (("#", "right"), ("type", "left"), ("NFN ± std", "right"), ("", "left"),
                          ("min–max", "right"), ("n", "right"), ("P(sel)", "right"), (f"params@r{rec.rank}", "right")):
-        table.add_column(col, justify=justify, no_wrap=True)
+        # every header whole: at 80 columns the bar gives up its width first, not "params@r16"
+        table.add_column(col, justify=justify, no_wrap=True, min_width=len(col), overflow="crop" if not col else "fold")
     for t in report.types:
         prob = "–" if t.selection_probability is None else f"{t.selection_probability:.0%}"
         table.add_row(
