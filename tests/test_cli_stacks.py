@@ -75,7 +75,8 @@ def test_diff_prints_a_table_and_json(reports, tmp_path):
 
 
 def test_diff_of_a_missing_report_is_one_line(reports, tmp_path):
-    one_line_error(run("diff", str(reports[0]), str(tmp_path / "nope.json"), check=None))
+    line = one_line_error(run("diff", str(reports[0]), str(tmp_path / "nope.json"), check=None))
+    assert "nope.json" in line and "no such file" in line.lower()
 
 
 class _Buttons(HTMLParser):

@@ -74,7 +74,7 @@ def test_hooks_removed_after_exception_in_forward(tiny_llama, batches):
 def test_hooks_removed_when_a_hook_raises(tiny_llama, batches):
     with torch.no_grad():
         tiny_llama.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match="v_proj"):
         diagnose(tiny_llama, batches(4, 8))
     assert _no_hooks(tiny_llama)
 

@@ -10,10 +10,13 @@ from plop import ConfigError, DiagnoseConfig, TrainConfig, diagnose
 from conftest import make_batches
 
 
-@pytest.mark.parametrize("fields", [{"strategy": "best"}, {"estimator": "exact"}, {"budget": -5},
-                                    {"strategy": "budget"}, {"top_k": 0}, {"samples": "many"}, {"rank": 2.5}])
-def test_diagnose_config_refuses_at_construction(fields):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("fields, message", [
+    ({"strategy": "best"}, "strategy must be one of"), ({"estimator": "exact"}, "estimator must be one of"),
+    ({"budget": -5}, "budget must be a positive parameter budget"), ({"strategy": "budget"}, "needs a positive"),
+    ({"top_k": 0}, "top_k must be a positive integer"), ({"samples": "many"}, "samples must be a positive integer"),
+    ({"rank": 2.5}, "rank must be a positive integer")])
+def test_diagnose_config_refuses_at_construction(fields, message):
+    with pytest.raises(ConfigError, match=message):
         DiagnoseConfig(**fields)
 
 

@@ -344,8 +344,20 @@ def test_merge_into_nested_and_json(report):
         merge_into("", export(report, "unsloth"))
 
 
-def test_every_format_renders(report, per_layer):
+def _holds(document, settings) -> bool:
+    """Whether ``document`` holds every key of ``settings`` with the same value, at the same nesting."""
+    if isinstance(settings, dict):
+        return isinstance(document, dict) and all(k in document and _holds(document[k], v) for k, v in settings.items())
+    return document == settings
+
+
+def test_every_format_writes_the_settings_it_owns(report, per_layer):
+    import yaml
+
     for rep in (report, per_layer):
         for fmt in FORMATS:
             result = export(rep, fmt)
-            assert result.text and result.filename and isinstance(result.warnings, list)
+            assert result.format == fmt and result.settings
+            if result.filename.endswith((".json", ".yaml", ".yml")):  # JSON is YAML: one parser reads both
+                assert _holds(yaml.safe_load(result.text), result.settings), fmt
+            assert all(t in result.text for t in rep.recommendation.types), fmt

@@ -74,7 +74,7 @@ def test_a_failure_while_writing_leaves_the_old_file_and_no_temp(tmp_path):
         yield b"partial"
         raise RuntimeError("the producer failed")
 
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="the producer failed"):
         atomic_write(out, chunks())
     assert out.read_text() == "good"
     assert temps(tmp_path) == []
@@ -296,7 +296,7 @@ def test_atomic_dir_renames_into_place_with_readable_permissions(tmp_path, umask
 
 def test_atomic_dir_removes_its_temp_on_error(tmp_path):
     target = tmp_path / "model"
-    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+    with pytest.raises(RuntimeError, match="the build failed"), atomic_dir(target) as tmp:
         (tmp / "config.json").write_text("{}")
         raise RuntimeError("the build failed")
     assert os.listdir(tmp_path) == []

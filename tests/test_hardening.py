@@ -113,9 +113,7 @@ def test_a_malicious_pickle_is_refused_and_never_runs(model_dir, tmp_path, monke
 def test_tampered_reports_are_refused_by_every_reader(report_path, tmp_path, edit, expected):
     bad = _tampered(report_path, tmp_path, edit)
     for command in (["show", str(bad)], ["export", str(bad), "--to", "axolotl"], ["diff", str(bad), str(bad)]):
-        started = time.monotonic()
-        assert expected in one_line_error(run(*command, check=None))
-        assert time.monotonic() - started < 60  # a catastrophic regex never reaches re.fullmatch
+        assert expected in one_line_error(run(*command, check=None))  # a catastrophic regex is refused unrun
 
 
 def test_terminal_escapes_and_markup_from_a_report_are_shown_not_obeyed(report_path, tmp_path):
@@ -152,14 +150,14 @@ def test_export_never_writes_through_a_symlink(report_path, tmp_path):
     assert outside.read_text() == "keep me"
 
 
-def test_train_refuses_a_dangling_summary_link_before_loading(model_dir, tmp_path):
+def test_train_refuses_a_dangling_summary_link_before_loading(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "plop_train_summary.json").symlink_to(tmp_path / "outside.json")
-    started = time.monotonic()
-    line = one_line_error(run("train", str(model_dir), "--output-dir", str(run_dir), "--steps", "1", check=None))
+    # the model does not exist: had plop tried to load it first, that would be the error
+    line = one_line_error(run("train", str(tmp_path / "no-model"), "--output-dir", str(run_dir), "--steps", "1",
+                              check=None))
     assert "symbolic link" in line and not (tmp_path / "outside.json").exists()
-    assert time.monotonic() - started < 30
 
 
 @pytest.mark.parametrize("where", ["under a file", "a folder in the way"])
@@ -208,34 +206,32 @@ def test_a_rerun_removes_what_a_killed_save_left(report_path, tmp_path):
     assert Report.load(out) == Report.load(report_path)
 
 
+# the child presses Ctrl-C on itself the moment plop.cli.options starts importing: deterministic,
+# where a parent signalling from outside races the import
+_CTRL_C_DURING_IMPORT = """
+import os, signal, sys
+from importlib.abc import MetaPathFinder
+
+class PressCtrlC(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "plop.cli.options":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+
+sys.meta_path.insert(0, PressCtrlC())
+from plop.__main__ import main
+sys.argv = ["plop", "show", sys.argv[1]]
+sys.exit(main())
+"""
+
+
 def test_ctrl_c_during_start_up_is_one_line(report_path):
-    """SIGINT while plop is still importing its modules (seen through -X importtime, so the timing
-    does not depend on how loaded the machine is) ends with the one line, not a traceback."""
-    signalled = 0
-    for _ in range(10):
-        proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "plop", "show", str(report_path)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-        lines, alive = [], False
-        for line in proc.stderr:  # plop.cli is importing once its first plop module, plop.config, is in
-            lines.append(line)
-            if line.rstrip().endswith("plop.config"):
-                # `show` needs well under a second after that line: on a loaded machine this process
-                # can read it late, after the child has finished, and then the signal never reached it
-                alive = proc.poll() is None
-                if alive:
-                    proc.send_signal(signal.SIGINT)
-                break
-        _, rest = proc.communicate(timeout=60)
-        err = "".join(lines) + rest
-        if not alive:
-            assert proc.returncode == 0, err
-            continue
-        assert proc.returncode == 130 and "Traceback" not in err, err
-        assert err.rstrip().splitlines()[-1] == "plop: interrupted"
-        signalled += 1
-        if signalled == 3:
-            break
-    assert signalled == 3, f"only {signalled} of 10 children were still starting when signalled"
+    """SIGINT while plop is still importing its modules ends with the one line, not a traceback."""
+    proc = subprocess.run([sys.executable, "-c", _CTRL_C_DURING_IMPORT, str(report_path)], capture_output=True,
+                          text=True, env=ENV, timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == "plop: interrupted" and proc.stdout == ""
 
 
 def test_an_internal_bug_keeps_its_traceback(tmp_path):

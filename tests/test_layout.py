@@ -183,7 +183,7 @@ def test_top_level_is_lazy_and_exports_the_api_and_every_error():
         assert getattr(plop, name) is getattr(errors, name)
         assert issubclass(getattr(plop, name), errors.PlopError)
     assert set(plop.__all__) <= set(dir(plop))
-    with pytest.raises(AttributeError):
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
         plop.no_such_name  # noqa: B018
 
 

@@ -66,8 +66,17 @@ def test_random_baseline_rejects_non_matrix():
         random_baseline(torch.ones(3, 4, 5))
 
 
-def test_normalized_feature_norm_is_a_ratio():
-    assert normalized_feature_norm(3.0, 1.5) == 2.0
+def test_a_scaled_orthogonal_weight_responds_to_every_input_as_to_noise():
+    """With all singular values equal to s, ||W z|| / ||z|| = s for any z and the baseline is s:
+    NFN is exactly 1 whatever the task, the 'no alignment' reference the paper's reading rests on."""
+    q, _ = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+    weight, inputs = 3.0 * q, torch.randn(200, 64, dtype=torch.float64)
+    ratio = (torch.linalg.vector_norm(inputs @ weight.T, dim=1) / torch.linalg.vector_norm(inputs, dim=1)).mean()
+    assert normalized_feature_norm(float(ratio), random_baseline(weight)) == pytest.approx(1.0, abs=1e-12)
+    # and per MoE expert, as arrays: an expert with no routed token has no NFN (NaN), not 0
+    with np.errstate(invalid="ignore"):
+        per_expert = normalized_feature_norm(np.array([3.0, 0.0]) / np.array([1.0, 0.0]), np.array([3.0, 3.0]))
+    assert per_expert[0] == 1.0 and np.isnan(per_expert[1])
 
 
 # -- Monte-Carlo vs closed form ---------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_saved_report_has_the_usual_permissions(report, tmp_path):
 def test_save_is_atomic(report, saved):
     good = saved.read_text()
     report.settings["callback"] = object()  # not JSON-serializable
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="not JSON serializable"):
         report.save(saved)
     assert saved.read_text() == good
     assert sorted(p.name for p in saved.parent.iterdir()) == ["report.json"]  # no temp files left

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import re
-import time
 
 import pytest
 from rich.console import Console
@@ -67,7 +66,7 @@ def test_terminal_safe_text_prints_through_rich_as_itself(text):
 
 
 def test_unescaped_markup_really_breaks_rich():
-    with pytest.raises(MarkupError):
+    with pytest.raises(MarkupError, match="closing tag"):
         render("[bold]x[/]y[/]")
     assert "x[/]y" in render(f"[bold]{terminal_safe('x[/]y')}[/]")
 
@@ -93,26 +92,28 @@ def test_plops_own_per_layer_regexes_are_accepted(names):
                                                                                                   + PLOPS_OWN[3]).index)
 
 
-def test_the_brief_example_and_common_peft_patterns_are_accepted():
-    for pattern in [r"(?:model\.layers\.(?:0|7)\.mlp\.up_proj|model\.layers\.3\.self_attn\.v_proj)",
-                    r".*\.(q|v)_proj", r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj", r"(?:a|b)+c"]:
-        check_regex(pattern)
+@pytest.mark.parametrize("pattern, matches", [
+    (r"(?:model\.layers\.(?:0|7)\.mlp\.up_proj|model\.layers\.3\.self_attn\.v_proj)",
+     ["model.layers.0.mlp.up_proj", "model.layers.7.mlp.up_proj", "model.layers.3.self_attn.v_proj"]),
+    (r".*\.(q|v)_proj", [n for n in LLAMA_NAMES if n.endswith(("q_proj", "v_proj"))]),
+    (r"model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj", [n for n in LLAMA_NAMES if "self_attn" in n]),
+])
+def test_the_brief_example_and_common_peft_patterns_are_accepted(pattern, matches):
+    regex = check_regex(pattern)
+    assert [n for n in LLAMA_NAMES if regex.fullmatch(n)] == [n for n in LLAMA_NAMES if n in matches]
 
 
 @pytest.mark.parametrize("pattern", ["(a+)+", "(a*)*", "(.*a){20}", "((ab)*)+c", r"(\w+\d+)+x", "(?:x|(a+)+)y"])
 def test_nested_unbounded_repeats_are_refused_at_once(pattern):
-    start = time.monotonic()
+    # refused by reading the pattern's tree, before any timed probe runs: the message says which check
     with pytest.raises(UnsafeRegexError, match="nests unbounded repeats"):
         check_regex(pattern)
-    assert time.monotonic() - start < 1
 
 
 @pytest.mark.parametrize("pattern", ["(a|aa)+b", "(a|a)+", "(x|xx)+y", "(?:0|00)+$"])
 def test_backtracking_the_tree_check_misses_is_caught_by_the_timed_probe(pattern):
-    start = time.monotonic()
-    with pytest.raises(UnsafeRegexError, match="takes over 0.2 s"):
+    with pytest.raises(UnsafeRegexError, match="takes over 0.2 s"):  # the probe is killed, never waited out
         check_regex(pattern)
-    assert time.monotonic() - start < 10  # a hang guard: matching 'a'*48+'!' would take hours
 
 
 @pytest.mark.parametrize("pattern, message", [
