@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.plop-installed
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test bench study clean
+.PHONY: demo test test-fast bench study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
+
+# the in-process tests alone (about a minute): what to run while editing; CI runs `make test`
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_diagnose.py

@@ -28,6 +28,18 @@ HIDDEN = 64
 MODEL_SEED = 1234
 
 
+# The fast tier (`make test-fast`): every in-process test, marked here once. These files start other
+# processes (the CLI as a user runs it, torchrun, notebooks, killed writers) and stay in `make test`.
+PROCESS_TEST_FILES = {"test_cli.py", "test_cli_train.py", "test_cli_stacks.py", "test_distributed.py",
+                      "test_hardening.py", "test_notebook.py", "test_offload.py", "test_fail_fast.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name not in PROCESS_TEST_FILES and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.fast)
+
+
 def pytest_configure(config):
     # noise from the libraries, not from plop
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
