@@ -69,7 +69,7 @@ def child(args) -> None:
         placement = sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()})
     print(json.dumps({
         "variant": args.child, "placement": placement, "load_seconds": round(loaded, 2),
-        "diagnose_seconds": report.data["seconds"], "tokens": report.data["tokens"],
+        "diagnose_seconds": report.data["seconds"], "tokens": report.data["token_count"],
         "peak_rss_mib": round(rss_mib("VmHWM"), 1), "rss_anon_mib": round(rss_mib("RssAnon"), 1),
         "rss_file_mib": round(rss_mib("RssFile"), 1), "nfn": {m.name: m.nfn for m in report.modules},
         "recommendation": report.recommendation.types,

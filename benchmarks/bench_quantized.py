@@ -53,7 +53,7 @@ def main() -> None:
         reports[quantize], seconds[quantize] = diagnose(quantize, args.samples)
         print(f"{quantize:9s} {seconds[quantize]:7.1f} s  recommended: {', '.join(reports[quantize].recommendation.types)}")
     full = reports["none"]
-    results = {"samples": args.samples, "tokens": full.data["tokens"], "threads": args.threads, "seconds": seconds,
+    results = {"samples": args.samples, "tokens": full.data["token_count"], "threads": args.threads, "seconds": seconds,
                "recommended": {q: r.recommendation.types for q, r in reports.items()},
                "selection_probability": {q: {t.type: t.selection_probability for t in r.types}
                                          for q, r in reports.items()}}

@@ -101,7 +101,7 @@ def _records(state: GlobalState, types: Mapping[str, str]) -> list[ModuleRecord]
         records.append(
             ModuleRecord(
                 name=name, type=types[name], layer=layer_index(name), d_out=s.shape[0], d_in=s.shape[1],
-                nfn=float(s.nfn), nfn_std=s.nfn_std, tokens=s.count, calls=s.calls, baseline=float(s.denominator),
+                nfn=float(s.nfn), nfn_std=s.nfn_std, token_count=s.count, calls=s.calls, baseline=float(s.denominator),
                 input_norm_mean=float(s.input_norm_mean), input_norm_max=s.input_norm_max,
                 output_norm_mean=float(s.output_norm_mean),
             )
@@ -115,7 +115,7 @@ def _expert_record(s: ExpertWeightStats, type_: str) -> ModuleRecord:
     experts, d_out, d_in = s.shape
     return ModuleRecord(
         name=s.name, type=type_, layer=layer_index(s.name), d_out=d_out, d_in=d_in, nfn=s.nfn, nfn_std=s.nfn_std,
-        tokens=s.tokens, calls=s.calls, baseline=float(s.baseline.mean()), input_norm_mean=s.input_norm_mean,
+        token_count=s.tokens, calls=s.calls, baseline=float(s.baseline.mean()), input_norm_mean=s.input_norm_mean,
         input_norm_max=s.input_norm_max, output_norm_mean=s.output_norm_mean, experts=experts,
         expert_nfn=[None if math.isnan(v) else float(v) for v in s.expert_nfn],
     )
@@ -301,7 +301,7 @@ def diagnose(
     if config.weight_scores:
         _add_weight_scores(records, find_linear_modules(model, include_head=config.include_head))
     return _report(model, layout, config, records, selector, replicates, checkpoints, model_id=model_id,
-                   data={"source": "in-memory", **(data_info or {}), "samples": samples, "tokens": tokens,
+                   data={"source": "in-memory", **(data_info or {}), "samples": samples, "token_count": tokens,
                          "seconds": round(time.perf_counter() - start, 3)})
 
 

@@ -130,10 +130,10 @@ def test_sorted_batches_give_the_sampled_order_diagnosis():
     ours = diagnose(model, texts, tokenizer, config, batch_tokens=300)
     assert [m.name for m in ours.modules] == [m.name for m in reference.modules]
     for a, b in zip(reference.modules, ours.modules):
-        assert b.nfn == pytest.approx(a.nfn, rel=1e-5) and b.tokens == a.tokens, a.name
+        assert b.nfn == pytest.approx(a.nfn, rel=1e-5) and b.token_count == a.token_count, a.name
     assert ours.recommendation.types == reference.recommendation.types
     assert ours.recommendation.agreement == pytest.approx(reference.recommendation.agreement, abs=0.02)
-    assert (ours.data["samples"], ours.data["tokens"]) == (reference.data["samples"], reference.data["tokens"])
+    assert (ours.data["samples"], ours.data["token_count"]) == (reference.data["samples"], reference.data["token_count"])
     assert ours.settings["batch_tokens"] == 300
     assert [n for n, _ in ours.stability["checkpoints"]] == [16, 32, 40]  # window ends only
 

@@ -96,11 +96,11 @@ def test_nfn_matches_independent_computation(arch, tiny_llama, tiny_gpt2, tiny_b
     body = getattr(model, body) if body else model
     expected = reference(model, lambda b: body(**b), data, [m.name for m in report.modules])
     n_tokens = sum(int(b["attention_mask"].sum()) for b in data)
-    assert report.data["tokens"] == n_tokens
+    assert report.data["token_count"] == n_tokens
     for m in report.modules:
         assert m.nfn == pytest.approx(expected[m.name]["nfn"], rel=1e-5), m.name
         assert m.baseline == pytest.approx(expected[m.name]["baseline"], rel=1e-9), m.name
-        assert m.tokens == expected[m.name]["tokens"]
+        assert m.token_count == expected[m.name]["tokens"]
         assert m.calls == expected[m.name]["calls"] == len(data)
 
 
@@ -116,14 +116,14 @@ def test_padding_invariance(arch, tiny_llama, tiny_gpt2, tiny_bert):
     together_batches = pad_batches(seqs, batch_size=4, pad_id=0)
     assert int((together_batches[0]["attention_mask"] == 0).sum()) > 0
     together = diagnose(model, together_batches, n_bootstrap=10)
-    assert alone.data["tokens"] == together.data["tokens"] == 75
+    assert alone.data["token_count"] == together.data["token_count"] == 75
     a, b = _nfn(alone), _nfn(together)
     assert a.keys() == b.keys()
     for name in a:
         assert b[name] == pytest.approx(a[name], rel=1e-5), name
     for ma, mb in zip(alone.modules, together.modules):
         if ma.layer is not None:  # per-token modules; BERT's pooler sees one vector per sequence
-            assert ma.tokens == mb.tokens == 75
+            assert ma.token_count == mb.token_count == 75
 
 
 def test_padding_tokens_do_not_count_even_with_extreme_pad_embeddings(tiny_llama):
@@ -238,10 +238,10 @@ def test_module_called_twice_accumulates_both_calls(reference):
     data = make_batches(8, lengths=[4, 9, 12, 3, 10, 11, 5, 8], batch_size=4)
     report = diagnose(model, data, n_bootstrap=10)
     records = {m.name: m for m in report.modules}
-    n_tokens = report.data["tokens"]
+    n_tokens = report.data["token_count"]
     assert n_tokens == 62
-    assert records["shared"].calls == 2 * len(data) and records["shared"].tokens == 2 * n_tokens
-    assert records["once"].calls == len(data) and records["once"].tokens == n_tokens
+    assert records["shared"].calls == 2 * len(data) and records["shared"].token_count == 2 * n_tokens
+    assert records["once"].calls == len(data) and records["once"].token_count == n_tokens
     expected = reference(model, lambda b: model(**b), data, ["shared", "once"])
     assert expected["shared"]["tokens"] == 2 * n_tokens
     for name in ("shared", "once"):
@@ -294,7 +294,7 @@ def test_bert_module_names(tiny_bert, batches):
             m = records[f"encoder.layer.{i}.{sub}"]
             assert m.layer == i and (m.d_in, m.d_out) == (d_in, d_out)
     assert records["pooler.dense"].layer is None
-    assert records["pooler.dense"].tokens == 8  # one pooled vector per sequence
+    assert records["pooler.dense"].token_count == 8  # one pooled vector per sequence
     assert len(records) == 13
 
 
@@ -315,7 +315,7 @@ def test_lm_head_excluded_by_default_and_included_on_request(tiny_llama, batches
     with_head = diagnose(tiny_llama, data, n_bootstrap=10, include_head=True)
     head = next(m for m in with_head.modules if m.name == "lm_head")
     assert (head.d_in, head.d_out) == (64, 500)
-    assert head.tokens == 64 and head.layer is None
+    assert head.token_count == 64 and head.layer is None
     # the body's modules are measured identically either way
     for name, value in _nfn(default).items():
         assert _nfn(with_head)[name] == pytest.approx(value, rel=1e-9)
@@ -373,7 +373,7 @@ def test_smollm2_batching_invariance(smollm2):
     model, tokenizer = smollm2
     alone = diagnose(model, SHORT_TEXTS, tokenizer, max_length=32, batch_size=1, n_bootstrap=10)
     together = diagnose(model, SHORT_TEXTS, tokenizer, max_length=32, batch_size=8, n_bootstrap=10)
-    assert alone.data["tokens"] == together.data["tokens"]
+    assert alone.data["token_count"] == together.data["token_count"]
     assert alone.data["samples"] == together.data["samples"] == len(SHORT_TEXTS)
     b = _nfn(together)
     for name, value in _nfn(alone).items():

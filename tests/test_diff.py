@@ -58,10 +58,10 @@ def test_diff_of_two_data_sets_matches_the_reports(short_report, long_report):
     b = {t.type: t for t in long_report.types}
     assert [t.type for t in d.types] == [t.type for t in short_report.types]
     for t in d.types:
-        assert (t.nfn_a, t.nfn_b, t.rank_a, t.rank_b) == (a[t.type].nfn_mean, b[t.type].nfn_mean, a[t.type].rank,
-                                                          b[t.type].rank)
+        assert (t.nfn_a, t.nfn_b, t.rank_a, t.rank_b) == (a[t.type].nfn_mean, b[t.type].nfn_mean, a[t.type].position,
+                                                          b[t.type].position)
         assert t.delta == pytest.approx(b[t.type].nfn_mean - a[t.type].nfn_mean, abs=1e-15)
-        assert t.rank_change == b[t.type].rank - a[t.type].rank
+        assert t.rank_change == b[t.type].position - a[t.type].position
         assert (t.recommended_a, t.recommended_b) == (t.type in short_report.recommendation.types,
                                                       t.type in long_report.recommendation.types)
     assert any(t.delta != 0 for t in d.types)  # two data sets really give two measurements
@@ -97,7 +97,7 @@ def test_hand_edited_module_moves_exactly_its_type(short_report):
             values = [m["nfn"] for m in raw["modules"] if m["type"] == row["type"]]
             row["nfn_mean"] = sum(values) / len(values)
         for rank, row in enumerate(sorted(raw["types"], key=lambda r: (r["nfn_mean"], r["type"])), 1):
-            row["rank"] = rank
+            row["position"] = rank
 
     edited = _edited(short_report, edit)
     d = diff_reports(short_report, edited)

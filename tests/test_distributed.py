@@ -67,11 +67,11 @@ def test_a_data_parallel_diagnosis_equals_one_process(tiny, tmp_path, processes,
     one, par = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "many"))
     assert [m["name"] for m in par["modules"]] == [m["name"] for m in one["modules"]]
     for a, b in zip(one["modules"], par["modules"]):
-        assert b["nfn"] == pytest.approx(a["nfn"], rel=1e-9) and b["tokens"] == a["tokens"], a["name"]
+        assert b["nfn"] == pytest.approx(a["nfn"], rel=1e-9) and b["token_count"] == a["token_count"], a["name"]
         assert (b["calls"], b["input_norm_max"]) == (a["calls"], a["input_norm_max"])
     assert [t["type"] for t in par["types"]] == [t["type"] for t in one["types"]]
     assert par["recommendation"] == one["recommendation"] and par["stability"] == one["stability"]
-    assert (par["data"]["samples"], par["data"]["tokens"]) == (one["data"]["samples"], one["data"]["tokens"])
+    assert (par["data"]["samples"], par["data"]["token_count"]) == (one["data"]["samples"], one["data"]["token_count"])
     assert many.stdout.count("report written to") == 1  # rank 0 alone prints and writes
 
 
@@ -93,7 +93,7 @@ def test_a_data_parallel_diagnosis_gathers_moe_experts(tmp_path):
     by_name = {m["name"]: m for m in par["modules"]}
     for a in one["modules"]:
         b = by_name[a["name"]]
-        assert b["nfn"] == pytest.approx(a["nfn"], rel=1e-9) and b["tokens"] == a["tokens"], a["name"]
+        assert b["nfn"] == pytest.approx(a["nfn"], rel=1e-9) and b["token_count"] == a["token_count"], a["name"]
         assert b["calls"] == a["calls"] and b["input_norm_max"] == a["input_norm_max"]
         if a.get("experts"):
             assert b["expert_nfn"] == pytest.approx(a["expert_nfn"], rel=1e-9)

@@ -199,7 +199,7 @@ def test_diagnose_reports_the_experts_with_a_per_expert_breakdown(tmp_path):
         if m.experts:
             assert m.nfn == pytest.approx(stats.stats[m.name].nfn, rel=1e-6)
             assert len(m.expert_nfn) == model.config.num_local_experts
-            assert m.tokens == sum(LENGTHS) * model.config.num_experts_per_tok
+            assert m.token_count == sum(LENGTHS) * model.config.num_experts_per_tok
     probabilities = {t.type: t.selection_probability for t in report.types}
     assert all(probabilities[t] is not None for t in experts)  # the experts are resampled too
     again = Report.load(report.save(tmp_path / "r.json"))

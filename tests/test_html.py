@@ -101,7 +101,7 @@ def _ranking_rows(report: Report) -> list[tuple[str | None, list[str]]]:
     """The ranking table as the page must show it, written from the report's fields."""
     chosen = set(report.recommendation.types)
     return [("rec" if t.type in chosen else None,
-             [str(t.rank), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
+             [str(t.position), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
               str(t.n_modules), f"{t.selection_probability:.0%}", f"{t.lora_params_per_rank * 8:,}"])
             for t in report.types]
 

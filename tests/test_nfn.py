@@ -121,7 +121,7 @@ def test_diagnose_closed_form_and_monte_carlo_agree_per_module(tiny_llama, batch
     assert [m.name for m in closed.modules] == [m.name for m in mc.modules]
     assert len(closed.modules) == 14
     for a, b in zip(closed.modules, mc.modules):
-        assert a.tokens == b.tokens == 32 * 64
+        assert a.token_count == b.token_count == 32 * 64
         assert b.nfn == pytest.approx(a.nfn, rel=0.02), a.name
         # same numerator: the NFN ratio is exactly the inverse denominator ratio
         assert a.nfn * a.baseline == pytest.approx(b.nfn * b.baseline, rel=1e-9)
@@ -256,7 +256,7 @@ def test_smollm2_matches_independent_computation(smollm2, reference):
     enc = tokenizer(SHORT_TEXTS, padding=True, truncation=True, max_length=32, return_tensors="pt",
                     padding_side="right")
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
-    assert report.data["tokens"] == int(batch["attention_mask"].sum())
+    assert report.data["token_count"] == int(batch["attention_mask"].sum())
     expected = reference(model, lambda b: model.model(**b), [batch], [m.name for m in report.modules])
     for m in report.modules:
         assert math.isfinite(m.nfn) and m.nfn > 0

@@ -102,7 +102,7 @@ def test_quantization_pair_needs_the_same_rows(reports):
     other = copy.deepcopy(full)
     other.model["quantization"] = "bnb-8bit"
     assert quantization_pair(full, other) == (full, other)
-    other.data["tokens"] += 1
+    other.data["token_count"] += 1
     assert quantization_pair(full, other) is None
     assert quantization_pair(full, copy.deepcopy(full)) is None  # neither is quantized
 

@@ -26,7 +26,7 @@ def record(name: str, nfn: float, d_in: int = 64, d_out: int = 64) -> ModuleReco
     layer = re.search(r"\.(\d+)\.", name)
     return ModuleRecord(
         name=name, type=name.rsplit(".", 1)[1], layer=int(layer.group(1)) if layer else None, d_out=d_out,
-        d_in=d_in, nfn=nfn, nfn_std=0.1, tokens=100, calls=1, baseline=1.0, input_norm_mean=1.0,
+        d_in=d_in, nfn=nfn, nfn_std=0.1, token_count=100, calls=1, baseline=1.0, input_norm_mean=1.0,
         input_norm_max=2.0, output_norm_mean=1.0,
     )
 
@@ -44,7 +44,7 @@ def llama_records(n_layers: int = 3, seed: int = 0) -> list[ModuleRecord]:
 def test_rank_types_ascending_with_ranks_one_to_n():
     records = llama_records(4, seed=1)
     ranking = rank_types(records)
-    assert [t.rank for t in ranking] == list(range(1, 8))
+    assert [t.position for t in ranking] == list(range(1, 8))
     means = [t.nfn_mean for t in ranking]
     assert means == sorted(means)
     for t in ranking:
@@ -331,7 +331,7 @@ def test_integer_samples_counts_rows_of_token_batches(aligned_toy, samples):
     data = make_batches(32, 10, batch_size=8)
     report = diagnose(aligned_toy, data, samples=samples, top_k=1, n_bootstrap=10)
     assert report.data["samples"] == min(samples, 32)
-    assert report.data["tokens"] == 10 * min(samples, 32)
+    assert report.data["token_count"] == 10 * min(samples, 32)
     # a one-shot iterator of batches is limited the same way
     assert diagnose(aligned_toy, iter(data), samples=samples, top_k=1, n_bootstrap=10).data["samples"] == min(
         samples, 32)

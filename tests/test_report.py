@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import re
 import stat
@@ -173,7 +174,7 @@ def test_to_dataframe_module_level(report):
 def test_to_dataframe_type_level(report):
     df = report.to_dataframe("type")
     assert df["type"].tolist() == report.module_types
-    assert df["rank"].tolist() == list(range(1, len(df) + 1))
+    assert df["position"].tolist() == list(range(1, len(df) + 1))
     assert df["nfn_mean"].is_monotonic_increasing
     assert df.loc[df["recommended"], "type"].tolist() == report.recommendation.types  # the 3 lowest
     assert df["recommended"].sum() == 3
@@ -275,3 +276,17 @@ def test_plot_writes_png(report, tmp_path):
     assert path.stat().st_size > 5_000
     assert fig is not None
     plt.close("all")
+
+
+def test_version_1_reports_still_load():
+    """The study's committed reports were written as version 1: their counts were 'tokens' and a
+    type's place was 'rank'; they load into version 2's names with every value kept."""
+    path = Path(__file__).parent.parent / "benchmarks" / "results" / "placement_study_gsm8k_report.json"
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 1
+    report = Report.load(path)
+    assert report.schema_version == SCHEMA_VERSION == 2
+    assert report.data["token_count"] == raw["data"]["tokens"]
+    assert [m.token_count for m in report.modules] == [m["tokens"] for m in raw["modules"]]
+    assert [t.position for t in report.types] == [t["rank"] for t in raw["types"]]
+    assert json.loads(report.to_json())["types"][0]["position"] == 1

@@ -29,8 +29,8 @@ def test_the_decoder_reads_the_response_and_the_encoder_the_prompt(name, q, cros
     decoder = next(m for n, m in modules.items() if n.startswith(("decoder.", "model.decoder.")) and n.endswith(q))
     keys = next(m for n, m in modules.items() if n.endswith(cross))
     sources = [e.prompt or e.response for e in PAIRS]
-    assert encoder.tokens == keys.tokens == _tokens(tokenizer, sources)  # cross-attention reads the encoder
-    assert decoder.tokens == _tokens(tokenizer, [e.response for e in PAIRS])
+    assert encoder.token_count == keys.token_count == _tokens(tokenizer, sources)  # cross-attention reads the encoder
+    assert decoder.token_count == _tokens(tokenizer, [e.response for e in PAIRS])
     assert report.coverage["share"] == 1.0
     assert report.task_type == "SEQ_2_SEQ_LM"
 
@@ -39,7 +39,7 @@ def test_texts_are_decoded_from_their_shifted_selves():
     tokenizer = tiny_lm.make_tokenizer()
     texts = [e.text for e in PAIRS]
     report = diagnose(archs.build("t5"), texts, tokenizer, n_bootstrap=10)
-    tokens = {m.name: m.tokens for m in report.modules}
+    tokens = {m.name: m.token_count for m in report.modules}
     assert tokens["decoder.block.0.layer.0.SelfAttention.q"] == tokens["encoder.block.0.layer.0.SelfAttention.q"] \
         == _tokens(tokenizer, texts)
 

@@ -34,7 +34,7 @@ def test_response_scope_is_the_nfn_of_the_response_tokens(reference):
     expected = reference(model, lambda b: model.model(input_ids=b["input_ids"], use_cache=False), rows, names)
     for m in report.modules:
         assert m.nfn == pytest.approx(expected[m.name]["nfn"], rel=1e-5), m.name
-        assert m.tokens == expected[m.name]["tokens"]
+        assert m.token_count == expected[m.name]["tokens"]
     assert report.settings["tokens"] == "response"
 
 
@@ -46,9 +46,9 @@ def test_prompt_and_response_scopes_split_the_whole():
              for scope in ("prompt", "response", "all")}
     for name in (m.name for m in parts["all"].modules):
         p, r, a = (next(m for m in parts[s].modules if m.name == name) for s in ("prompt", "response", "all"))
-        assert p.tokens + r.tokens == a.tokens
-        assert p.nfn * p.tokens + r.nfn * r.tokens == pytest.approx(a.nfn * a.tokens, rel=1e-6)
-    assert parts["prompt"].data["tokens"] + parts["response"].data["tokens"] == parts["all"].data["tokens"]
+        assert p.token_count + r.token_count == a.token_count
+        assert p.nfn * p.token_count + r.nfn * r.token_count == pytest.approx(a.nfn * a.token_count, rel=1e-6)
+    assert parts["prompt"].data["token_count"] + parts["response"].data["token_count"] == parts["all"].data["token_count"]
 
 
 @pytest.mark.parametrize("tokens", ["prompt", "response"])
@@ -70,4 +70,4 @@ def test_the_cli_scores_the_response(tmp_path):
         assert main(["diagnose", str(model), "--data", str(data), "--tokens", scope, "--out", str(out)]) == 0
         reports[scope] = json.loads(out.read_text())
     assert reports["response"]["settings"]["tokens"] == "response"
-    assert 0 < reports["response"]["data"]["tokens"] < reports["all"]["data"]["tokens"]
+    assert 0 < reports["response"]["data"]["token_count"] < reports["all"]["data"]["token_count"]

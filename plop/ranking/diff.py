@@ -103,8 +103,8 @@ def diff_reports(a: Report, b: Report, label_a: str | None = None, label_b: str 
             type=name,
             nfn_a=getattr(ta, "nfn_mean", None), nfn_b=getattr(tb, "nfn_mean", None),
             delta=tb.nfn_mean - ta.nfn_mean if both else None,
-            rank_a=getattr(ta, "rank", None), rank_b=getattr(tb, "rank", None),
-            rank_change=tb.rank - ta.rank if both else None,
+            rank_a=getattr(ta, "position", None), rank_b=getattr(tb, "position", None),
+            rank_change=tb.position - ta.position if both else None,
             recommended_a=name in rec_a, recommended_b=name in rec_b,
         ))
     return ReportDiff(

@@ -97,7 +97,7 @@ def _header(report: Report) -> str:
     facts = {
         "model": f"{model['id']} ({model['architecture']}, {len(report.modules)} linear modules)",
         "data": data["source"],
-        "samples": f"{data['samples']} samples, {data['tokens']:,} tokens",
+        "samples": f"{data['samples']} samples, {data['token_count']:,} tokens",
         "data SHA-256": data.get("sha256"),
         "estimator": report.settings.get("estimator", "closed_form"),
         "created": (f"{report.created} by " if report.created else "") + f"plop {report.plop_version}",
@@ -130,7 +130,7 @@ def render_html(report: Report, exports: Mapping[str, str] | None = None) -> str
     ranking = _table(
         "Module types by mean NFN over layers (low NFN: put LoRA here)",
         ["#", "type", "NFN ± std", "min–max", "n", "P(sel)", f"params@r{rec.rank}"], {0, 2, 3, 4, 5, 6},
-        [([str(t.rank), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
+        [([str(t.position), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
            str(t.n_modules), "–" if t.selection_probability is None else f"{t.selection_probability:.0%}",
            f"{t.lora_params_per_rank * rec.rank:,}"], t.type in chosen) for t in report.types],
     )

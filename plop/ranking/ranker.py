@@ -64,7 +64,7 @@ def rank_types(records: Sequence[ModuleRecord]) -> list[TypeRanking]:
         rows.append(
             TypeRanking(
                 type=t,
-                rank=0,
+                position=0,
                 nfn_mean=float(v.mean()),
                 nfn_std=float(v.std()),
                 nfn_min=float(v.min()),
@@ -75,7 +75,7 @@ def rank_types(records: Sequence[ModuleRecord]) -> list[TypeRanking]:
         )
     rows.sort(key=lambda r: (r.nfn_mean, r.type))
     for i, r in enumerate(rows, 1):
-        r.rank = i
+        r.position = i
     return rows
 
 

@@ -68,7 +68,7 @@ def render_report(report) -> Group:
         ("plop diagnosis ", "bold"),
         (plain_safe(str(model["id"])), "bold magenta"),
         plain_safe(f"  ({model['architecture']}, {len(report.modules)} linear modules)") + "\n",
-        plain_safe(f"data: {data['source']}  ·  {data['samples']} samples, {data['tokens']:,} tokens  ·  "
+        plain_safe(f"data: {data['source']}  ·  {data['samples']} samples, {data['token_count']:,} tokens  ·  "
                    f"estimator: {report.settings.get('estimator', 'closed_form')}"),
     )
     line = coverage_line(report)
@@ -97,7 +97,7 @@ def _ranking_table(report) -> Table:
     for t in report.types:
         prob = "–" if t.selection_probability is None else f"{t.selection_probability:.0%}"
         table.add_row(
-            str(t.rank), _plain(t.type), f"{t.nfn_mean:.3f}±{t.nfn_std:.3f}", _bar(t.nfn_mean, lo, hi),
+            str(t.position), _plain(t.type), f"{t.nfn_mean:.3f}±{t.nfn_std:.3f}", _bar(t.nfn_mean, lo, hi),
             f"{t.nfn_min:.2f}–{t.nfn_max:.2f}", str(t.n_modules), prob, f"{t.lora_params_per_rank * rec.rank:,}",
             style="bold green" if t.type in set(rec.types) else None,
         )

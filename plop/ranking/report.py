@@ -22,7 +22,7 @@ from ..files.fsio import atomic_write, read_text_capped
 from ..files.untrusted import check_regex, plain_safe
 from ..version import __version__
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: modules' and data's 'tokens' counts are 'token_count', types' 'rank' is 'position'
 SCHEMA_ID = "plop.report"
 
 
@@ -37,7 +37,7 @@ class ModuleRecord:
     d_in: int
     nfn: float
     nfn_std: float
-    tokens: int
+    token_count: int  # scored tokens seen (the config's 'tokens' is which tokens are scored)
     calls: int
     baseline: float
     input_norm_mean: float
@@ -60,7 +60,7 @@ class TypeRanking:
     """One module type, aggregated over layers."""
 
     type: str
-    rank: int
+    position: int  # 1 = the lowest mean NFN (a LoRA rank is 'rank' everywhere else)
     nfn_mean: float
     nfn_std: float
     nfn_min: float
@@ -115,7 +115,7 @@ REPORT_SCHEMA = _obj(
         "schema_version": _int,
         "plop_version": _str,
         "model": _obj({"id": _str, "architecture": _str}),
-        "data": _obj({"source": _str, "samples": _count, "tokens": _count}),
+        "data": _obj({"source": _str, "samples": _count, "token_count": _count}),
         "settings": {"type": "object", "properties": {"rank": _pos, "top_k": _pos,
                                                       "budget": {"type": ["integer", "null"], "minimum": 1}}},
         "modules": {
@@ -130,7 +130,7 @@ REPORT_SCHEMA = _obj(
                     "d_in": _pos,
                     "nfn": _num,
                     "nfn_std": _num,
-                    "tokens": _count,
+                    "token_count": _count,
                     "calls": _count,
                     "baseline": _num,
                     "input_norm_mean": _num,
@@ -144,7 +144,7 @@ REPORT_SCHEMA = _obj(
             "type": "array",
             "minItems": 1,
             "items": _obj(
-                {"type": _str, "rank": _pos, "nfn_mean": _num, "nfn_std": _num, "nfn_min": _num, "nfn_max": _num,
+                {"type": _str, "position": _pos, "nfn_mean": _num, "nfn_std": _num, "nfn_min": _num, "nfn_max": _num,
                  "n_modules": _pos, "lora_params_per_rank": _pos},
                 {"selection_probability": {"type": ["number", "null"]}},
             ),
@@ -186,6 +186,24 @@ def _non_finite(value: Any, where: str = "") -> str | None:
         if found is not None:
             return found
     return None
+
+
+def _renamed(value: Any, old: str, new: str) -> Any:
+    """``value`` with key ``old`` named ``new``, when it is a dict holding it (else as it is)."""
+    if not isinstance(value, dict) or old not in value:
+        return value
+    return {new if k == old else k: v for k, v in value.items()}
+
+
+def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 report in version 2's names: the token counts were ``tokens`` (the word the
+    config uses for which tokens are scored) and a type's place in the ranking was ``rank``. Only
+    well-formed parts are renamed; the schema then judges the result."""
+    out = {**raw, "schema_version": SCHEMA_VERSION, "data": _renamed(raw.get("data"), "tokens", "token_count")}
+    for key, old, new in (("modules", "tokens", "token_count"), ("types", "rank", "position")):
+        if isinstance(raw.get(key), list):
+            out[key] = [_renamed(item, old, new) for item in raw[key]]
+    return out
 
 
 def _build(cls, values: dict[str, Any]):
@@ -239,6 +257,8 @@ class Report:
                     f"{source}: schema version {raw['schema_version']} is newer than this plop "
                     f"({__version__}) reads (up to {SCHEMA_VERSION}); upgrade plop"
                 )
+        if raw.get("schema_version") == 1:
+            raw = _from_version_1(raw)
         error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(raw))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "top level"
