@@ -71,3 +71,17 @@ def test_the_cli_scores_the_response(tmp_path):
         reports[scope] = json.loads(out.read_text())
     assert reports["response"]["settings"]["tokens"] == "response"
     assert 0 < reports["response"]["data"]["token_count"] < reports["all"]["data"]["token_count"]
+
+
+def test_the_rendered_report_says_which_tokens_were_scored():
+    from rich.console import Console
+
+    from plop.ranking.html_report import render_html
+
+    model, tokenizer = make_model(), make_tokenizer()
+    for scope, said in (("all", "all scored"), ("response", "response tokens scored")):
+        report = diagnose(model, _examples(), tokenizer, tokens=scope, n_bootstrap=10, max_length=64)
+        console = Console(width=120, record=True)
+        console.print(report)
+        assert f"{report.data['token_count']:,} tokens ({said})" in console.export_text()
+        assert f"tokens ({said})" in render_html(report)

@@ -17,7 +17,7 @@ from pathlib import Path
 from .report import Report
 from ..config import default_alpha
 from ..files.fsio import atomic_write
-from .render import figure_bytes, plot_report, target_modules_line
+from .render import figure_bytes, plot_report, scored_tokens, target_modules_line
 
 _CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #1d2228; max-width: 1180px; margin: 2em auto; padding: 0 1em; }
@@ -97,7 +97,7 @@ def _header(report: Report) -> str:
     facts = {
         "model": f"{model['id']} ({model['architecture']}, {len(report.modules)} linear modules)",
         "data": data["source"],
-        "samples": f"{data['samples']} samples, {data['token_count']:,} tokens",
+        "samples": f"{data['samples']} samples, {data['token_count']:,} tokens ({scored_tokens(report.settings)})",
         "data SHA-256": data.get("sha256"),
         "estimator": report.settings.get("estimator", "closed_form"),
         "created": (f"{report.created} by " if report.created else "") + f"plop {report.plop_version}",

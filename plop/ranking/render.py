@@ -60,6 +60,12 @@ def _chosen(rec) -> str:
     return ", ".join(rec.types)
 
 
+def scored_tokens(settings: dict[str, Any]) -> str:
+    """Which tokens the statistics took (``--tokens``): every one, or a prompt/response part."""
+    scope = settings.get("tokens", "all")
+    return "all scored" if scope == "all" else f"{scope} tokens scored"
+
+
 def render_report(report) -> Group:
     """Ranked types (NFN mean +/- std and a bar), the recommendation and its cost, coverage, the
     types PEFT refuses on this model and, when scored, what data-free scores would pick."""
@@ -68,8 +74,8 @@ def render_report(report) -> Group:
         ("plop diagnosis ", "bold"),
         (plain_safe(str(model["id"])), "bold magenta"),
         plain_safe(f"  ({model['architecture']}, {len(report.modules)} linear modules)") + "\n",
-        plain_safe(f"data: {data['source']}  ·  {data['samples']} samples, {data['token_count']:,} tokens  ·  "
-                   f"estimator: {report.settings.get('estimator', 'closed_form')}"),
+        plain_safe(f"data: {data['source']}  ·  {data['samples']} samples, {data['token_count']:,} tokens "
+                   f"({scored_tokens(report.settings)})  ·  estimator: {report.settings.get('estimator', 'closed_form')}"),
     )
     line = coverage_line(report)
     if line is not None:
