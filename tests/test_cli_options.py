@@ -83,3 +83,20 @@ def test_a_bad_value_is_one_line_before_any_model_loads(tmp_path, capsys):
     assert code == 2 and "lr must be in (0, 1]" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="lr must be in"):
         TrainConfig(lr=3)
+
+
+def test_out_names_a_file_and_output_dir_a_folder_in_every_command():
+    """One meaning per flag: --out is a file (or stdout), --output-dir a folder; merge's old --out stays
+    an alias of its --output-dir."""
+    parser = build_parser()
+    for argv in (["adapters", "merge", "d", "n", "--output-dir", "x"], ["adapters", "merge", "d", "n", "--out", "x"]):
+        assert parser.parse_args(argv).output_dir == "x"
+    for command in ("diagnose", "export", "compare", "train", "adapters"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        parsers = [sub, *sub._subparsers._group_actions[0].choices.values()] if sub._subparsers else [sub]
+        for p in parsers:
+            for action in p._actions:
+                if "--out" in action.option_strings and action.dest == "out":
+                    assert action.metavar in ("FILE", "PATH"), (command, action.metavar)
+                if "--output-dir" in action.option_strings:
+                    assert action.dest == "output_dir"

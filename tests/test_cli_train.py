@@ -57,7 +57,7 @@ def test_train_diagnoses_first_then_adapters_list_and_merge(tiny, tmp_path):
     listing = plop("adapters", "list", out)
     assert listing.returncode == 0 and "default" in listing.stdout and "recommended" in listing.stdout
 
-    merged = plop("adapters", "merge", out, "default", "--out", tmp_path / "merged")
+    merged = plop("adapters", "merge", out, "default", "--output-dir", tmp_path / "merged")
     assert merged.returncode == 0, merged.stderr
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
 

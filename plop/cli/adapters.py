@@ -9,7 +9,7 @@ from .options import command
 
 EXAMPLES = """examples:
   plop adapters list runs/tasks
-  plop adapters merge runs/tasks math --out merged-math/
+  plop adapters merge runs/tasks math --output-dir merged-math/
 """
 
 
@@ -22,7 +22,9 @@ def register(sub) -> None:
     q = command(actions, "merge", "merge one adapter into its base model and save that", epilog=EXAMPLES)
     q.add_argument("dir")
     q.add_argument("name", help="adapter name ('default' for the one at the directory's root)")
-    q.add_argument("--out", required=True, metavar="DIR", help="where to save the merged model")
+    # a folder, as train's --output-dir; --out (its old name) stays as an alias: --out names a file elsewhere
+    q.add_argument("--output-dir", "--out", dest="output_dir", required=True, metavar="DIR",
+                   help="where to save the merged model")
     q.add_argument("--model", default=None, help="base model (default: the one recorded in the adapter)")
     q.add_argument("--dtype", default="auto", choices=DTYPES)
     q.set_defaults(func=merge)
@@ -53,6 +55,6 @@ def merge(args) -> int:
     if not base_id:
         raise PlopError("the adapter does not say which base model it was trained on", "pass --model")
     model, tokenizer, _ = load_model(base_id, dtype=args.dtype, device="cpu")
-    out = merge_adapter(model, args.dir, args.name, args.out, tokenizer=tokenizer)
+    out = merge_adapter(model, args.dir, args.name, args.output_dir, tokenizer=tokenizer)
     print(plain_safe(f"merged adapter {args.name!r} into {base_id}; model written to {out}"))
     return 0
