@@ -15,6 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from . import cli_check
 from .config import DEVICES, DTYPES, ESTIMATORS, QUANTIZATIONS, TOKEN_SCOPES, DiagnoseConfig
 from .errors import PlopError
 from .exports import FORMATS
@@ -469,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_report_parsers(sub)
     add_train_parsers(sub)
+    cli_check.register(sub)
     return parser
 
 
