@@ -201,3 +201,81 @@ def test_mlx_lm_keys_on_the_last_num_layers(tmp_path, name, keys, num_layers, n_
     assert_predicts(result, peft_truth(name, names))
     left_out = [f for f in result.findings if f.code == "layers-left-out"]
     assert len(left_out) == 1 and f"layers 0-{n_layers - num_layers - 1} get no adapter" in left_out[0].message
+
+
+# -- traps: each flagged, a clean config raises nothing -----------------------------------------
+def codes(result) -> list[str]:
+    return [f.code for f in result.findings]
+
+
+def test_clean_config_raises_nothing():
+    result = check(inline_spec("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"), fixture("Llama-3.1-8B"))
+    assert result.findings == [] and result.exit_code == 0
+    assert result.adapted_share == pytest.approx(1.0)
+
+
+def test_silent_miss_is_an_error(tmp_path):
+    """LLaMA-Factory #43: W_pack exists on Baichuan, not on Llama; PEFT trains q_proj alone."""
+    config = {"model_name_or_path": "x", "finetuning_type": "lora", "lora_target": "q_proj,W_pack"}
+    result = check(write(tmp_path, "lf.yaml", config), fixture("Llama-3.1-8B"))
+    assert codes(result) == ["target-miss"] and "'W_pack'" in result.findings[0].message
+    assert result.exit_code == EXIT_ERRORS
+    assert result.trainable == peft_truth("Llama-3.1-8B", ["q_proj"])[1]  # what PEFT really trains
+
+
+def test_frozen_experts_say_how_much_stays_untouched():
+    result = check(inline_spec("q_b_proj,kv_b_proj,o_proj"), fixture("DeepSeek-V3"))
+    (frozen,) = [f for f in result.findings if f.code == "experts-frozen"]
+    model = meta_model(fixture("DeepSeek-V3"))
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n and p.ndim == 3)
+    blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.ndim >= 2)
+    assert f"{100 * experts / blocks:.0f} % of the block weights" in frozen.message
+    assert result.exit_code == 0
+
+
+def test_router_wrapped_by_all_linear_on_qwen3_moe(tmp_path):
+    result = check(write(tmp_path, "adapter_config.json", {"r": 8, "target_modules": "all-linear"}), fixture("Qwen3-30B-A3B"))
+    assert "router-wrapped" in codes(result) and "peft-conversion" in codes(result)
+    assert any(m.endswith("mlp.gate.weight") for m in result.modules)
+    assert_predicts(result, peft_truth("Qwen3-30B-A3B", "all-linear"))
+
+
+@pytest.mark.parametrize("name, targets", [("Qwen2.5-VL-7B-Instruct", "v_proj,up_proj,down_proj"),
+                                           ("gemma-3-4b-it", "q_proj,v_proj")])
+def test_vision_tower_hit_by_suffixes(name, targets):
+    result = check(inline_spec(targets), fixture(name))
+    (hit,) = [f for f in result.findings if f.code == "vision-hit"]
+    vision = [m for m in result.modules if "visual" in m or "vision_tower" in m]
+    assert vision and f"{len(vision)} modules of the vision tower" in hit.message
+
+
+def test_rank_pattern_key_that_matches_nothing():
+    result = check(inline_spec("q_proj,v_proj", rank_pattern="qkv_proj=32,v_proj=16"), fixture("Llama-3.1-8B"))
+    assert codes(result) == ["pattern-miss"] and "'qkv_proj'" in result.findings[0].message
+
+
+def test_trl_one_element_collapse(tmp_path):
+    path = write(tmp_path, "trl.yaml", {"model_name_or_path": "x", "use_peft": True, "lora_target_modules": ["v_proj"]})
+    trl = _trl_config(path)
+    assert trl.target_modules == "v_proj"  # TRL itself collapsed it
+    with pytest.raises(ValueError, match="not found in the base model"):
+        peft_truth("Llama-3.1-8B", trl.target_modules)
+    result = check(path, fixture("Llama-3.1-8B"))
+    assert codes(result) == ["peft-refuses", "stack-rule"] and result.exit_code == EXIT_ERRORS
+    assert "one-element" in result.findings[1].message
+
+
+def test_modules_to_save_copy_is_sized(tmp_path):
+    config = {"r": 8, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["lm_head"]}
+    result = check(write(tmp_path, "adapter_config.json", config), fixture("Llama-3.1-8B"))
+    assert_predicts(result, peft_truth("Llama-3.1-8B", ["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    (saved,) = [f for f in result.findings if f.code == "modules-to-save"]
+    assert f"{128256 * 4096:,} parameters" in saved.message
+
+
+def test_peft_refusal_is_an_error():
+    """Mixtral w1 without w3: PEFT's MoE conversion refuses the half of a fused pair."""
+    with pytest.raises(ValueError, match="without also targeting"):
+        peft_truth("Mixtral-8x7B-v0.1", ["q_proj", "w1"])
+    result = check(inline_spec("q_proj,w1"), fixture("Mixtral-8x7B-v0.1"))
+    assert codes(result) == ["peft-refuses"] and "without also targeting w3" in result.findings[0].message
