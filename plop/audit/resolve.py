@@ -154,24 +154,34 @@ def _strip_base(name: str) -> str:
     return re.sub(r"\.base_layer\b", "", name)
 
 
-def _collect(inner: nn.Module, build: Build) -> None:
-    """Read the wrapped model: each adapter's rank and trainable parameters, each full copy's size."""
+def wrapped_targets(inner: nn.Module) -> dict[str, tuple[str, object]]:
+    """Every adapter of a PEFT-wrapped model (``peft_model.base_model.model``): its target (a
+    module name, or ``module.parameter`` for a wrapped parameter) by the wrapper's own name, with
+    the wrapper. ``plop train`` compares these with its plan."""
     from peft.tuners.lora import LoraLayer, ParamWrapper
 
-    owners: dict[str, str] = {}
+    found = {}
     for name, module in inner.named_modules():
         if isinstance(module, LoraLayer) and ADAPTER in module.r:
             key = _strip_base(name)
-            if isinstance(module, ParamWrapper):
-                build.wrapped_params[f"{key}.{module.parameter_name}"] = key
-                key = f"{key}.{module.parameter_name}"
-            owners[name] = key
-            build.ranks[key] = module.r[ADAPTER]
+            found[name] = (f"{key}.{module.parameter_name}" if isinstance(module, ParamWrapper) else key, module)
+    return found
+
+
+def _collect(inner: nn.Module, build: Build) -> None:
+    """Read the wrapped model: each adapter's rank and trainable parameters, each full copy's size."""
+    owners: dict[str, str] = {}
+    for name, (key, module) in wrapped_targets(inner).items():
+        owners[name] = key
+        build.ranks[key] = module.r[ADAPTER]
+        if key != _strip_base(name):
+            build.wrapped_params[key] = _strip_base(name)
     for pname, param in inner.named_parameters():
         if not param.requires_grad:
             continue
         if ".modules_to_save." in pname:
-            build.saved[pname.split(".modules_to_save.")[0]] = build.saved.get(pname.split(".modules_to_save.")[0], 0) + param.numel()
+            copy_of = pname.split(".modules_to_save.")[0]
+            build.saved[copy_of] = build.saved.get(copy_of, 0) + param.numel()
             continue
         owner = re.split(r"\.(?:lora_\w+|lora_magnitude_vector)\.", pname)[0]
         if owner in owners:
