@@ -244,6 +244,10 @@ def cmd_export(args) -> int:
         warnings.warn(warning, stacklevel=1)
     if not result.exact:
         warnings.warn(f"{fmt} cannot express the recommendation exactly: wrote its closest superset", stacklevel=1)
+    from .audit.verify import export_difference  # what the written config trains, by PEFT's matcher
+
+    if (difference := export_difference(result.text, fmt, report)) is not None:
+        warnings.warn(difference, stacklevel=1)
     text = merge_into(Path(args.merge).read_text(encoding="utf-8"), result) if args.merge else result.text
     out = out or args.merge
     if out is None:
