@@ -279,3 +279,37 @@ def test_peft_refusal_is_an_error():
         peft_truth("Mixtral-8x7B-v0.1", ["q_proj", "w1"])
     result = check(inline_spec("q_proj,w1"), fixture("Mixtral-8x7B-v0.1"))
     assert codes(result) == ["peft-refuses"] and "without also targeting w3" in result.findings[0].message
+
+
+# -- unsloth scripts are parsed, never run; a report weighs the placement by NFN ---------------
+def test_unsloth_script_is_parsed_not_run(tmp_path):
+    script = tmp_path / "train.py"
+    marker = tmp_path / "ran"
+    script.write_text(f"open({str(marker)!r}, 'w').write('x')\nfrom unsloth import FastLanguageModel\n"
+                      "model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0,\n"
+                      "    target_modules=['q_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'], bias='none')\n")
+    result = check(script, fixture("Llama-3.1-8B"))
+    assert not marker.exists()
+    assert result.flavour == "unsloth" and codes(result) == ["unsloth-slow-path"]
+    assert "fused QKV kernel needs LoRA on all of q_proj, k_proj, v_proj, not only q_proj, v_proj" in result.findings[0].message
+    names = module_names("Llama-3.1-8B", _suffix("q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+    assert_predicts(result, peft_truth("Llama-3.1-8B", names, r=16))
+
+
+def test_report_weighs_the_budget_by_nfn(tmp_path):
+    from conftest import make_batches, make_llama
+    from plop import diagnose
+
+    model = make_llama()
+    report = diagnose(model, make_batches(16, 16), rank=8, n_bootstrap=50, top_k=2)
+    model.config.save_pretrained(tmp_path / "model")
+    ranked = sorted(report.types, key=lambda t: t.rank)
+    worst = ranked[-1].type  # the highest-NFN type: all of the budget lands off plop's choice
+    result = check(inline_spec(worst), tmp_path / "model", report=report)
+    b = result.by_nfn
+    assert b["budget"] == ranked[-1].lora_params_per_rank * 8 == result.adapter_params
+    assert b["share_on_recommended"] == 0.0 and b["share_on_low_nfn_half"] == 0.0
+    affordable = [t.type for t in ranked if t.lora_params_per_rank * 8 <= b["budget"]]
+    assert b["same_budget_types"][0] == affordable[0]  # the lowest-NFN type the budget buys
+    best = check(inline_spec(",".join(report.recommendation.types)), tmp_path / "model", report=report)
+    assert best.by_nfn["share_on_recommended"] == 1.0
