@@ -114,7 +114,8 @@ def expert_findings(build: Build, layout: ModelLayout, block_weights: int) -> li
 def placement_findings(model: nn.Module, build: Build, layout: ModelLayout) -> list[Finding]:
     """Routers, vision tower, head and embeddings adapted; full copies and their size."""
     found = []
-    classes = {name: type(m).__name__ for name, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    classes = {name: type(m).__name__ for name, m in modules.items()}
     routers = sorted({_type(k, layout) for k in build.ranks if layout.params and (
         _ROUTER.search(classes.get(_owner(k, build), "")) or _owner(k, build).rsplit(".", 1)[-1] in ("gate", "router"))})
     if routers:
@@ -125,7 +126,7 @@ def placement_findings(model: nn.Module, build: Build, layout: ModelLayout) -> l
         found.append(Finding("warning", "vision-hit", f"{len(vision)} modules of the vision tower or projector get "
                              f"LoRA (e.g. {vision[0]}): suffix targets reach both towers; exclude them "
                              "(exclude_modules) unless you train on images"))
-    embeds = [k for k in build.ranks if k == layout.head or isinstance(dict(model.named_modules()).get(k), nn.Embedding)]
+    embeds = [k for k in build.ranks if k == layout.head or isinstance(modules.get(k), nn.Embedding)]
     if embeds:
         found.append(Finding("warning", "head-or-embeddings", f"{', '.join(embeds)} get LoRA: the output head and "
                              "embeddings change every token's logits; most recipes leave them frozen"))
