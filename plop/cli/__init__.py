@@ -16,10 +16,10 @@ import warnings
 from ..errors import PlopError
 from ..files.untrusted import plain_safe
 from ..version import __version__
-from . import adapters, compare, diagnose, reports, train
+from . import adapters, check, compare, diagnose, reports, train
 from .options import EXIT_USAGE, Formatter, Parser
 
-COMMANDS = (diagnose, reports, train, compare, adapters)
+COMMANDS = (diagnose, reports, check, train, compare, adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:

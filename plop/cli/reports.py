@@ -116,6 +116,10 @@ def export(args) -> int:
         warnings.warn(warning, stacklevel=1)
     if not result.exact:
         warnings.warn(f"{fmt} cannot express the recommendation exactly: wrote its closest superset", stacklevel=1)
+    from ..audit.verify import export_difference  # what the written config trains, by PEFT's matcher
+
+    if (difference := export_difference(result.text, fmt, report)) is not None:
+        warnings.warn(difference, stacklevel=1)
     text, path = write_export(result, out, args.merge)
     if path is None:
         sys.stdout.write(text)

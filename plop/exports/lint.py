@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from .target import Target, suffix_regex
 
-# vLLM serves q/k/v as one qkv_proj and gate/up as one gate_up_proj; adapters on part of a packed
-# group have been refused at load time (vllm-project/vllm#4715, modelscope/ms-swift#5252).
-VLLM_PACKED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# vLLM serves q/k/v as one qkv_proj and gate/up as one gate_up_proj, and loads an adapter on part of
+# a group: MergedColumnParallelLinearWithLoRA.set_lora (vllm/lora/layers/column_parallel_linear.py,
+# vllm-project/vllm@0163de2b) copies each slice's LoRA only where it is not None, so q/v-only or
+# up-only adapters serve; no warning. What vLLM does refuse at load time is DoRA:
+# LoRAModel.from_lora_tensors (vllm/lora/lora_model.py, vllm-project/vllm@0306474e) raises
+# NotImplementedError when the adapter config has use_dora.
+VLLM_DORA = ("vLLM refuses DoRA adapters at load time (NotImplementedError in "
+             "vllm/lora/lora_model.py LoRAModel.from_lora_tensors); serve a plain LoRA there")
 # unsloth patches its fused LoRA kernels per layer only when all of a group carries LoRA, with
-# dropout 0, bias "none" and no DoRA magnitude (unslothai/unsloth unsloth/models/llama.py, get_peft_model
-# and patch_peft_model: the lora_dropout == 0 and bias == "none" branch).
+# dropout 0, bias "none", no bias on the base layers and no DoRA magnitude (unslothai/unsloth
+# 2026.8.19, unsloth/models/llama.py FastLlamaModel.patch_peft_model: the
+# `lora_dropout == 0 and bias == "none"` branch, then hasattr(..., "lora_A") on gate/up/down and q/k/v).
 UNSLOTH_FUSED = {"QKV": ("q_proj", "k_proj", "v_proj"), "MLP": ("gate_proj", "up_proj", "down_proj")}
 
 
@@ -36,9 +42,8 @@ def lint(t: Target, fmt: str) -> list[str]:
     """Warnings for ``fmt`` that do not depend on how the stack spells its keys."""
     out = []
     if fmt != "spectrum":
-        for packed, have, members in partial_groups(t, VLLM_PACKED):
-            out.append(f"vLLM packs {', '.join(members)} into {packed} and may refuse an adapter on only "
-                       f"{', '.join(have)}; target the whole group if you serve with vLLM")
+        if t.options.dora:
+            out.append(VLLM_DORA)
         if t.is_vlm and not t.is_regex:
             out.append(f"{t.report.model.get('architecture')} has a vision tower: the suffixes "
                        f"{t.list_targets()} also match its layers; exclude them (PEFT exclude_modules) "

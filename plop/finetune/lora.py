@@ -8,6 +8,7 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from ..errors import PlopError
 from ..model.placement import ModelLayout, Targets, modules_peft_adapts
 from ..ranking.peft_config import peft_lora_config, rank_patterns
 from ..ranking.report import Report
@@ -47,3 +48,27 @@ def wrap(model: nn.Module, lora, seed: int):
     set_seed(seed)
     with quiet_peft():
         return get_peft_model(model, lora)
+
+
+def planned(layout: ModelLayout, targets: Targets, report: Report | None) -> set[str]:
+    """What the plan adapts: the recommendation's modules, explicit targets as PEFT's matcher
+    reads them, else every module and expert weight of the placement's types."""
+    if targets.placement == "recommended" and report is not None:
+        return set(report.recommendation.modules)
+    if targets.placement == "custom":
+        return set(modules_peft_adapts(layout, targets.target_modules))
+    return {n for n, t in layout.role_map.items() if t in targets.types and n != layout.head}
+
+
+def check_built(peft_model, plan: set[str]) -> None:
+    """Stop before training when PEFT wrapped other modules than planned: a LoraConfig PEFT
+    rewrote (its MoE conversion), a report edited by hand, a target that reaches more or less."""
+    from ..audit.resolve import wrapped_targets
+
+    built = {key for key, _ in wrapped_targets(peft_model.base_model.model).values()}
+    if built != plan:
+        missing, extra = sorted(plan - built), sorted(built - plan)
+        parts = [f"{len(missing)} planned not wrapped (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(extra)} wrapped outside the plan (e.g. {extra[0]})"] if extra else []
+        raise PlopError(f"PEFT built a different adapter than planned: {'; '.join(parts)}; nothing was trained",
+                        "run plop check on the config to see what PEFT wraps")

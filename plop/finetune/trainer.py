@@ -36,7 +36,7 @@ from ..ranking.report import Report
 from ..measure.seq2seq import is_encoder_decoder
 from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig
-from .lora import lora_config, wrap
+from .lora import check_built, lora_config, planned, wrap
 from .remeasure import nfn_change
 from .sft import SFTCollator, split_examples, tokenize_examples, tokenize_pairs
 
@@ -167,7 +167,9 @@ def train_on_targets(
                          f"(T5, BART, ...), not {info['architecture']}")
     train_set, eval_set = _datasets(examples, tokenizer, config, eval_examples, seq2seq)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
-    peft_model = wrap(model, lora_config(model_layout(model), config, targets, report, task_type), config.seed)
+    layout = model_layout(model)
+    peft_model = wrap(model, lora_config(layout, config, targets, report, task_type), config.seed)
+    check_built(peft_model, planned(layout, targets, report))  # before the Trainer spends a step
     trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress)
     if config.overwrite:
         if trainer.is_world_process_zero():

@@ -33,6 +33,22 @@ def _reason(module: nn.Module, full: str, experts: Collection[str]) -> str:
     return "not a linear projection (router, state-space or other parameter)"
 
 
+def block_units(model: nn.Module, experts: Collection[str]) -> dict[str, tuple[int, str]]:
+    """Every block weight by unit (a linear module's name, else the parameter's full name):
+    ``(numel, why it would go unmeasured)``."""
+    units: dict[str, tuple[int, str]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if param.ndim < 2 or INDEX not in role(full):
+                continue
+            unit = name if is_linear_like(module) and pname == "weight" else full
+            units[unit] = (param.numel(), _reason(module, full, experts))
+    return units
+
+
 def coverage(model: nn.Module, seen: Collection[str], experts: Collection[str],
              threshold: float = THRESHOLD) -> dict[str, Any]:
     """``{"share", "block_weights", "undiagnosed": [{"role", "share", "reason"}]}``.
@@ -43,19 +59,12 @@ def coverage(model: nn.Module, seen: Collection[str], experts: Collection[str],
     seen = set(seen)
     total = covered = 0
     missed: dict[tuple[str, str], int] = defaultdict(int)
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding):
-            continue
-        for pname, param in module.named_parameters(recurse=False):
-            full = f"{name}.{pname}" if name else pname
-            if param.ndim < 2 or INDEX not in role(full):
-                continue
-            unit = name if is_linear_like(module) and pname == "weight" else full
-            total += param.numel()
-            if unit in seen:
-                covered += param.numel()
-            else:
-                missed[(role(unit), _reason(module, full, experts))] += param.numel()
+    for unit, (numel, reason) in block_units(model, experts).items():
+        total += numel
+        if unit in seen:
+            covered += numel
+        else:
+            missed[(role(unit), reason)] += numel
     undiagnosed = [{"role": r, "share": round(n / total, 4), "reason": why}
                    for (r, why), n in sorted(missed.items(), key=lambda kv: -kv[1]) if n > threshold * total]
     return {"share": round(covered / total, 4) if total else 1.0, "block_weights": total, "undiagnosed": undiagnosed}

@@ -1,0 +1,99 @@
+"""``plop.audit.check``: one config against one model's structure, without its weights."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .findings import _type, findings, matrix
+from .meta import meta_model
+from .readers import read_config
+from .resolve import Build, lora_kwargs, wrap
+from .result import CheckResult, RoleRow
+from .spec import AdapterSpec
+
+
+def base_model_path(spec: AdapterSpec, model: str | Path | None) -> str | Path:
+    """MODEL, else the base model the config names when that is a local folder or a ``.gguf``."""
+    if model is not None:
+        return model
+    base = spec.base_model
+    if base and (Path(base).expanduser().is_dir() or str(base).endswith(".gguf")):
+        return base
+    named = f" it names {base!r}, which is not a local model folder or .gguf file" if base else " it names none"
+    raise ConfigError(f"give MODEL (a folder with config.json, a config.json or a .gguf):{named}")
+
+
+def _roles(build: Build, layout, cells) -> list[RoleRow]:
+    rows = []
+    for t, layers in cells.items():
+        names = [n for n in {*layout.role_map, *build.ranks} if _type(n, layout) == t]
+        adapted = [n for n in names if n in build.ranks]
+        rows.append(RoleRow(t, len(adapted), len(names), sum(build.params.get(n, 0) for n in adapted),
+                            sorted({build.ranks[n] for n in adapted}), dict(layers)))
+    return sorted(rows, key=lambda r: (-r.trainable, r.type))
+
+
+def nfn_budget(roles: list[RoleRow], report, rank: int) -> dict[str, Any]:
+    """Where the config's LoRA parameters go by NFN, beside plop's choice at the same budget: the
+    report's types in ascending NFN, greedily, while their cost at ``rank`` fits."""
+    from ..ranking.ranker import _select_budget
+
+    ranked = sorted(report.types, key=lambda t: t.position)
+    spent = {r.type: r.trainable for r in roles if r.trainable}
+    budget = sum(spent.values())
+    low = {t.type for t in ranked[:math.ceil(len(ranked) / 2)]}
+    recommended = set(report.recommendation.types)
+    means = {t.type: t.nfn_mean for t in ranked}
+    chosen = _select_budget(means, {t.type: t.lora_params_per_rank * rank for t in ranked}, budget)
+    share = (lambda types: round(sum(p for t, p in spent.items() if t in types) / budget, 4) if budget else 0.0)
+    return {"budget": budget, "share_on_low_nfn_half": share(low), "share_on_recommended": share(recommended),
+            "recommended_types": sorted(recommended), "same_budget_types": chosen,
+            "same_budget_params": sum(t.lora_params_per_rank * rank for t in ranked if t.type in chosen),
+            "config_types": sorted(spent, key=lambda t: means.get(t, math.inf))}
+
+
+def check(config: str | Path | AdapterSpec, model: str | Path | None = None, *, report: Any = None,
+          flavour: str | None = None) -> CheckResult:
+    """Audit ``config`` (a file, a PEFT adapter folder or an :class:`AdapterSpec`) against ``model``
+    (a model folder, its ``config.json`` or a ``.gguf``; default: the base model the config names).
+    ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
+    from ..model.coverage import block_units
+    from ..model.loading import model_info, model_layout
+    from ..model.placement import check_report_matches
+
+    start = time.perf_counter()
+    spec = config if isinstance(config, AdapterSpec) else read_config(config, flavour)
+    path = base_model_path(spec, model)
+    built = meta_model(path)
+    layout = model_layout(built)
+    info = {**model_info(built, str(path)), "dtype": None}
+    if report is not None:
+        from ..ranking.report import Report
+
+        report = report if not isinstance(report, (str, Path)) else Report.load(report)
+        check_report_matches(report, layout)
+    units = {unit: numel for unit, (numel, _) in block_units(built, layout.params).items()}  # before PEFT renames
+    kwargs = lora_kwargs(spec, built)
+    build = wrap(built, kwargs)
+    block_weights = sum(units.values())
+    adapted = sum(n for unit, n in units.items() if unit in build.ranks) / block_weights if block_weights else 0.0
+    cells = matrix(build, layout)
+    roles = _roles(build, layout, cells)
+    result = CheckResult(
+        spec.flavour, spec.source, info, _shown(kwargs), build.trainable, sum(build.params.values()),
+        sum(build.saved.values()), roles, findings(spec, build, layout, built, block_weights),
+        round(adapted, 4), modules=sorted(build.ranks))
+    if report is not None and not build.refused:
+        result.by_nfn = nfn_budget(roles, report, spec.r)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _shown(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The LoraConfig arguments as JSON values, the empty ones left out."""
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in kwargs.items() if v not in (None, {}, [], False)}

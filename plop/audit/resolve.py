@@ -1,0 +1,216 @@
+"""What a config trains on a model: each stack's key semantics, then PEFT itself on the meta model.
+
+The stack rules that need the model (axolotl ``lora_target_linear``, LLaMA-Factory ``all`` and its
+VLM target patching, torchtune's switches, mlx-lm's keys and ``num_layers``) turn an
+:class:`AdapterSpec` into the ``LoraConfig`` that stack hands to PEFT. Then ``get_peft_model``
+wraps the meta model: PEFT's own matcher, its transformers-5 MoE conversion and its refusals
+decide what is wrapped, so plop never disagrees with PEFT, and the trainable count is PEFT's.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..errors import first_line
+from ..model.names import layer_index
+from ..files.untrusted import check_regex
+from .spec import AdapterSpec
+
+ADAPTER = "default"
+# LLaMA-Factory src/llamafactory/model/model_utils/visual.py COMPOSITE_MODELS (vision_model_keys,
+# projector_keys, lora_conflict_keys) for the multimodal types plop's fixtures cover; matched as
+# substrings of module names, as its find_all_linear_modules and patch_target_modules do
+LLAMA_FACTORY_COMPOSITE = {
+    "qwen2_vl": (["visual.patch_embed", "visual.blocks"], ["visual.merger"], ["patch_embed"]),
+    "qwen2_5_vl": (["visual.patch_embed", "visual.blocks"], ["visual.merger"], ["patch_embed"]),
+    "gemma3": (["vision_tower"], ["multi_modal_projector"], []),
+    "llava": (["vision_tower"], ["multi_modal_projector"], []),
+    "paligemma": (["vision_tower"], ["multi_modal_projector"], []),
+}
+
+
+@dataclass
+class Build:
+    """What PEFT wrapped: target -> rank (a module name, or ``module.parameter`` for a 3-D expert
+    weight), trainable parameters per target, full copies (``modules_to_save``) by name, and PEFT's
+    refusal, if it refused."""
+
+    lora_config: object
+    ranks: dict[str, int] = field(default_factory=dict)
+    params: dict[str, int] = field(default_factory=dict)
+    saved: dict[str, int] = field(default_factory=dict)
+    other: int = 0  # trainable parameters outside adapters and copies (bias="all")
+    wrapped_params: dict[str, str] = field(default_factory=dict)  # ``module.parameter`` target -> its module
+    converted: object = None  # the config after PEFT's own rewriting
+    refused: str | None = None
+
+    @property
+    def trainable(self) -> int:
+        return sum(self.params.values()) + sum(self.saved.values()) + self.other
+
+
+# -- stack rules that need the model -------------------------------------------------------------
+def _leaf_linear_names(model: nn.Module, forbidden: list[str] = ()) -> set[str]:
+    """Last name components of modules whose class name holds "Linear" (not "Embedding"), as
+    axolotl's find_all_linear_names and LLaMA-Factory's find_all_linear_modules collect them."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if name and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__
+            and not any(f in name for f in forbidden)}
+
+
+def _head_leaf(model: nn.Module) -> str | None:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head), None)
+
+
+def _llama_factory(spec: AdapterSpec, model: nn.Module) -> list[str]:
+    """hiyouga/LLaMA-Factory src/llamafactory/model/adapter.py _setup_lora_tuning: ``all`` ->
+    find_all_linear_modules (lm_head and, by default, the frozen vision tower and projector left
+    out); on a composite (VLM) model, patch_target_modules turns targets into the full names
+    that contain one of them as a substring and none of the frozen keys."""
+    vision, projector, conflict = LLAMA_FACTORY_COMPOSITE.get(getattr(model.config, "model_type", None), ([], [], []))
+    frozen = (vision if spec.stack.get("freeze_vision_tower", True) else []) + \
+        (projector if spec.stack.get("freeze_multi_modal_projector", True) else [])
+    targets = list(spec.target_modules or [])
+    if "all" in targets:
+        targets = sorted(_leaf_linear_names(model, ["lm_head", *frozen]))
+    if getattr(model.config, "model_type", None) in LLAMA_FACTORY_COMPOSITE:
+        blocked = frozen + conflict
+        targets = [n for n, _ in model.named_modules()
+                   if any(t in n for t in targets) and not any(b in n for b in blocked)]
+    return targets
+
+
+def _blocks(model: nn.Module) -> tuple[str, int]:
+    """The text model's block list (the ``...layers`` with the most indices) and its length."""
+    counts: dict[str, set[int]] = {}
+    for name, _ in model.named_modules():
+        match = re.match(r"^(.*?\blayers)\.(\d+)$", name)
+        if match and "vision" not in match.group(1) and "visual" not in match.group(1):
+            counts.setdefault(match.group(1), set()).add(int(match.group(2)))
+    if not counts:
+        return "", 0
+    prefix = max(counts, key=lambda p: len(counts[p]))
+    return prefix, len(counts[prefix])
+
+
+def _mlx(spec: AdapterSpec, model: nn.Module, kwargs: dict) -> None:
+    """ml-explore/mlx-lm mlx_lm/tuner/utils.py linear_to_lora_layers: ``model.layers[-num_layers:]``
+    (all for -1); ``keys`` are paths inside a block; without keys every linear layer of the block
+    (routers and MoE SwitchLinear experts included) gets LoRA."""
+    prefix, n = _blocks(model)
+    num = spec.stack.get("num_layers", 16)
+    first = 0 if num < 0 or num >= n else n - num
+    kwargs["layers_to_transform"] = list(range(first, n))
+    kwargs["layers_pattern"] = prefix.rsplit(".", 1)[-1] if prefix else None
+    if spec.target_modules is None:
+        inside = [name[len(prefix) + 1:].split(".", 1) for name, m in model.named_modules()
+                  if name.startswith(prefix + ".") and isinstance(m, nn.Linear)]
+        kwargs["target_modules"] = sorted({rest for _, rest in (p for p in inside if len(p) == 2)})
+        experts = [f"{name}.{p}" for name, m in model.named_modules() if name.startswith(prefix + ".")
+                   for p, w in m.named_parameters(recurse=False) if w.ndim == 3
+                   and layer_index(name) is not None and layer_index(name) >= first]
+        kwargs["target_parameters"] = experts or None
+
+
+def lora_kwargs(spec: AdapterSpec, model: nn.Module) -> dict:
+    """The ``LoraConfig`` arguments the stack hands to PEFT for ``model``."""
+    kwargs = spec.lora_kwargs()
+    if spec.expand == "axolotl-linear":
+        extra = spec.target_modules if isinstance(spec.target_modules, list) else [spec.target_modules]
+        kwargs["target_modules"] = sorted(set(filter(None, extra)) | (_leaf_linear_names(model) - {_head_leaf(model)}))
+    elif spec.expand and spec.expand.startswith("llama-factory"):
+        kwargs["target_modules"] = _llama_factory(spec, model)
+    elif spec.expand == "torchtune":
+        # torchtune's MLP is w1/w2/w3 (gate/down/up), its output projection the LM head
+        extra = (["gate_proj", "up_proj", "down_proj"] if spec.stack.get("mlp") else []) + \
+            ([_head_leaf(model) or "lm_head"] if spec.stack.get("output") else [])
+        kwargs["target_modules"] = list(spec.target_modules or []) + extra
+    elif spec.expand == "mlx-lm":
+        _mlx(spec, model, kwargs)
+    if spec.flavour == "axolotl" and kwargs.get("target_parameters"):
+        # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
+        # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
+        kwargs["lora_dropout"] = 0.0
+    return kwargs
+
+
+def check_regexes(kwargs: dict) -> None:
+    """Every regex PEFT will run on module names, through the ReDoS guard first."""
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] != "all-linear":
+            check_regex(kwargs[key])
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in kwargs.get(key) or {}:
+            check_regex(pattern)
+
+
+def _strip_base(name: str) -> str:
+    return re.sub(r"\.base_layer\b", "", name)
+
+
+def wrapped_targets(inner: nn.Module) -> dict[str, tuple[str, object]]:
+    """Every adapter of a PEFT-wrapped model (``peft_model.base_model.model``): its target (a
+    module name, or ``module.parameter`` for a wrapped parameter) by the wrapper's own name, with
+    the wrapper. ``plop train`` compares these with its plan."""
+    from peft.tuners.lora import LoraLayer, ParamWrapper
+
+    found = {}
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.r:
+            key = _strip_base(name)
+            found[name] = (f"{key}.{module.parameter_name}" if isinstance(module, ParamWrapper) else key, module)
+    return found
+
+
+def _collect(inner: nn.Module, build: Build) -> None:
+    """Read the wrapped model: each adapter's rank and trainable parameters, each full copy's size."""
+    owners: dict[str, str] = {}
+    for name, (key, module) in wrapped_targets(inner).items():
+        owners[name] = key
+        build.ranks[key] = module.r[ADAPTER]
+        if key != _strip_base(name):
+            build.wrapped_params[key] = _strip_base(name)
+    for pname, param in inner.named_parameters():
+        if not param.requires_grad:
+            continue
+        if ".modules_to_save." in pname:
+            copy_of = pname.split(".modules_to_save.")[0]
+            build.saved[copy_of] = build.saved.get(copy_of, 0) + param.numel()
+            continue
+        owner = re.split(r"\.(?:lora_\w+|lora_magnitude_vector)\.", pname)[0]
+        if owner in owners:
+            build.params[owners[owner]] = build.params.get(owners[owner], 0) + param.numel()
+        else:
+            build.other += param.numel()
+
+
+def wrap(model: nn.Module, kwargs: dict) -> Build:
+    """``get_peft_model`` on the meta ``model`` (changed in place) with ``kwargs``; what it wrapped."""
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+
+    check_regexes(kwargs)
+    try:
+        config = LoraConfig(**kwargs)
+    except (ValueError, TypeError) as e:
+        return Build(None, refused=f"PEFT refuses this LoraConfig: {first_line(e)}")
+    build = Build(copy.deepcopy(config))
+    try:
+        with warnings.catch_warnings(), init_empty_weights():
+            warnings.simplefilter("ignore")  # PEFT's own notes; what matters is read off the result
+            peft_model = get_peft_model(model, config)
+    except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as e:
+        build.refused = f"PEFT refuses it: {first_line(e)}"
+        return build
+    build.converted = peft_model.peft_config[ADAPTER]
+    _collect(peft_model.base_model.model, build)
+    total = peft_model.get_nb_trainable_parameters()[0]
+    if total != build.trainable:  # a trainable parameter plop did not attribute: a plop bug
+        raise RuntimeError(f"plop counted {build.trainable:,} trainable parameters, PEFT {total:,}")
+    return build
