@@ -356,3 +356,12 @@ def test_missing_and_binary_files_get_one_line_messages(tmp_path):
     (tmp_path / "b.json").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(FileError, match="not UTF-8 text"):
         read_text_capped(tmp_path / "b.json", 100)
+
+
+def test_a_device_or_pipe_is_never_replaced(tmp_path):
+    """The atomic rename would put a regular file where a FIFO (or /dev/null, as root) was."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(FileError, match="not a regular file"):
+        atomic_write(fifo, "x")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)

@@ -5,10 +5,22 @@
 wrap it (:mod:`.resolve`), and reports what is trained and what goes wrong (:mod:`.findings`).
 """
 
-from .check import check
-from .findings import Finding
-from .readers import inline_spec, read_config
-from .result import EXIT_CLEAN, EXIT_ERRORS, CheckResult
-from .spec import AdapterSpec
+from __future__ import annotations
 
-__all__ = ["AdapterSpec", "CheckResult", "EXIT_CLEAN", "EXIT_ERRORS", "Finding", "check", "inline_spec", "read_config"]
+import importlib
+from typing import Any
+
+# lazy (PEP 562), as plop's top level: plop export reads its own output back through .verify, and
+# must not pay for the meta-device model builder (torch, PEFT) it never uses
+_EXPORTS = {"check": ".check", "Finding": ".findings", "inline_spec": ".readers", "read_config": ".readers",
+            "EXIT_CLEAN": ".result", "EXIT_ERRORS": ".result", "CheckResult": ".result", "AdapterSpec": ".spec"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'plop.audit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value

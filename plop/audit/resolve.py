@@ -18,8 +18,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..model.names import layer_index
-from ..files.untrusted import check_regex
-from .spec import AdapterSpec
+from .spec import AdapterSpec, check_regexes
 
 ADAPTER = "default"
 # LLaMA-Factory src/llamafactory/model/model_utils/visual.py COMPOSITE_MODELS (vision_model_keys,
@@ -138,16 +137,6 @@ def lora_kwargs(spec: AdapterSpec, model: nn.Module) -> dict:
         # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
         kwargs["lora_dropout"] = 0.0
     return kwargs
-
-
-def check_regexes(kwargs: dict) -> None:
-    """Every regex PEFT will run on module names, through the ReDoS guard first."""
-    for key in ("target_modules", "exclude_modules"):
-        if isinstance(kwargs.get(key), str) and kwargs[key] != "all-linear":
-            check_regex(kwargs[key])
-    for key in ("rank_pattern", "alpha_pattern"):
-        for pattern in kwargs.get(key) or {}:
-            check_regex(pattern)
 
 
 def _strip_base(name: str) -> str:

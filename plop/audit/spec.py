@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..files.untrusted import check_regex
+
 FLAVOURS = ("peft", "axolotl", "llama-factory", "trl", "torchtune", "mlx-lm", "unsloth", "inline")
 
 
@@ -51,3 +53,13 @@ class AdapterSpec:
             "exclude_modules": self.exclude_modules, "use_dora": self.use_dora,
             "use_rslora": self.use_rslora, "bias": self.bias,
         }
+
+
+def check_regexes(kwargs: dict) -> None:
+    """Every regex PEFT will run on module names, through the ReDoS guard first."""
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(kwargs.get(key), str) and kwargs[key] != "all-linear":
+            check_regex(kwargs[key])
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in kwargs.get(key) or {}:
+            check_regex(pattern)

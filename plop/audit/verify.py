@@ -12,10 +12,9 @@ from typing import Any
 
 from ..errors import first_line
 from ..model.names import layer_index
-from ..model.peft_rules import peft_reaches
 from ..model.roles import peft_matches
 from .readers import READERS
-from .resolve import check_regexes
+from .spec import check_regexes
 
 # the reader of each export format (spectrum is partial full fine-tuning: no LoRA to resolve)
 EXPORT_FLAVOURS = {"peft": "peft", "axolotl": "axolotl", "llama-factory": "llama-factory", "trl": "trl",
@@ -58,9 +57,13 @@ def resolve_export(text: str, fmt: str, report) -> set[str] | None:
     check_regexes(kwargs)
     wanted = kwargs.get("target_parameters") or ()
     reached = {p for p in params if peft_matches(p, list(wanted))}
-    if kwargs.get("target_modules"):  # with layers_to_transform and exclude_modules: PEFT's own matcher
-        reached |= set(peft_reaches(names, **{k: kwargs[k] for k in ("target_modules", "layers_to_transform",
-                                                                      "layers_pattern", "exclude_modules")}))
+    layered = {k: kwargs[k] for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if kwargs.get(k)}
+    if kwargs.get("target_modules") and layered:  # PEFT's own matcher knows those keys
+        from ..model.peft_rules import peft_reaches  # imports torch: only when needed
+
+        reached |= set(peft_reaches(names, target_modules=kwargs["target_modules"], **layered))
+    elif kwargs.get("target_modules"):  # a list or a regex alone: no need to import PEFT (and torch)
+        reached |= {n for n in names if peft_matches(n, kwargs["target_modules"])}
     return reached
 
 

@@ -68,6 +68,8 @@ def check_destination(path: str | os.PathLike | None, *, folder: bool = False) -
                         "remove it or choose another path")
     if target.exists() and target.is_dir() != folder:
         raise FileError(f"cannot write {_show(target)}: it is {'a file' if folder else 'a directory'}")
+    if target.exists() and not folder and not target.is_file():  # the rename would replace a device or a pipe
+        raise FileError(f"cannot write {_show(target)}: it is {kind_of(target.stat().st_mode)}, not a regular file")
     for parent in target.parents:
         if parent.exists() or parent.is_symlink():
             if not parent.is_dir():
