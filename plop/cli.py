@@ -143,7 +143,7 @@ def load_model_and_data(args, samples):
             model, tokenizer, model_id = load_model(
                 args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
                 max_memory=getattr(args, "max_memory", None), offload_dir=getattr(args, "offload_dir", None),
-                quantize=args.quantize)
+                quantize=args.quantize, shard=getattr(args, "shard", False))
     finally:
         hf_logging.enable_progress_bar()
     examples, info = load_examples(args.data, samples=samples, seed=args.seed, text_format=text_format(args),
@@ -173,7 +173,7 @@ def cmd_diagnose(args) -> int:
                             strategy=_strategy(args), top_k=args.top_k,
                             budget=args.budget if args.allocate is None else args.allocate or None,
                             rank=args.rank, estimator=args.estimator, include_head=args.include_head,
-                            weight_scores=args.weight_scores)
+                            weight_scores=args.weight_scores, shard=args.shard)
     wanted = AUTO_SAMPLE_CAP if args.samples == "auto" else args.samples
     model, tokenizer, model_id, examples, info = load_model_and_data(args, wanted)
     report = diagnose(model, examples, tokenizer, config, model_id=model_id, data_info=info,
@@ -453,6 +453,8 @@ def add_diagnose_parser(sub) -> None:
                    help='weights each GPU and the CPU may hold, e.g. "2GiB"; the rest stays on disk')
     b.add_argument("--offload-dir", default=None, metavar="DIR",
                    help="where weights that do not fit go (safetensors checkpoints are read in place without it)")
+    p.add_argument("--shard", action="store_true", help="under torchrun/accelerate launch: each process holds "
+                   "1/N of the weights (FSDP2), not a whole copy; same report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,9 @@ class DiagnoseConfig:
     n_bootstrap: int = 200
     include_head: bool = False
     weight_scores: bool = False
+    # shard: under torchrun / accelerate launch, each process holds 1/N of the weights (FSDP2, plop.sharded)
+    # instead of a whole copy; the report is the one-process report
+    shard: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):
@@ -80,5 +83,8 @@ class DiagnoseConfig:
             raise ConfigError(f"budget must be a positive number of parameters, got {self.budget!r}")
         if not self.allocate_power > 0:
             raise ConfigError(f"allocate_power must be positive, got {self.allocate_power!r}")
+        if self.shard and self.weight_scores:
+            raise ConfigError("weight_scores with shard: the scores need one SVD of each whole weight, which no "
+                              "process holds", "score the weights without sharding")
         if self.strategy == "budget" and self.budget is None:
             raise ConfigError("the budget strategy needs a positive parameter budget")

@@ -160,15 +160,19 @@ class ExpertStats:
     entry and always removed on exit, also when the forward raises.
     """
 
-    def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0) -> None:
+    def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0,
+                 baselines: dict[str, np.ndarray] | None = None) -> None:
         self.experts = experts
         self.stats: dict[str, ExpertWeightStats] = {}
         for prefix, module in experts.items():
             for pname, w in expert_weights(module).items():
-                w = w.detach().float()
-                baseline = torch.linalg.matrix_norm(w) / math.sqrt(w.shape[2])
+                if baselines is not None:  # from FSDP shards (plop.sharded): no process holds w whole
+                    baseline = baselines[f"{prefix}.{pname}"]
+                else:  # summed in float64: a float32 sum's order (threads, shards) would show in the digits
+                    baseline = (torch.linalg.matrix_norm(w.detach(), dtype=torch.float64) / math.sqrt(w.shape[2])
+                                ).cpu().numpy()
                 self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(
-                    f"{prefix}.{pname}", tuple(w.shape), baseline.double().cpu().numpy(), n_bootstrap)
+                    f"{prefix}.{pname}", tuple(w.shape), baseline, n_bootstrap)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None
         self._weights: np.ndarray | None = None

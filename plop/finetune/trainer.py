@@ -232,7 +232,7 @@ def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tu
     """The LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
     from transformers import PrinterCallback
 
-    from .hf_trainer import LoraPlusTrainer, StopOnSignal
+    from .hf_trainer import LoraPlusTrainer, StopOnSignal, check_fsdp_honoured
 
     stop = StopOnSignal()
     train_set, eval_set = datasets
@@ -241,6 +241,7 @@ def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tu
         eval_dataset=eval_set or None, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         callbacks=[stop], loraplus_ratio=config.loraplus_ratio,
     )
+    check_fsdp_honoured(trainer)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints every log dict instead
     return trainer, stop
