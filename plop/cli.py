@@ -341,7 +341,8 @@ def cmd_train(args) -> int:
         f"adapter written to [bold]{terminal_safe(str(result.adapter_path))}[/] "
         "(PeftModel.from_pretrained(base, path) loads it)"
     )
-    Console().print(nfn_change_table(s["nfn_change"]))
+    if s["nfn_change"] is not None:  # not re-measured where the weights were partitioned (ZeRO-3)
+        Console().print(nfn_change_table(s["nfn_change"]))
     return 0
 
 

@@ -157,3 +157,45 @@ def test_fsdp_training_through_accelerate_is_refused_on_cpu_processes(tiny, tmp_
     assert proc.returncode != 0 and len(errors) == 2, proc.stderr
     assert all("enables FSDP only for GPU processes" in e for e in errors)
     assert not (tmp_path / "run" / "adapter_config.json").exists()
+
+
+ZERO3_CONFIG = """compute_environment: LOCAL_MACHINE
+distributed_type: DEEPSPEED
+deepspeed_config:
+  zero_stage: 3
+  zero3_init_flag: false
+  zero3_save_16bit_model: true
+  offload_optimizer_device: none
+  offload_param_device: none
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+machine_rank: 0
+use_cpu: false
+"""
+
+
+def test_deepspeed_zero3_trains_on_cpu_processes_and_saves_the_whole_adapter(tiny, tmp_path):
+    """DeepSpeed (its CPU accelerator, gloo) partitions the weights across two CPU processes; plop
+    train runs two steps on the placement it diagnosed, skips the after-training NFN re-measurement
+    (it merges a whole copy, which no process holds), and rank 0 saves the full adapter."""
+    pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'plop[deepspeed]'")
+    (tmp_path / "zero3.yaml").write_text(ZERO3_CONFIG)
+    proc = ok(subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "zero3.yaml"),
+         "--main_process_port", str(_free_port()), "-m", "plop.cli", "train", str(tiny["model"]), "--data",
+         str(tiny["data"]), "--samples", "16", "--batch-size", "2", "--steps", "2", "--eval-fraction", "0",
+         "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=ENV, timeout=300))
+    summary = json.loads((tmp_path / "run" / "plop_train_summary.json").read_text())
+    assert (summary["world_size"], summary["steps"], summary["nfn_change"]) == (2, 2, None)
+    assert proc.stdout.count("adapter written to") == 1
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny["model"]), tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "plop_report.json").read_text())
+    assert sorted(model.peft_config["default"].target_modules) == sorted(report["recommendation"]["target_modules"])
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert len(lora_b) == 2 * len(report["recommendation"]["types"])  # every adapted module of both layers
+    assert all(p.abs().max() > 0 for p in lora_b.values())  # trained: LoRA's B starts at zero

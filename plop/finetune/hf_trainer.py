@@ -118,3 +118,10 @@ def check_fsdp_honoured(trainer: Trainer) -> None:
         raise ConfigError("accelerate launch was given an FSDP config, but accelerate enables FSDP only for GPU "
                           "processes (its AcceleratorState), and these are CPU ones: it would train plain DDP",
                           "launch without the FSDP config (--multi_gpu) to train data-parallel on CPUs")
+
+
+def weights_partitioned(trainer: Trainer) -> bool:
+    """Whether no process holds the whole model (FSDP, DeepSpeed ZeRO-3): the NFN re-measurement
+    after training, which diagnoses a merged copy of the model, cannot run on such shards."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)

@@ -172,7 +172,7 @@ def train_on_targets(
         if trainer.is_world_process_zero():
             _clear_previous_run(run)
         barrier()  # no process may find the old checkpoints once training starts
-    from .hf_trainer import log_placement, signals_stop  # transformers.Trainer: seconds to import
+    from .hf_trainer import log_placement, signals_stop, weights_partitioned  # transformers.Trainer: seconds to import
 
     log_placement(trainer, str(run / "runs"), _placement_text(targets, config), report)
     resume_from = last_checkpoint(run) if config.resume else None
@@ -187,6 +187,7 @@ def train_on_targets(
     eval_after = _evaluate(trainer) if eval_set else None
     trainer.save_model(str(run))
 
+    remeasure = None if weights_partitioned(trainer) else remeasure  # no process holds a whole copy to merge
     change = nfn_change(peft_model, remeasure, tokenizer, max_length=config.max_length,
                         batch_size=config.batch_size, adapted_types=targets.types) if remeasure else None
     summary = {**_summary(trainer, targets, config, seconds, resume_from, (train_set, eval_set)),
