@@ -31,6 +31,7 @@ gathers its weight).
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
 
@@ -113,6 +114,24 @@ def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+_MMAP_THRESHOLD = 1 << 20
+
+
+def _return_freed_memory() -> None:
+    """On the CPU under glibc: serve every allocation of 1 MiB or more by a mapping of its own,
+    returned to the system when freed. glibc's default raises that threshold (up to 32 MiB) at
+    the first large free, then serves the blocks' gathered weights from its heap and keeps them
+    there once freed: measured at 2 processes, ~1 GB more per process, as much as the whole model
+    (benchmarks/bench_sharded.py). A fixed threshold turns the adjustment off."""
+    if _device().type != "cpu":
+        return  # the gathers are on the GPU, in torch's caching allocator
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
 def shard(model: nn.Module) -> None:
     """Shard ``model`` in place with FSDP2: each block, then the body, then the rest (if any).
 
@@ -127,6 +146,7 @@ def shard(model: nn.Module) -> None:
     if not blocks:
         raise ModelError(f"{type(model).__name__} names no blocks to shard (transformers' _no_split_modules)",
                          "diagnose it without --shard")
+    _return_freed_memory()
     mesh = init_device_mesh(_device().type, (world().size,))
     inner = body(model)
     owners = {id(p): (m, n) for m in inner.modules() for n, p in m.named_parameters(recurse=False)}
