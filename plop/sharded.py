@@ -232,7 +232,9 @@ def _read_checkpoint(model: nn.Module, source: str) -> None:
     missing = sorted(k for k in state if k in own and k not in stored)
     if missing:
         raise ModelError(f"--shard reads safetensors as stored, and {len(missing)} of the model's tensors are not "
-                         f"in {source} under their names (e.g. {missing[0]})", "diagnose it without --shard")
+                         f"in {source} under their names (e.g. {missing[0]}): transformers renames or fuses them "
+                         "while loading, as it does MoE experts stored one by one",
+                         "diagnose it without --shard, or shard the loaded model: plop.diagnose(..., shard=True)")
     load({k: v for k, v in state.items() if k in stored}, storage_reader=reader,
          planner=DefaultLoadPlanner(allow_partial_load=True))
 
