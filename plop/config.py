@@ -67,6 +67,13 @@ class AutoSampling:
         return samples == "auto" and seen >= cls.MIN
 
 
+def check_shard_options(shard: bool, quantize: str, max_memory, offload_dir) -> None:
+    """Refuse the loading options that do not combine with sharding, before the slow part."""
+    if shard and (quantize != "none" or max_memory is not None or offload_dir is not None):
+        raise ConfigError("--shard combines with neither --quantize (FSDP2 shards float weights, not bitsandbytes' "
+                          "packed ones) nor --max-memory/--offload-dir (another way to fit the model)")
+
+
 @dataclass
 class ModelConfig:
     """Which model to diagnose or train, and how it is loaded (:func:`plop.load_model`)."""
@@ -128,6 +135,9 @@ class DiagnoseConfig:
     include_head: bool = option(False, "also diagnose the output head", group="measurement")
     weight_scores: bool = option(False, "also score every weight without data (KappaTune condition number, "
                                         "Spectrum SNR)", group="measurement")
+    shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
+                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
+                         group="models bigger than one device")
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):
@@ -143,6 +153,9 @@ class DiagnoseConfig:
             raise ConfigError(f"exclude must be a list of module types or names, got {self.exclude!r}")
         if not self.allocate_power > 0:
             raise ConfigError(f"allocate_power must be positive, got {self.allocate_power!r}")
+        if self.shard and self.weight_scores:
+            raise ConfigError("weight_scores with shard: the scores need one SVD of each whole weight, which no "
+                              "process holds", "score the weights without sharding")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import time
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
 from .config import AutoSampling, DiagnoseConfig
@@ -167,10 +169,11 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
     checkpoints: list[Checkpoint] = []
     selector = records = None
     start = time.perf_counter()
+    linear, per_expert = sharded.baselines(modules, find_experts(model)) if config.shard else (None, None)
     with ExitStack() as stack:
-        collector = stack.enter_context(NFNCollector(modules, estimator=config.estimator,
+        collector = stack.enter_context(NFNCollector(modules, estimator=config.estimator, baselines=linear,
                                                      n_bootstrap=config.n_bootstrap, seed=config.seed))
-        experts = stack.enter_context(ExpertStats(find_experts(model), config.n_bootstrap))
+        experts = stack.enter_context(ExpertStats(find_experts(model), config.n_bootstrap, per_expert))
         bar = stack.enter_context(_progress(total, progress))
         task = bar.add_task("diagnose", total=total, tps=0.0)
 
@@ -184,7 +187,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
             target(**{k: v.to(device) for k, v in inputs.items()}, **call_kwargs)
             collector.flush()
 
-        passes = data_parallel_passes if world().parallel else _local_passes
+        passes = functools.partial(data_parallel_passes, lockstep=config.shard) if world().parallel else _local_passes
         for state, batch in passes(collector, experts.stats, _batches(data, tokenizer, config), forward):
             bar.update(task, advance=len(batch), tps=state.tokens / (time.perf_counter() - start))
             if not batch.closes_window:
@@ -282,9 +285,12 @@ def diagnose(
     Inside an initialised ``torch.distributed`` process group of several processes the
     diagnosis is data-parallel (see :mod:`plop.measure.distributed`): each process runs its share of
     the batches, and every process returns the report one process would have made of all the
-    data; only rank 0 shows progress.
+    data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
+    processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).
     """
     config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
+    if config.shard:  # FSDP2, 1/N of the weights per process; shards the model in place unless it is
+        sharded.prepare(model, config.include_head)
     device = _input_device(model)
     config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
     data, total = _prepared(model, data, tokenizer, config)

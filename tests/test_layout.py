@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).parent.parent / "plop"
 DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.files.fsio",
              "plop.files.untrusted", "plop.measure.batching", "plop.measure.collector", "plop.measure.distributed",
              "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
-             "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
+             "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
              "plop.ranking.render", "plop.ranking.report"}
 # the stages, bottom up: a module imports only from its own stage or the stages below it
@@ -212,7 +212,7 @@ def _code(path: Path) -> str:
 RULES = {
     "the default lora_alpha": (r"\b2 \* (r|rank|self\.rank)\b", {"config.py"}),
     "PEFT's target matching": (r"re\.fullmatch\(target|\.endswith\('\.' \+", {"model/roles.py"}),
-    "NFN's random baseline": (r"sqrt\([^)]*shape\[|matrix_norm", {"measure/nfn.py"}),
+    "NFN's random baseline": (r"math\.sqrt\([^)]*(shape\[|d_in)", {"measure/nfn.py"}),
     "the samples='auto' policy": (r"samples == 'auto' and|AUTO_(MIN|SAMPLE)|CAP if", {"config.py"}),
     "row sampling": (r"permutation\(n_rows\)|\[: *config\.samples\]", {"files/data.py"}),
     "building a LoraConfig": (r"\bLoraConfig\(target", {"ranking/peft_config.py"}),

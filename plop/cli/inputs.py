@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import AutoSampling, DiagnoseConfig, ModelConfig
+from ..config import AutoSampling, DiagnoseConfig, ModelConfig, check_shard_options
 from ..errors import ConfigError
 from ..files.data import DataSource, TaskRows, TextFormat
 from .options import add_options, build, command
@@ -47,8 +47,10 @@ def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
 def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
     """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
     sampling gives all of them the same rows)."""
-    rows = read_data(args, samples)  # first: a bad data file fails before torch is even imported
     model_config = build(ModelConfig, args)
+    check_shard_options(getattr(args, "shard", False), model_config.quantize, model_config.max_memory,
+                        model_config.offload_dir)
+    rows = read_data(args, samples)  # then the data: a bad file fails before torch is even imported
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
@@ -62,7 +64,8 @@ def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
             model, tokenizer, model_id = load_model(
                 model_config.model, dtype=model_config.dtype, device=model_config.device,
                 trust_remote_code=model_config.trust_remote_code, max_memory=model_config.max_memory,
-                offload_dir=model_config.offload_dir, quantize=model_config.quantize)
+                offload_dir=model_config.offload_dir, quantize=model_config.quantize,
+                shard=getattr(args, "shard", False))  # diagnose --shard loads 1/N of the weights per process
     finally:
         hf_logging.enable_progress_bar()
     examples, info = rows.examples(tokenizer)

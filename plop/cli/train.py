@@ -78,5 +78,6 @@ def run(args) -> int:
         return 130
     if is_main():  # rank 0 wrote the adapter and the summary, and says so
         Console().print(train_summary_text(result.summary, str(result.adapter_path)))
-        Console().print(nfn_change_table(result.summary["nfn_change"]))
+        if result.summary["nfn_change"] is not None:  # not re-measured where the weights were partitioned
+            Console().print(nfn_change_table(result.summary["nfn_change"]))
     return 0

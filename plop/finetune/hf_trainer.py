@@ -6,6 +6,7 @@ this module is imported only when a fine-tune starts.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from contextlib import contextmanager
 
 import torch
 from transformers import Trainer, TrainerCallback
+
+from ..errors import ConfigError
 
 
 class LoraPlusTrainer(Trainer):
@@ -101,3 +104,24 @@ def signals_stop(callback: StopOnSignal) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def check_fsdp_honoured(trainer: Trainer) -> None:
+    """Stop a run launched with an FSDP config that the Trainer does not shard.
+
+    accelerate (1.15, ``AcceleratorState.__init__`` in accelerate/state.py) turns
+    ``ACCELERATE_USE_FSDP`` into ``DistributedType.FSDP`` only when the processes' distributed type is
+    a GPU-like one (MULTI_GPU, MULTI_NPU, MULTI_XPU, ...); CPU-only processes are MULTI_CPU, so it drops
+    the FSDP plugin without a word and the run is plain DDP, every process holding the whole model.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        raise ConfigError("accelerate launch was given an FSDP config, but accelerate enables FSDP only for GPU "
+                          "processes (its AcceleratorState), and these are CPU ones: it would train plain DDP",
+                          "launch without the FSDP config (--multi_gpu) to train data-parallel on CPUs")
+
+
+def weights_partitioned(trainer: Trainer) -> bool:
+    """Whether no process holds the whole model (FSDP, DeepSpeed ZeRO-3): the NFN re-measurement
+    after training, which diagnoses a merged copy of the model, cannot run on such shards."""
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return trainer.is_fsdp_enabled or (plugin is not None and plugin.zero_stage == 3)

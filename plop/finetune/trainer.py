@@ -175,7 +175,7 @@ def train_on_targets(
         if trainer.is_world_process_zero():
             _clear_previous_run(run)
         barrier()  # no process may find the old checkpoints once training starts
-    from .hf_trainer import log_placement, signals_stop  # transformers.Trainer: seconds to import
+    from .hf_trainer import log_placement, signals_stop, weights_partitioned  # transformers.Trainer: seconds to import
 
     log_placement(trainer, str(run / "runs"), _placement_text(targets, config), report)
     resume_from = last_checkpoint(run) if config.resume else None
@@ -190,6 +190,7 @@ def train_on_targets(
     eval_after = _evaluate(trainer) if eval_set else None
     trainer.save_model(str(run))
 
+    remeasure = None if weights_partitioned(trainer) else remeasure  # no process holds a whole copy to merge
     change = nfn_change(peft_model, remeasure, tokenizer, max_length=config.max_length,
                         batch_size=config.batch_size, adapted_types=targets.types) if remeasure else None
     summary = {**_summary(trainer, targets, config, seconds, resume_from, (train_set, eval_set)),
@@ -235,7 +236,7 @@ def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tu
     """The LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
     from transformers import PrinterCallback
 
-    from .hf_trainer import LoraPlusTrainer, StopOnSignal
+    from .hf_trainer import LoraPlusTrainer, StopOnSignal, check_fsdp_honoured
 
     stop = StopOnSignal()
     train_set, eval_set = datasets
@@ -244,6 +245,7 @@ def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tu
         eval_dataset=eval_set or None, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
         callbacks=[stop], loraplus_ratio=config.loraplus_ratio,
     )
+    check_fsdp_honoured(trainer)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints every log dict instead
     return trainer, stop

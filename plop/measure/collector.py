@@ -142,7 +142,8 @@ class NFNCollector:
     Call :meth:`start_batch` with the batch's attention mask before each forward, so padding
     tokens are excluded and bootstrap weights are drawn per sample. ``estimator`` is
     ``"closed_form"`` (default, no extra compute) or ``"monte_carlo"`` (the authors' estimator:
-    a fresh random unit vector per token and a second matmul; for validation).
+    a fresh random unit vector per token and a second matmul; for validation). ``baselines``:
+    the closed-form denominators, one per module, when the caller computed them (sharded weights).
     """
 
     def __init__(
@@ -152,6 +153,7 @@ class NFNCollector:
         estimator: str = "closed_form",
         n_bootstrap: int = 200,
         seed: int = 0,
+        baselines: list[float] | None = None,
     ) -> None:
         check_choice("estimator", estimator, ESTIMATORS)
         if not modules:
@@ -159,9 +161,10 @@ class NFNCollector:
         self.modules = modules
         self.estimator = estimator
         self.seed = seed
-        if any(is_offloaded(module) for module in modules.values()):  # one weight in memory at a time
+        # baselines given: computed from FSDP shards (plop.sharded), as no process holds W whole
+        if baselines is None and any(is_offloaded(module) for module in modules.values()):  # one weight at a time
             baselines = [random_baseline(dense_weight(module)) for module in modules.values()]
-        else:
+        elif baselines is None:
             baselines = random_baselines([dense_weight(module) for module in modules.values()])
         self.stats: dict[str, ModuleStats] = {
             name: ModuleStats(

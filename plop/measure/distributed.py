@@ -205,22 +205,28 @@ class GlobalState:
             s.merge(part)
 
 
-def _local_step(batches: Iterator[Batch], forward: Callable, world_: World) -> tuple[list[Batch], bool]:
+def _local_step(batches: Iterator[Batch], forward: Callable, world_: World,
+                lockstep: bool = False) -> tuple[list[Batch], bool]:
     """The next step's batches (one per process, fewer at the end) and whether this process ran
-    its own."""
+    its own. ``lockstep``: a process without one runs the step's first batch anyway (sharded
+    weights: every block's all-gather needs every process); its row is dropped unread."""
     step = list(itertools.islice(batches, world_.size))
     if world_.rank < len(step):
         forward(step[world_.rank])
+    elif lockstep and step:
+        forward(step[0])
     return step, world_.rank < len(step)
 
 
 def data_parallel_passes(
-    collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch], forward: Callable
+    collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch], forward: Callable,
+    lockstep: bool = False,
 ) -> Iterator[tuple[GlobalState, Batch]]:
     """``(global state, batch)`` after each global batch, the same sequence on every process.
 
     ``forward(batch)`` runs one batch through the hooked model. Stopping the iteration early
     (``samples="auto"``) is safe: every process sees the same states, so all stop at once.
+    ``lockstep``: every process runs a forward in every step (see :func:`_local_step`).
     """
     world_, state, batches = world(), GlobalState.like(collector, experts), iter(batches)
     local = GlobalState(collector.stats, dict(experts))  # this process's own accumulators
@@ -229,7 +235,7 @@ def data_parallel_passes(
         header, error, step = np.zeros(4), None, []
         start_samples, start_tokens = collector.samples, collector.tokens
         try:
-            step, header[_HAS_BATCH] = _local_step(batches, forward, world_)
+            step, header[_HAS_BATCH] = _local_step(batches, forward, world_, lockstep)
         except Exception as e:  # noqa: BLE001 - every process must learn of it, see raise_if_any_failed
             error, header[_ERROR] = e, 1
         header[_SAMPLES], header[_TOKENS] = collector.samples - start_samples, collector.tokens - start_tokens

@@ -162,12 +162,16 @@ class ExpertStats:
     entry and always removed on exit, also when the forward raises.
     """
 
-    def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0) -> None:
+    def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0,
+                 baselines: dict[str, np.ndarray] | None = None) -> None:
         self.experts = experts
         self.stats: dict[str, ExpertWeightStats] = {}
         for prefix, module in experts.items():
             for pname, w in expert_weights(module).items():
-                baseline = np.array(random_baselines(list(w.detach())))  # one (d_out, d_in) matrix per expert
+                if baselines is not None:  # from FSDP shards (plop.measure.sharded): no process holds w whole
+                    baseline = baselines[f"{prefix}.{pname}"]
+                else:  # one (d_out, d_in) matrix per expert, normed in float64
+                    baseline = np.array(random_baselines(list(w.detach())))
                 self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(f"{prefix}.{pname}", tuple(w.shape), baseline,
                                                                     n_bootstrap)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []

