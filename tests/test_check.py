@@ -313,3 +313,11 @@ def test_report_weighs_the_budget_by_nfn(tmp_path):
     assert b["same_budget_types"][0] == affordable[0]  # the lowest-NFN type the budget buys
     best = check(inline_spec(",".join(report.recommendation.types)), tmp_path / "model", report=report)
     assert best.by_nfn["share_on_recommended"] == 1.0
+
+
+def test_head_adapted_and_a_copy_of_nothing(tmp_path):
+    config = {"r": 8, "target_modules": ["q_proj", "lm_head"], "modules_to_save": ["score"]}
+    result = check(write(tmp_path, "adapter_config.json", config), fixture("Llama-3.1-8B"))
+    assert codes(result) == ["save-miss", "head-or-embeddings"]
+    assert "lm_head" in result.findings[1].message and "'score'" in result.findings[0].message
+    assert_predicts(result, peft_truth("Llama-3.1-8B", ["q_proj", "lm_head"], modules_to_save=["score"]))

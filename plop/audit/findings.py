@@ -112,8 +112,9 @@ def placement_findings(model: nn.Module, build: Build, layout: ModelLayout) -> l
     routers = sorted({_type(k, layout) for k in build.ranks if layout.params and (
         _ROUTER.search(classes.get(_owner(k, build), "")) or _owner(k, build).rsplit(".", 1)[-1] in ("gate", "router"))})
     if routers:
-        found.append(Finding("warning", "router-wrapped", f"the MoE router {', '.join(routers)} gets LoRA: routing "
-                             "changes with training and serving engines load router adapters poorly (AgileRL #630)"))
+        found.append(Finding("warning", "router-wrapped", f"the MoE router {', '.join(routers)} gets LoRA: which "
+                             "experts each token reaches changes as it trains; recipes keep routers frozen "
+                             "(AgileRL #630 and fms-hf-tuning #545 report broken serving after it)"))
     vision = [k for k in build.ranks if re.fullmatch(VISION_EXCLUDE, k)]
     if vision:
         found.append(Finding("warning", "vision-hit", f"{len(vision)} modules of the vision tower or projector get "

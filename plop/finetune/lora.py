@@ -50,12 +50,17 @@ def wrap(model: nn.Module, lora, seed: int):
         return get_peft_model(model, lora)
 
 
+# placements chosen module by module (explicit targets, and compare's module-level baselines): their
+# plan is the modules their targets name, not every module of the types they touch
+MODULE_LEVEL = ("custom", "kappatune", "per-layer", "spectrum")
+
+
 def planned(layout: ModelLayout, targets: Targets, report: Report | None) -> set[str]:
     """What the plan adapts: the recommendation's modules, explicit targets as PEFT's matcher
     reads them, else every module and expert weight of the placement's types."""
     if targets.placement == "recommended" and report is not None:
         return set(report.recommendation.modules)
-    if targets.placement == "custom":
+    if targets.placement in MODULE_LEVEL:
         return set(modules_peft_adapts(layout, targets.target_modules))
     return {n for n, t in layout.role_map.items() if t in targets.types and n != layout.head}
 
