@@ -15,6 +15,7 @@ _EXPORTS = {
     "diagnose": "plop.diagnosis",
     "DiagnoseConfig": "plop.config",
     "Report": "plop.report",
+    "lora_config": "plop.integrations.peft",
     "train": "plop.finetune.trainer",
     "TrainResult": "plop.finetune.trainer",
     "TrainingInterrupted": "plop.finetune.trainer",
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolv
     from .finetune.compare import Comparison, compare
     from .finetune.config import TrainConfig
     from .finetune.trainer import TrainingInterrupted, TrainResult, train
+    from .integrations.peft import lora_config
     from .report import Report
 
 

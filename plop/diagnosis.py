@@ -23,6 +23,7 @@ from .coverage import coverage
 from .distributed import GlobalState, data_parallel_passes, world
 from .errors import ConfigError, DataError, ModelError
 from .experts import ExpertStats, ExpertWeightStats, find_experts
+from .integrations.datasets import dataset_examples, is_dataset, model_tokenizer
 from .layers import dense_weight, find_linear_modules
 from .models import ensure_pad_token, model_info, model_layout
 from .names import layer_index
@@ -270,7 +271,9 @@ def diagnose(
     Args:
         model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
         data: texts (tokenized here with ``tokenizer``), prompt/response examples (``.prompt``,
-            ``.response``; an encoder-decoder's decoder is fed the response), or an iterable of
+            ``.response``; an encoder-decoder's decoder is fed the response), a dataset in one of
+            TRL's formats (:mod:`plop.integrations.datasets`; ``samples`` rows drawn with ``seed``;
+            no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).
         config: a :class:`DiagnoseConfig`; keyword ``overrides`` replace its fields.
@@ -285,6 +288,11 @@ def diagnose(
     config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
     device = _input_device(model)
     config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
+    if is_dataset(data):  # TRL's formats: sampled rows become examples, the way plop reads its own data
+        tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
+        data, info = dataset_examples(data, tokenizer, samples=config.samples if isinstance(config.samples, int)
+                                      else None, seed=config.seed, tokens=config.tokens)
+        data_info = {**info, **(data_info or {})}
     data, total = _prepared(model, data, tokenizer, config)
     layout = model_layout(model)
     progress = progress and world().is_main  # one bar for a data-parallel diagnosis

@@ -17,7 +17,8 @@ PACKAGE = Path(__file__).parent.parent / "plop"
 DIAGNOSIS = {"plop.batching", "plop.collector", "plop.config", "plop.coverage", "plop.data", "plop.diagnosis", "plop.distributed",
              "plop.errors", "plop.experts", "plop.fsio", "plop.layers", "plop.models", "plop.names", "plop.nfn",
              "plop.peft_rules", "plop.placement", "plop.ranker", "plop.render", "plop.report", "plop.roles",
-             "plop.seq2seq", "plop.untrusted", "plop.version", "plop.weight_scores"}
+             "plop.seq2seq", "plop.untrusted", "plop.version", "plop.weight_scores", "plop.integrations.datasets",
+             "plop.integrations.peft"}
 MAX_FUNCTION_LINES = 60
 
 
