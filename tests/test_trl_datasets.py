@@ -14,13 +14,11 @@ import torch
 import plop
 from plop.errors import DataError, FieldTypeError
 from plop.integrations.datasets import dataset_examples
-from tiny_lm import make_tokenizer, save_tiny
+from tiny_lm import make_chat_tokenizer, make_tokenizer, save_tiny
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 PAIRS = [(f"What is {a} plus {b}?", f"It is {a + b}.") for a in range(4) for b in range(4)]
 
 
@@ -51,9 +49,7 @@ def model_dir(tmp_path_factory):
     """A tiny LLaMA saved with a chat-template tokenizer, so that ``lora_config(model, ds)`` and
     ``SFTTrainer`` both find the tokenizer from the model's path, as with a hub model."""
     path = save_tiny(tmp_path_factory.mktemp("tiny"))
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
+    make_chat_tokenizer().save_pretrained(path)
     return path
 
 
@@ -107,8 +103,7 @@ def _trl_completion(tokenizer, row: dict) -> str:
 def test_response_scope_scores_the_completion(fmt, response_chars, model_dir):
     """``tokens="response"`` scores as many tokens as TRL's completion has characters, and prompt
     and response scopes add up to the whole, on every format."""
-    model, tokenizer = _model(model_dir), make_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    model, tokenizer = _model(model_dir), make_chat_tokenizer()
     rows = _rows(fmt)
     scopes = ("all", "response") if fmt == "text" else ("all", "prompt", "response")
     counts = {scope: plop.diagnose(model, rows, tokenizer, tokens=scope, n_bootstrap=10).data["tokens"]
@@ -121,8 +116,7 @@ def test_response_scope_scores_the_completion(fmt, response_chars, model_dir):
 
 
 def test_messages_split_before_the_last_assistant_turn(model_dir):
-    tokenizer = make_tokenizer()
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = make_chat_tokenizer()
     row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "2+2?"},
                         {"role": "assistant", "content": "4"}]}
