@@ -186,6 +186,8 @@ _FRAGMENT_CSS = """
 .plop-report tr.rec td { background: #e7f5e9; font-weight: 600; color: #14632a; }
 .plop-report img { max-width: 100%; height: auto; }
 .plop-report h1 { font-size: 1.3em; }
+.plop-report dl { display: grid; grid-template-columns: max-content 1fr; gap: .1em 1em; }
+.plop-report dd { margin: 0; }
 """
 
 
