@@ -139,6 +139,20 @@ def test_preference_goes_through_the_same_helper(model_dir):
     assert [m.nfn for m in chosen.modules] == [m.nfn for m in report.modules]
 
 
+@pytest.mark.parametrize("fmt", ["preference", "chat_preference"])
+def test_dpo_trainer_trains_exactly_the_recommended_modules(fmt, model_dir, tmp_path):
+    """The preference set's LoraConfig in TRL's own preference trainer, two steps."""
+    model = _model(model_dir)
+    ds = datasets.Dataset.from_list(_rows(fmt))
+    report = plop.diagnose(model, ds, n_bootstrap=20)
+    args = trl.DPOConfig(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, logging_steps=1,
+                         save_strategy="no", report_to=[], use_cpu=True, max_length=64)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=ds,
+                             peft_config=plop.lora_config(model, ds, n_bootstrap=20, r=4))
+    assert trainer.train().global_step == 2
+    assert _adapted(trainer.model) == set(report.recommendation.modules)
+
+
 def test_streams_budgets_allocation_and_lora_settings(model_dir):
     model = _model(model_dir)
     stream = datasets.Dataset.from_list(_rows("text") * 4).to_iterable_dataset()
