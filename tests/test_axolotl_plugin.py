@@ -105,8 +105,9 @@ def test_plop_report_sets_targets_and_allocated_ranks(workdir, tmp_path):
 
 def test_placement_keys_and_refused_formats(workdir):
     model_rows = [{"instruction": "add", "input": "1 1", "output": "2"}] * 3
-    with pytest.raises(DataError, match=r"dataset a\.json \(type alpaca\): plop reads type chat_template, "
-                                        r"type completion, or rows in TRL's formats"):
+    with pytest.raises(DataError, match=r"^dataset a\.json \(type alpaca\) is in no format plop reads: its fields "
+                                        r"are input, instruction, output \(plop reads type chat_template, "
+                                        r"type completion, or rows in TRL's formats: language modeling"):
         _trl_rows(datasets.Dataset.from_list(model_rows), {"path": "a.json", "type": "alpaca"})
     completion = _trl_rows(datasets.Dataset.from_list([{"body": "some text"}]), {"type": "completion", "field": "body"})
     assert completion == [{"text": "some text"}]

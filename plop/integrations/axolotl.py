@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from ..config import DiagnoseConfig
 from ..diagnosis import diagnose
+from ..distributed import world
 from ..errors import ConfigError, DataError
 from ..report import Report, rank_patterns
 from ..untrusted import plain_safe
@@ -88,10 +89,11 @@ def _trl_rows(ds, spec) -> Any:
         return [{"text": row[spec.get("field") or "text"]} for row in ds]
     try:
         detect_format(ds.column_names)
-    except DataError as e:
-        raise DataError(f"dataset {plain_safe(str(spec.get('path')))} (type {kind}): plop reads "
-                        f"type chat_template, type completion, or rows in TRL's formats: "
-                        f"{'; '.join(FORMATS)}", e.args[0]) from None
+    except DataError:
+        fields = ", ".join(sorted(map(plain_safe, ds.column_names)))
+        raise DataError(f"dataset {plain_safe(str(spec.get('path')))} (type {kind}) is in no format plop reads: "
+                        f"its fields are {fields}", "plop reads type chat_template, type completion, or rows "
+                        f"in TRL's formats: {'; '.join(FORMATS)}") from None
     return list(ds)
 
 
@@ -151,7 +153,8 @@ def diagnose_run(cfg, model, tokenizer) -> Report:
     examples = sample_examples(cfg, tokenizer, cfg.plop_samples or 64, seed)
     with unfused_attention(model):
         report = diagnose(model, examples, tokenizer, model_id=str(cfg.base_model), **settings)
-    report.save(Path(cfg.output_dir or ".") / REPORT_NAME)
+    if world().is_main:  # every process of a multi-GPU run gets the same report; one writes it
+        report.save(Path(cfg.output_dir or ".") / REPORT_NAME)
     return report
 
 
