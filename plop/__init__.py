@@ -17,6 +17,7 @@ _EXPORTS = {
     "Report": "plop.ranking.report",
     "load_model": "plop.model.loading",
     "load_examples": "plop.files.data",
+    "lora_config": "plop.integrations.peft",
     "train": "plop.finetune.trainer",
     "TrainResult": "plop.finetune.trainer",
     "TrainingInterrupted": "plop.finetune.trainer",
@@ -45,6 +46,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolv
     from .finetune.config import TrainConfig
     from .files.data import load_examples
     from .finetune.trainer import TrainingInterrupted, TrainResult, train
+    from .integrations.peft import lora_config
     from .model.loading import load_model
     from .ranking.report import Report
 

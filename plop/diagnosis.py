@@ -33,6 +33,7 @@ from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_
 from .ranking.report import ModuleRecord, Report
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .files.data import take_sample
+from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
 from .files.untrusted import clip_text
 from .measure.weight_scores import weight_scores
 
@@ -253,6 +254,17 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     return data, total
 
 
+def _dataset_rows(model: nn.Module, data, tokenizer, config: DiagnoseConfig, data_info: Mapping[str, Any] | None):
+    """``(data, tokenizer, data_info)``: a dataset in TRL's formats becomes sampled examples, the way
+    plop reads its own data (the model's own tokenizer when none is given); other data passes."""
+    if not is_dataset(data):
+        return data, tokenizer, data_info
+    tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
+    data, info = dataset_examples(data, tokenizer, samples=config.samples if isinstance(config.samples, int) else None,
+                                  seed=config.seed, tokens=config.tokens)
+    return data, tokenizer, {**info, **(data_info or {})}
+
+
 @torch.no_grad()
 def diagnose(
     model: nn.Module,
@@ -275,7 +287,9 @@ def diagnose(
     Args:
         model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
         data: texts (tokenized here with ``tokenizer``), prompt/response examples (``.prompt``,
-            ``.response``; an encoder-decoder's decoder is fed the response), or an iterable of
+            ``.response``; an encoder-decoder's decoder is fed the response), a dataset in one of
+            TRL's formats (:mod:`plop.integrations.datasets`; ``samples`` rows drawn with ``seed``;
+            no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).
         config: a :class:`DiagnoseConfig`; keyword ``overrides`` replace its fields.
@@ -293,6 +307,7 @@ def diagnose(
         sharded.prepare(model, config.include_head)
     device = _input_device(model)
     config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
+    data, tokenizer, data_info = _dataset_rows(model, data, tokenizer, config, data_info)
     data, total = _prepared(model, data, tokenizer, config)
     layout = model_layout(model)
     progress = progress and world().is_main  # one bar for a data-parallel diagnosis

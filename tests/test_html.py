@@ -8,6 +8,7 @@ import io
 import os
 import shutil
 import subprocess
+from html import escape
 from html.parser import HTMLParser
 
 import matplotlib.image
@@ -64,7 +65,7 @@ class Page(HTMLParser):
             row[-1] += data
         elif self._in("script"):
             self.scripts[-1] += data
-        elif self._in("code"):
+        elif self._in("code") and self._code:  # a code block without id (inline repr) is not collected
             self.codes[self._code] += data
 
     def _in(self, tag: str) -> bool:
@@ -231,3 +232,24 @@ def test_copy_buttons_in_a_real_browser(injected, tmp_path):
             browser.close()
     assert problems == [] and requests == [url]
     assert copied == list(exports.values()) and labels == ["Copied"] * len(exports)
+
+
+# -- inline in a notebook (Report._repr_html_) -------------------------------------------------
+def test_repr_html_is_the_pages_tables_and_figure(report):
+    fragment = report._repr_html_()
+    page, whole = Page(fragment), Page(render_html(report))
+    assert page.tables == whole.tables and page.tables[0] == _ranking_rows(report)
+    srcs = [value for tag, name, value in page.attributes if tag == "img" and name == "src"]
+    assert len(srcs) == 1 and srcs[0].startswith("data:image/png;base64,")
+    assert "script" not in page.tags and "button" not in page.tags  # a notebook runs no page script
+    assert fragment.startswith('<div class="plop-report">') and "<html" not in fragment
+    assert escape(f"target_modules={report.recommendation.target_modules!r}") in fragment
+
+
+def test_repr_html_escapes_every_report_string(injected):
+    fragment = injected._repr_html_()
+    page = Page(fragment)
+    assert INJECTED not in fragment and "&lt;script&gt;alert(1)&lt;/script&gt;" in fragment
+    assert "script" not in page.tags and page.tags["img"] == 1
+    assert "onerror" not in {name for _, name, _ in page.attributes}
+    assert page.tables[0][0][1][1] == INJECTED

@@ -19,10 +19,10 @@ DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "pl
              "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
-             "plop.ranking.render", "plop.ranking.report"}
+             "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
 # the stages, bottom up: a module imports only from its own stage or the stages below it
 FLOORS = [("plop.errors", "plop.version", "plop.config"), ("plop.files",), ("plop.ranking",), ("plop.measure",),
-          ("plop.model",), ("plop.exports",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.cli",),
+          ("plop.model",), ("plop.exports",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
           ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60
 
@@ -102,7 +102,7 @@ def test_top_level_holds_only_the_public_face_and_the_stages():
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == {"__init__", "__main__", "errors", "config", "version", "diagnosis"}
-    assert packages == {"files", "ranking", "measure", "model", "exports", "audit", "finetune", "cli"}
+    assert packages == {"files", "ranking", "measure", "model", "exports", "audit", "finetune", "integrations", "cli"}
     for package in packages:  # each says its job in two lines
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
         assert doc and len(doc.split("\n\n")[0].splitlines()) <= 2, package

@@ -29,6 +29,17 @@ def make_tokenizer():
                                    unk_token="<unk>")
 
 
+# A minimal chat template for TRL's and axolotl's conversational formats (one token per character).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def make_chat_tokenizer():
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
 def make_model(seed: int = 0, hidden: int = 32):
     from transformers import LlamaConfig, LlamaForCausalLM
 

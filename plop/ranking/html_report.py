@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from html import escape
 from pathlib import Path
 
-from .report import Report
 from ..config import default_alpha
 from ..files.fsio import atomic_write
 from .render import figure_bytes, plot_report, scored_tokens, target_modules_line
@@ -61,7 +60,7 @@ _CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_CSS)}; script
         "base-uri 'none'; form-action 'none'")
 
 
-def default_exports(report: Report) -> dict[str, str]:
+def default_exports(report) -> dict[str, str]:
     """The PEFT ``LoraConfig`` line (the default alpha, as :meth:`Report.to_peft_config`) and the
     bare ``target_modules=[...]`` line."""
     r = report.recommendation.rank
@@ -69,7 +68,7 @@ def default_exports(report: Report) -> dict[str, str]:
     return {"peft": f"LoraConfig(r={r}, lora_alpha={default_alpha(r):g}, {line})", "target_modules": line}
 
 
-def _figure_data_uri(report: Report) -> str:
+def _figure_data_uri(report) -> str:
     """The heatmap and ranking figure of ``plop show --plot`` as a PNG data URI, never on disk."""
     png = figure_bytes(plot_report(report))
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
@@ -92,7 +91,7 @@ def _table(caption: str, headers: Sequence[str], numeric: set[int], rows: Sequen
             f"<tbody>\n{body}\n</tbody>\n</table>")
 
 
-def _header(report: Report) -> str:
+def _header(report) -> str:
     model, data = report.model, report.data
     facts = {
         "model": f"{model['id']} ({model['architecture']}, {len(report.modules)} linear modules)",
@@ -106,7 +105,7 @@ def _header(report: Report) -> str:
     return f"<h1>plop diagnosis · {escape(model['id'])}</h1>\n<dl>{items}</dl>"
 
 
-def _recommendation(report: Report, exports: Mapping[str, str]) -> str:
+def _recommendation(report, exports: Mapping[str, str], buttons: bool = True) -> str:
     rec = report.recommendation
     lines = [f"<p><strong>recommended ({escape(rec.strategy)}):</strong> {escape(', '.join(rec.types))}<br>",
              f"{len(rec.modules)} modules · {rec.trainable_params:,} trainable params at r={rec.rank} "
@@ -116,15 +115,17 @@ def _recommendation(report: Report, exports: Mapping[str, str]) -> str:
         lines.append(f"<br>bootstrap: {rec.agreement:.0%} of resamples pick the same set ({verdict})")
     lines.append("</p>")
     for i, (name, snippet) in enumerate(exports.items()):
+        if not buttons:  # inline in a notebook, which runs no page script: the snippets alone
+            lines.append(f'<div class="export">{escape(name)}<pre><code>{escape(snippet)}</code></pre></div>')
+            continue
         lines.append(f'<div class="export"><div class="export-head"><span>{escape(name)}</span>'
                      f'<button type="button" data-copy="export-{i}">Copy</button></div>'
                      f'<pre><code id="export-{i}">{escape(snippet)}</code></pre></div>')
     return "\n".join(lines)
 
 
-def render_html(report: Report, exports: Mapping[str, str] | None = None) -> str:
-    """The page as a string; ``exports`` maps a format name to the snippet its copy button copies
-    (default: :func:`default_exports`)."""
+def _tables(report) -> tuple[str, str]:
+    """The ranking table and the placement-cost table."""
     rec = report.recommendation
     chosen = set(rec.types)
     ranking = _table(
@@ -139,6 +140,13 @@ def render_html(report: Report, exports: Mapping[str, str] | None = None) -> str
         [([name, ", ".join(cost["types"]), f"{cost['trainable_params']:,}", f"{cost['size_mb']:.2f}"],
           name == "recommended") for name, cost in report.costs.items()],
     )
+    return ranking, costs
+
+
+def render_html(report, exports: Mapping[str, str] | None = None) -> str:
+    """The page as a string; ``exports`` maps a format name to the snippet its copy button copies
+    (default: :func:`default_exports`)."""
+    ranking, costs = _tables(report)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -164,6 +172,36 @@ def render_html(report: Report, exports: Mapping[str, str] | None = None) -> str
 """
 
 
-def write_html(report: Report, path: str | os.PathLike, exports: Mapping[str, str] | None = None) -> Path:
+def write_html(report, path: str | os.PathLike, exports: Mapping[str, str] | None = None) -> Path:
     """Write :func:`render_html` to ``path`` atomically: a failure leaves any previous file intact."""
     return atomic_write(path, render_html(report, exports))
+
+
+# Inline in a notebook the page's body rules would restyle the notebook: these apply inside the
+# fragment's own element only.
+_FRAGMENT_CSS = """
+.plop-report table { border-collapse: collapse; margin: .5em 0; }
+.plop-report caption { text-align: left; color: #5b6570; padding: .3em 0; }
+.plop-report th, .plop-report td { padding: .2em .7em; border-bottom: 1px solid #dde1e5; white-space: nowrap; }
+.plop-report .num { text-align: right; font-variant-numeric: tabular-nums; }
+.plop-report tr.rec td { background: #e7f5e9; font-weight: 600; color: #14632a; }
+.plop-report img { max-width: 100%; height: auto; }
+.plop-report h1 { font-size: 1.3em; }
+.plop-report dl { display: grid; grid-template-columns: max-content 1fr; gap: .1em 1em; }
+.plop-report dd { margin: 0; }
+"""
+
+
+def render_fragment(report) -> str:
+    """The page's header, tables, figure and snippets as one ``<div>`` for a notebook's output
+    (``Report._repr_html_``): escaped like the page, the figure an inline PNG, no script."""
+    ranking, costs = _tables(report)
+    return f"""<div class="plop-report">
+<style>{_FRAGMENT_CSS}</style>
+{_header(report)}
+{ranking}
+<img alt="NFN heatmap by layer and module type, and the per-type ranking" src="{_figure_data_uri(report)}">
+{costs}
+{_recommendation(report, default_exports(report), buttons=False)}
+</div>
+"""

@@ -335,6 +335,12 @@ class Report:
 
         yield render_report(self)
 
+    def _repr_html_(self) -> str:
+        """Jupyter's display: the ``plop show --html`` page's tables and figure, inline."""
+        from .html_report import render_fragment
+
+        return render_fragment(self)
+
     def plot(self, path: str | os.PathLike | None = None):
         """Heatmap of NFN by layer x type and the per-type ranking (matplotlib figure)."""
         from .render import plot_report
