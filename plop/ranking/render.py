@@ -187,7 +187,10 @@ def train_summary_text(s: dict[str, Any], adapter_path: str) -> str:
     method += f"+ (ratio {s['loraplus_ratio']:g})" if s["loraplus_ratio"] != 1 else ""
     before, after = s["eval_before"], s["eval_after"]
     evals = (f"; eval loss {before['loss']:.4f} -> {after['loss']:.4f} (ppl {before['ppl']:.2f} -> {after['ppl']:.2f})"
-             if before and after else "")
+             if before and after and "loss" in before else "")
+    if s.get("method") == "grpo":  # an RL run is judged by its held-out greedy reward, not a loss
+        method = f"GRPO ({terminal_safe(str(s['reward']))}) with {method}"
+        evals = f"; held-out greedy reward {before['reward']:.4f} -> {after['reward']:.4f}" if before and after else ""
     processes = f" on {s['world_size']} processes (global batch {s['global_batch']})" if s["world_size"] > 1 else ""
     return (f"trained {method} {ranks_text(s['rank'], s['rank_pattern'])} on "
             f"[bold]{terminal_safe(', '.join(s['types']))}[/] ({terminal_safe(s['placement'])}): "
