@@ -23,15 +23,16 @@ from ..files.untrusted import clip_text
 PROMPTS_PER_CALL = 8  # prompts per generate() call: K samples each, so memory grows with K x this
 
 
-def sampling_settings(model: nn.Module) -> dict[str, Any]:
-    """Temperature, top-p and top-k of the model's ``generation_config`` (transformers' defaults
-    where it sets none); top-k 0 means no top-k cut, TRL's convention."""
-    from transformers import GenerationConfig
+SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # what generate() uses where a config sets none
 
-    config = getattr(model, "generation_config", None) or GenerationConfig()
-    return {"temperature": float(config.temperature if config.temperature is not None else 1.0),
-            "top_p": float(config.top_p if config.top_p is not None else 1.0),
-            "top_k": int(config.top_k or 0)}
+
+def sampling_settings(model: nn.Module) -> dict[str, Any]:
+    """Temperature, top-p and top-k as ``model.generate(do_sample=True)`` would sample: the model's
+    ``generation_config``, transformers' defaults where it sets none. Spelt out, because TRL's
+    GRPO trainer would otherwise sample with its own (top-k 0)."""
+    config = getattr(model, "generation_config", None)
+    return {key: type(default)(value if (value := getattr(config, key, None)) is not None else default)
+            for key, default in SAMPLING_DEFAULTS.items()}
 
 
 @contextmanager
