@@ -140,3 +140,26 @@ def test_cli_grpo_under_torchrun_one_writer_tensorboard_resume(tmp_path):
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "plop: error: reward no_kwargs does not take TRL's arguments (got an unexpected keyword argument 'prompts') "
         "(define it as f(completions, **kwargs) -> list[float])"]
+
+
+def test_compare_grpo_reports_held_out_reward_at_a_matched_budget(tmp_path):
+    from rich.console import Console
+
+    from plop import compare, diagnose
+
+    tokenizer = make_tokenizer()
+    report = diagnose(make_model(), examples(16), tokenizer, n_bootstrap=10)
+    result = compare(make_model(), tokenizer, examples(24), report, placements=["recommended", "mlp"], seeds=[0],
+                     rank=2, config=grpo_config(tmp_path, steps=2, eval_steps=2))
+    rows = {r.placement: r for r in result.rows}
+    assert set(rows) == {"recommended", "mlp"}
+    assert all(r.eval_reward_after is not None and r.eval_loss_after is None for r in rows.values())
+    assert rows["mlp"].eval_reward_curve == [{"step": 2, "reward": rows["mlp"].eval_reward_after}]
+    saved = json.loads(result.save(tmp_path / "c.json").read_text())
+    assert saved["settings"]["method"] == "grpo" and saved["settings"]["reward"] == f"{__name__}:digits"
+    console = Console(width=100, record=True)
+    console.print(result)
+    text = console.export_text()
+    assert "reward after" in text and "held-out greedy reward before training" in text
+    result.plot(tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0

@@ -51,6 +51,17 @@ def diagnosed(args, model, tokenizer, model_id, examples, info):
     return report
 
 
+def checked_config(args) -> TrainConfig:
+    """The run's settings, and under GRPO its reward resolved and checked: a reward that is missing or
+    cannot take TRL's arguments fails before the slow loading too."""
+    config = build(TrainConfig, args)
+    if config.method == "grpo":
+        from ..finetune.reward import load_reward
+
+        load_reward(config.reward)
+    return config
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -58,11 +69,7 @@ def run(args) -> int:
     from ..ranking.render import nfn_change_table, train_summary_text
     from ..ranking.report import Report
 
-    config = build(TrainConfig, args)  # bad values fail before the slow loading
-    if config.method == "grpo":  # so does a reward that is missing or cannot take TRL's arguments
-        from ..finetune.reward import load_reward
-
-        load_reward(config.reward)
+    config = checked_config(args)  # bad values fail before the slow loading
     run_dir = check_output_dir(config)  # so does an occupied directory
     report = Report.load(args.report) if args.report else None
     model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
