@@ -10,7 +10,6 @@ greedy completions of held-out prompts instead of an eval loss.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -60,11 +59,9 @@ class GRPO:
         from .hf_trainer import grpo_trainer_class
 
         reward = load_reward(config.reward)
-        with warnings.catch_warnings():  # TRL warns that the experimental features it lists are experimental
-            warnings.filterwarnings("ignore", category=UserWarning, module="trl")
-            trainer = grpo_trainer_class()(model=peft_model, reward_funcs=reward, args=args,
-                                           train_dataset=Dataset.from_list(datasets[0]), processing_class=tokenizer,
-                                           callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
+        trainer = grpo_trainer_class()(model=peft_model, reward_funcs=reward, args=args,
+                                       train_dataset=Dataset.from_list(datasets[0]), processing_class=tokenizer,
+                                       callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
         trainer.plop_reward = reward
         if config.eval_steps and datasets[1]:
             from .hf_trainer import EveryNSteps
