@@ -117,7 +117,11 @@ class DiagnoseConfig:
     tokens: Literal["all", "prompt", "response"] = option(
         "all", "which tokens of prompt/response data to score (the model reads them all); 'response': what "
                "supervised fine-tuning trains on", choices=TOKEN_SCOPES, group="measurement")
-    seed: int = option(0, "seed of the row sampling and the bootstrap", group="data")
+    seed: int = option(0, "seed of the row sampling and the bootstrap (and of --generate's sampling)", group="data")
+    generate: int | None = option(
+        None, "score K completions per prompt sampled from the model itself (its generation settings), not the "
+              "data's responses: the tokens RL trains on", metavar="K", group="measurement", parse="positive")
+    max_new_tokens: int = option(128, "longest completion --generate samples", group="measurement", parse="positive")
     estimator: Literal["closed_form", "monte_carlo"] = option(
         "closed_form", "NFN's denominator: the exact ||W||_F / sqrt(d_in), or the paper's Monte-Carlo estimate",
         choices=ESTIMATORS, group="measurement")
@@ -143,6 +147,10 @@ class DiagnoseConfig:
         for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):
             check_positive(name, getattr(self, name))
         check_positive("batch_tokens", self.batch_tokens, optional=True)
+        check_positive("generate", self.generate, optional=True)
+        check_positive("max_new_tokens", self.max_new_tokens)
+        if self.generate and self.samples == "auto":  # auto may read 1024 rows: K samples of each is no quick pass
+            raise ConfigError("generate needs a number of samples, not 'auto'", "give --samples N")
         if self.samples != "auto":
             check_positive("samples", self.samples, optional=True)
         check_choice("strategy", self.strategy, STRATEGIES)

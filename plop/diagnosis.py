@@ -25,6 +25,7 @@ from .model.coverage import coverage
 from .measure.distributed import GlobalState, data_parallel_passes, world
 from .errors import ConfigError, DataError, ModelError
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
+from .measure.generate import generated_examples, generation_record
 from .measure.layers import dense_weight, find_linear_modules
 from .model.loading import ensure_pad_token, model_info, model_layout
 from .model.names import layer_index
@@ -232,6 +233,12 @@ def _examples_data(model: nn.Module, examples: Sequence, tokenizer, config: Diag
     return pair_batches(model, examples, tokenizer, config.batch_size, config.max_length)
 
 
+def _prompted(data) -> list:
+    if not _is_examples(data):
+        raise ConfigError("generate needs prompts to complete", "give prompt/response examples, not plain texts")
+    return data
+
+
 def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     """``(data, total rows or None)``: texts and examples cut to ``samples`` and clipped, examples
     turned into what the model reads; token batches as they come (their rows are counted later)."""
@@ -241,6 +248,10 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     examples = _is_examples(data)
     if _is_texts(data) or examples:
         data = take_sample(data, config.samples if isinstance(config.samples, int) else None, config.seed)
+        if config.generate:  # the sampled prompts, each with K completions of the model's own
+            data = generated_examples(model, _prompted(data), tokenizer, k=config.generate,
+                                      max_new_tokens=config.max_new_tokens, max_length=config.max_length,
+                                      seed=config.seed)
         total = len(data)
     if config.tokens != "all" and not examples:
         raise ConfigError(f"tokens={config.tokens!r} needs prompt/response examples",
@@ -323,6 +334,8 @@ def diagnose(
         _add_weight_scores(records, find_linear_modules(model, include_head=config.include_head))
     return _report(model, layout, config, records, selector, replicates, checkpoints, model_id=model_id,
                    data={"source": "in-memory", **(data_info or {}), "samples": samples, "token_count": tokens,
+                         **({"generated": generation_record(model, config.generate, config.max_new_tokens,
+                                                            config.seed)} if config.generate else {}),
                          "seconds": round(time.perf_counter() - start, 3)})
 
 

@@ -9,11 +9,12 @@ from ..files.untrusted import plain_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from .inputs import is_main, load_model_and_data, model_command, training_rows
-from .options import build, names
-from .train import diagnosed
+from .options import names
+from .train import checked_config, diagnosed
 
 EXAMPLES = """examples:
   plop compare --report report.json --steps 50
+  plop compare --method grpo --reward rewards.py:exact_match --placements recommended,all-linear,mlp --rank 1
   plop compare ./my-model --data gsm8k.jsonl --report report.json --placements recommended,qv,all-linear \\
       --seeds 0,1,2 --steps 200 --out results.json
 """
@@ -39,7 +40,7 @@ def register(sub) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
     o.add_argument("--plot", default=None, metavar="FILE",
-                   help="write a PNG: eval loss per placement (spread over seeds) and trainable parameters")
+                   help="write a PNG: eval loss (GRPO: held-out reward) per placement (spread over seeds) and trainable parameters")
     o.add_argument("--output-dir", default=None, help="keep every run's adapter here (default: discarded)")
     p.set_defaults(func=run)
 
@@ -50,7 +51,7 @@ def run(args) -> int:
     from ..finetune.compare import compare
     from ..ranking.report import Report
 
-    config = build(TrainConfig, args)
+    config = checked_config(args)
     for path in (args.out, args.plot):
         check_destination(path)
     report = Report.load(args.report) if args.report else None

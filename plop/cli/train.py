@@ -17,6 +17,7 @@ EXAMPLES = """examples:
   plop train --placement all-linear --rank 8 --loraplus-ratio 1 --epochs 2
   plop train --target-modules q_proj,v_proj --dora --lr 1e-4
   plop train --output-dir runs/math --steps 200 --resume     # continue from the last checkpoint
+  plop train --method grpo --reward rewards.py:exact_match --placement all-linear --rank 1 --steps 100
   plop train --output-dir runs/tasks --adapter-name math     # a named adapter in runs/tasks/math/
   accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (see the README)
 """
@@ -50,6 +51,17 @@ def diagnosed(args, model, tokenizer, model_id, examples, info):
     return report
 
 
+def checked_config(args) -> TrainConfig:
+    """The run's settings, and under GRPO its reward resolved and checked: a reward that is missing or
+    cannot take TRL's arguments fails before the slow loading too."""
+    config = build(TrainConfig, args)
+    if config.method == "grpo":
+        from ..finetune.reward import load_reward
+
+        load_reward(config.reward)
+    return config
+
+
 def run(args) -> int:
     from rich.console import Console
 
@@ -57,7 +69,7 @@ def run(args) -> int:
     from ..ranking.render import nfn_change_table, train_summary_text
     from ..ranking.report import Report
 
-    config = build(TrainConfig, args)  # bad values fail before the slow loading
+    config = checked_config(args)  # bad values fail before the slow loading
     run_dir = check_output_dir(config)  # so does an occupied directory
     report = Report.load(args.report) if args.report else None
     model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))

@@ -76,6 +76,10 @@ class CompareRow:
     seed: int
     loss_curve: list[dict[str, float | None]] = field(default_factory=list)
     rank_pattern: dict[str, int] | None = None  # an allocation's rank per type; ``rank`` is its largest
+    # --method grpo: the held-out greedy reward before and after, and its curve every eval_steps
+    eval_reward_before: float | None = None
+    eval_reward_after: float | None = None
+    eval_reward_curve: list[dict[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -95,7 +99,8 @@ class Comparison:
             entry = {"placement": placement, "types": rows[0].types, "rank": rows[0].rank,
                      "trainable_params": rows[0].trainable_params, "budget_ratio": rows[0].budget_ratio,
                      "within_budget": rows[0].within_budget, "seeds": len(rows)}
-            for key in ("eval_loss_before", "eval_loss_after", "eval_ppl_after", "seconds_per_step"):
+            for key in ("eval_loss_before", "eval_loss_after", "eval_ppl_after", "eval_reward_before",
+                        "eval_reward_after", "seconds_per_step"):
                 values = np.array([getattr(r, key) for r in rows if getattr(r, key) is not None], dtype=float)
                 entry[f"{key}_mean"] = float(values.mean()) if values.size else None
                 entry[f"{key}_std"] = float(values.std(ddof=1)) if values.size > 1 else 0.0 if values.size else None
@@ -259,7 +264,7 @@ def compare(
                 rows.append(_row(result.summary, candidate, r, budget, seed))
                 del fresh, result
                 gc.collect()  # one model copy at a time, however many runs
-    settings = {k: v for k, v in asdict(config).items() if k not in ("rank", "alpha", "seed", "adapter_name",
+    settings = {k: v for k, v in config.record().items() if k not in ("rank", "alpha", "seed", "adapter_name",
                                                                      "resume", "output_dir")}
     settings.update(placements=list(placements), seeds=list(seeds), alpha_over_rank=scale,
                     model=report.model.get("id"))
@@ -276,6 +281,8 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         eval_loss_after=after.get("loss"), eval_ppl_after=after.get("ppl"),
         seconds_per_step=summary["seconds_per_step"], seed=seed,
         loss_curve=summary["loss_curve"], rank_pattern=candidate.targets.rank_pattern,
+        eval_reward_before=before.get("reward"), eval_reward_after=after.get("reward"),
+        eval_reward_curve=summary.get("eval_reward_curve", []),
     )
 
 

@@ -6,8 +6,10 @@ Torch-free, so the CLI reads its defaults from here without paying for torch.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 from ..config import default_alpha, option
 from ..errors import ConfigError
@@ -15,6 +17,8 @@ from ..errors import ConfigError
 SUMMARY_FILE = "plop_train_summary.json"
 REPORT_TO = ("none", "tensorboard", "wandb")  # passed to the Trainer; the package must be installed
 _LORA = "fine-tuning"
+METHODS = ("sft", "grpo")
+_RL = "reinforcement learning (--method grpo)"
 
 
 @dataclass
@@ -27,6 +31,16 @@ class TrainConfig:
     ``"default"`` writes into ``output_dir/<name>/``, PEFT's layout for several adapters on one base.
     """
 
+    method: Literal["sft", "grpo"] = option(
+        "sft", "sft: learn the data's responses; grpo: TRL's GRPO on the data's prompts, scored by --reward",
+        choices=METHODS, group=_LORA)
+    reward: str | Callable[..., list[float]] | None = option(
+        None, "the GRPO reward, MODULE:FUNCTION (a module importable from here, or a .py file): TRL's signature "
+              "f(completions, **kwargs) -> list[float], the data's other fields as keyword lists",
+        metavar="MODULE:FUNCTION", group=_RL)
+    num_generations: int = option(8, "completions sampled per prompt; --batch-size x --grad-accum must be a "
+                                     "multiple of it", group=_RL, parse="positive")
+    max_new_tokens: int = option(128, "longest completion sampled or scored", group=_RL, parse="positive")
     rank: int = option(16, "LoRA rank", group=_LORA)
     alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
     dropout: float = option(0.05, "LoRA dropout", group=_LORA)
@@ -54,7 +68,8 @@ class TrainConfig:
                                     "at step 0", choices=REPORT_TO, group=_LORA)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "save_total_limit"):
+        for name in ("rank", "batch_size", "grad_accum", "max_length", "save_total_limit", "num_generations",
+                     "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -76,11 +91,34 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self._check_method()
         if self.report_to not in REPORT_TO:
             raise ConfigError(f"report_to must be one of {', '.join(REPORT_TO)}, not {self.report_to!r}")
         if self.report_to != "none" and importlib.util.find_spec(self.report_to) is None:
             raise ConfigError(f"report_to={self.report_to} needs the {self.report_to} package",
                               f"pip install {self.report_to}")
+
+    def _check_method(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        if self.method == "sft":
+            if self.reward is not None:
+                raise ConfigError("a reward is for --method grpo", "add --method grpo, or drop --reward")
+            return
+        if self.reward is None:
+            raise ConfigError("--method grpo needs a reward", "give --reward MODULE:FUNCTION")
+        if not (callable(self.reward) or isinstance(self.reward, str)):
+            raise ConfigError(f"reward must be MODULE:FUNCTION or a function, not {type(self.reward).__name__}")
+        if self.num_generations < 2:  # GRPO's advantage is a reward against its group's mean
+            raise ConfigError(f"num_generations must be >= 2, got {self.num_generations}")
+        if (self.batch_size * self.grad_accum) % self.num_generations:
+            raise ConfigError(f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) must be a multiple of "
+                              f"num_generations ({self.num_generations})",
+                              "each step scores whole groups of completions of one prompt")
+
+    def record(self) -> dict[str, Any]:
+        """The settings as JSON can hold them: a reward function by its ``module:name``."""
+        return {**asdict(self), "reward": reward_name(self.reward)}
 
     @property
     def lora_alpha(self) -> float:
@@ -95,3 +133,10 @@ class TrainConfig:
 def adapter_path(directory: str | Path, name: str) -> Path:
     """Where adapter ``name`` lives under ``directory`` (the default at its root, as PEFT saves it)."""
     return Path(directory) if name == "default" else Path(directory) / name
+
+
+def reward_name(reward: str | Callable | None) -> str | None:
+    """``module:qualname`` of a reward function (a MODULE:FUNCTION string as given)."""
+    if reward is None or isinstance(reward, str):
+        return reward
+    return f"{getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', repr(reward))}"

@@ -6,6 +6,7 @@ this module is imported only when a fine-tune starts.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
@@ -18,9 +19,10 @@ from transformers import Trainer, TrainerCallback
 from ..errors import ConfigError
 
 
-class LoraPlusTrainer(Trainer):
-    """``Trainer`` whose optimizer is LoRA+ (arXiv 2402.12354): the B matrices learn
+class LoraPlus:
+    """Makes a ``Trainer`` subclass's optimizer LoRA+ (arXiv 2402.12354): the B matrices learn
     ``loraplus_ratio`` times faster than the A matrices; a ratio of 1 keeps the Trainer's own.
+    A mixin, so that supervised and GRPO training share one LoRA+.
 
     The optimizer is built in ``create_optimizer`` rather than passed in, because DeepSpeed and
     FSDP need to build it after they have wrapped the model.
@@ -39,6 +41,30 @@ class LoraPlusTrainer(Trainer):
                 loraplus_lr_ratio=self.loraplus_ratio, loraplus_weight_decay=self.args.weight_decay,
             )
         return super().create_optimizer(model)
+
+
+class LoraPlusTrainer(LoraPlus, Trainer):
+    """The supervised fine-tune's ``Trainer``, with LoRA+."""
+
+
+@functools.cache
+def grpo_trainer_class() -> type:
+    """TRL's ``GRPOTrainer`` with LoRA+, built on first use: importing TRL costs seconds."""
+    from trl import GRPOTrainer
+
+    return type("LoraPlusGRPOTrainer", (LoraPlus, GRPOTrainer), {"__doc__": "TRL's GRPO, with LoRA+."})
+
+
+class EveryNSteps(TrainerCallback):
+    """Calls ``action()`` after every ``n``-th optimizer step (the held-out reward curve)."""
+
+    def __init__(self, n: int, action) -> None:
+        self.n, self.action = n, action
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step % self.n == 0:
+            self.action()
+        return control
 
 
 class StopOnSignal(TrainerCallback):

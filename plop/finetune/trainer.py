@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from ..ranking.render import ranks_text
 from ..ranking.report import Report
 from ..measure.seq2seq import is_encoder_decoder
 from ..version import __version__
-from .config import SUMMARY_FILE, TrainConfig
+from .config import SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, lora_config, planned, wrap
 from .remeasure import nfn_change
 from .sft import SFTCollator, split_examples, tokenize_examples, tokenize_pairs
@@ -165,12 +165,13 @@ def train_on_targets(
     if not (seq2seq or is_causal_lm(model)):
         raise ModelError(f"training needs a causal language model (...ForCausalLM) or an encoder-decoder "
                          f"(T5, BART, ...), not {info['architecture']}")
-    train_set, eval_set = _datasets(examples, tokenizer, config, eval_examples, seq2seq)
+    method = _method(config)
+    train_set, eval_set = method.datasets(examples, tokenizer, config, eval_examples, seq2seq)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     layout = model_layout(model)
     peft_model = wrap(model, lora_config(layout, config, targets, report, task_type), config.seed)
     check_built(peft_model, planned(layout, targets, report))  # before the Trainer spends a step
-    trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress)
+    trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress, method)
     if config.overwrite:
         if trainer.is_world_process_zero():
             _clear_previous_run(run)
@@ -180,22 +181,23 @@ def train_on_targets(
     log_placement(trainer, str(run / "runs"), _placement_text(targets, config), report)
     resume_from = last_checkpoint(run) if config.resume else None
 
-    eval_before = _evaluate(trainer) if eval_set else None
+    eval_before = method.evaluate(trainer, eval_set, config) if eval_set else None
     started = time.perf_counter()
     with signals_stop(stop):
         trainer.train(resume_from_checkpoint=resume_from)
     seconds = time.perf_counter() - started
     if stop.signal is not None:
         raise TrainingInterrupted(trainer.state.global_step, last_checkpoint(run))
-    eval_after = _evaluate(trainer) if eval_set else None
+    eval_after = method.evaluate(trainer, eval_set, config) if eval_set else None
     trainer.save_model(str(run))
 
     remeasure = None if weights_partitioned(trainer) else remeasure  # no process holds a whole copy to merge
     change = nfn_change(peft_model, remeasure, tokenizer, max_length=config.max_length,
                         batch_size=config.batch_size, adapted_types=targets.types) if remeasure else None
     summary = {**_summary(trainer, targets, config, seconds, resume_from, (train_set, eval_set)),
+               **method.summary(trainer),
                "eval_before": eval_before, "eval_after": eval_after, "model": info, "data": dict(data_info or {}),
-               "config": asdict(config), "versions": _versions(), "nfn_change": change}
+               "config": config.record(), "versions": _versions(), "nfn_change": change}
     if trainer.is_world_process_zero():
         atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier()  # the summary is whole before any process returns
@@ -207,6 +209,7 @@ def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, res
     """What was trained where, how long it took and how the loss went (the evals are added by the caller)."""
     steps = trainer.state.global_step - (int(resume_from.rsplit("-", 1)[1]) if resume_from else 0)
     return {
+        "method": config.method, "reward": reward_name(config.reward),
         "placement": targets.placement, "types": targets.types, "target_modules": targets.target_modules,
         "target_parameters": targets.target_parameters,
         "adapter_name": config.adapter_name, "rank": config.rank, "rank_pattern": targets.rank_pattern,
@@ -232,19 +235,17 @@ def _placement_text(targets: Targets, config: TrainConfig) -> str:
             f"target_modules: `{targets.target_modules!r}`")
 
 
-def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tuple[list, list], progress: bool):
-    """The LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
+def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tuple[list, list], progress: bool,
+             method=None):
+    """The method's LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
     from transformers import PrinterCallback
 
-    from .hf_trainer import LoraPlusTrainer, StopOnSignal, check_fsdp_honoured
+    from .hf_trainer import StopOnSignal, check_fsdp_honoured
 
+    method = method or _SFT
     stop = StopOnSignal()
-    train_set, eval_set = datasets
-    trainer = LoraPlusTrainer(
-        model=peft_model, args=_training_arguments(config, run, bool(eval_set), progress), train_dataset=train_set,
-        eval_dataset=eval_set or None, data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-        callbacks=[stop], loraplus_ratio=config.loraplus_ratio,
-    )
+    args = _training_arguments(config, run, bool(datasets[1]), progress, **method.arguments(config, peft_model))
+    trainer = method.trainer(peft_model, tokenizer, args, datasets, [stop], config)
     check_fsdp_honoured(trainer)
     if not progress:
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints every log dict instead
@@ -272,10 +273,12 @@ def _datasets(
     return train_set, eval_set
 
 
-def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress: bool):
+def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress: bool, args_class=None,
+                        **method_args):
+    """The Trainer's arguments (``args_class``, a method's subclass of them, with ``method_args`` on top)."""
     from transformers import TrainingArguments
 
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(**{**dict(
         output_dir=str(run), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.lr, max_steps=config.steps or -1, num_train_epochs=config.epochs or 1.0,
@@ -287,7 +290,7 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress
         label_names=["labels"], dataloader_pin_memory=torch.cuda.is_available(),
         # under torchrun without a GPU the Trainer only turns data-parallel (gloo) when told the CPU is the device
         use_cpu=launched() and not torch.cuda.is_available(), ddp_timeout=round(timeout().total_seconds()),
-    )
+    ), **method_args})
 
 
 def _versions() -> dict[str, str]:
@@ -301,3 +304,37 @@ def _versions() -> dict[str, str]:
 def _evaluate(trainer) -> dict[str, float]:
     loss = float(trainer.evaluate()["eval_loss"])
     return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf}
+
+
+class _SFT:
+    """Supervised fine-tuning's parts of a run; GRPO's are :class:`plop.finetune.grpo.GRPO`."""
+
+    datasets = staticmethod(_datasets)
+
+    @staticmethod
+    def arguments(config: TrainConfig, model) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def trainer(peft_model, tokenizer, args, datasets: tuple[list, list], callbacks: list, config: TrainConfig):
+        from .hf_trainer import LoraPlusTrainer
+
+        return LoraPlusTrainer(model=peft_model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1] or None,
+                               data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                               callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
+
+    @staticmethod
+    def evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
+        return _evaluate(trainer)
+
+    @staticmethod
+    def summary(trainer) -> dict[str, Any]:
+        return {}
+
+
+def _method(config: TrainConfig):
+    if config.method == "grpo":
+        from .grpo import GRPO
+
+        return GRPO
+    return _SFT

@@ -145,31 +145,35 @@ def _recommendation_panel(report) -> Panel:
 
 
 def comparison_table(comparison) -> Table:
-    """A rich table: one line per placement, mean ±std over seeds; the lowest eval loss in bold.
-    Narrow enough for 80 columns: only the types wrap."""
-    def loss(entry: dict) -> str:
-        mean, std = entry["eval_loss_after_mean"], entry["eval_loss_after_std"]
+    """A rich table: one line per placement, mean ±std over seeds; the best in bold: the lowest eval
+    loss, or under GRPO the highest held-out reward. Narrow enough for 80 columns: only the types wrap."""
+    aggregate = comparison.aggregate()
+    rl = any(e["eval_reward_after_mean"] is not None for e in aggregate)
+    key, label, pick = ("eval_reward_after", "reward", max) if rl else ("eval_loss_after", "loss", min)
+
+    def metric(entry: dict) -> str:
+        mean, std = entry[f"{key}_mean"], entry[f"{key}_std"]
         if mean is None:
             return "-"
         return f"{mean:.3f}" + (f"±{std:.3f}" if entry["seeds"] > 1 else "")
 
-    aggregate = comparison.aggregate()
-    losses = [e["eval_loss_after_mean"] for e in aggregate if e["eval_loss_after_mean"] is not None]
+    values = [e[f"{key}_mean"] for e in aggregate if e[f"{key}_mean"] is not None]
     seeds = aggregate[0]["seeds"] if aggregate else 0
-    # every run starts from the same base on the same split: one loss before training for all
-    before = f"{aggregate[0]['eval_loss_before_mean']:.3f}" if losses else "-"
+    # every run starts from the same base on the same split: one value before training for all
+    before = f"{aggregate[0][key.replace('after', 'before') + '_mean']:.3f}" if values else "-"
+    what = "held-out greedy reward" if rl else "eval loss"
     table = Table(box=box.SIMPLE_HEAD, title=f"placements at {comparison.budget:,} LoRA parameters "
                   f"(the recommendation at rank {comparison.rank}), {seeds} seed(s)",
                   caption=f"budget: parameters over the budget (! when off by more than 10 %)\n"
-                          f"eval loss before training: {before}")
-    for column in ("placement", "types", "r", "params", "budget", "loss after", "s/step"):
+                          f"{what} before training: {before}")
+    for column in ("placement", "types", "r", "params", "budget", f"{label} after", "s/step"):
         table.add_column(column, justify="left" if column in ("placement", "types") else "right",
                          no_wrap=column != "types", min_width=10 if column == "types" else None)
     for e in aggregate:
-        best = losses and e["eval_loss_after_mean"] == min(losses)
+        best = values and e[f"{key}_mean"] == pick(values)
         budget = f"{e['budget_ratio']:.0%}" + ("" if e["within_budget"] else " !")
         table.add_row(Text(plain_safe(e["placement"]), style="bold" if best else ""), _plain(", ".join(e["types"])),
-                      str(e["rank"]), f"{e['trainable_params']:,}", budget, loss(e),
+                      str(e["rank"]), f"{e['trainable_params']:,}", budget, metric(e),
                       f"{e['seconds_per_step_mean']:.2f}")
     return table
 
@@ -187,7 +191,10 @@ def train_summary_text(s: dict[str, Any], adapter_path: str) -> str:
     method += f"+ (ratio {s['loraplus_ratio']:g})" if s["loraplus_ratio"] != 1 else ""
     before, after = s["eval_before"], s["eval_after"]
     evals = (f"; eval loss {before['loss']:.4f} -> {after['loss']:.4f} (ppl {before['ppl']:.2f} -> {after['ppl']:.2f})"
-             if before and after else "")
+             if before and after and "loss" in before else "")
+    if s.get("method") == "grpo":  # an RL run is judged by its held-out greedy reward, not a loss
+        method = f"GRPO ({terminal_safe(str(s['reward']))}) with {method}"
+        evals = f"; held-out greedy reward {before['reward']:.4f} -> {after['reward']:.4f}" if before and after else ""
     processes = f" on {s['world_size']} processes (global batch {s['global_batch']})" if s["world_size"] > 1 else ""
     return (f"trained {method} {ranks_text(s['rank'], s['rank_pattern'])} on "
             f"[bold]{terminal_safe(', '.join(s['types']))}[/] ({terminal_safe(s['placement'])}): "
@@ -288,14 +295,16 @@ def _finish(fig, plt, path):
 
 
 def plot_comparison(comparison, path: str | os.PathLike | None = None):
-    """Left: eval loss after training per placement, best first (dot: mean over seeds, bar:
-    min-max, dashed line: before training). Right: trainable parameters per placement."""
+    """Left: eval loss (GRPO: held-out reward) after training per placement, best first (dot: mean
+    over seeds, bar: min-max, dashed line: before training). Right: trainable parameters per placement."""
     import numpy as np
 
     plt = _pyplot(path)
-    rows = sorted(comparison.aggregate(), key=lambda r: r["eval_loss_after_mean"])
+    rl = any(r.eval_reward_after is not None for r in comparison.rows)
+    key, what, sign = ("eval_reward", "held-out greedy reward", -1) if rl else ("eval_loss", "eval loss", 1)
+    rows = sorted(comparison.aggregate(), key=lambda r: sign * r[f"{key}_after_mean"])
     names = [r["placement"] for r in rows]
-    losses = {p: [r.eval_loss_after for r in comparison.rows if r.placement == p] for p in names}
+    losses = {p: [getattr(r, f"{key}_after") for r in comparison.rows if r.placement == p] for p in names}
     means = np.array([np.mean(losses[p]) for p in names])
     low = means - np.array([min(losses[p]) for p in names])
     high = np.array([max(losses[p]) for p in names]) - means
@@ -305,14 +314,14 @@ def plot_comparison(comparison, path: str | os.PathLike | None = None):
     y = np.arange(len(names))
     ax_loss.errorbar(means, y, xerr=[low, high], fmt="none", ecolor="black", capsize=4)
     ax_loss.scatter(means, y, c=colors, s=80, zorder=3)
-    before = [r["eval_loss_before_mean"] for r in rows if r["eval_loss_before_mean"] is not None]
+    before = [r[f"{key}_before_mean"] for r in rows if r[f"{key}_before_mean"] is not None]
     before_text = f" (before training: {np.mean(before):.3f})" if before else ""
     labels = [f"{r['placement']} (r={r['rank']})" for r in rows]
     ax_loss.set_yticks(y, labels)
     ax_loss.invert_yaxis()
     seeds = max(r["seeds"] for r in rows)
-    ax_loss.set_xlabel(f"eval loss after training{before_text}\ndot: mean of {seeds} seed(s), bar: min–max")
-    ax_loss.set_title("Lower is better; green = plop's recommendation")
+    ax_loss.set_xlabel(f"{what} after training{before_text}\ndot: mean of {seeds} seed(s), bar: min–max")
+    ax_loss.set_title(f"{'Higher' if rl else 'Lower'} is better; green = plop's recommendation")
     ax_params.barh(y, [r["trainable_params"] for r in rows], color=colors)
     ax_params.axvline(comparison.budget, color="black", linestyle=":", linewidth=1)
     ax_params.set_yticks(y, [])
