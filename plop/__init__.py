@@ -40,11 +40,20 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolves the same names
     from .config import DiagnoseConfig
     from .diagnosis import diagnose
-    from .errors import (ConfigError, DataError, FieldTypeError, FileError, ModelError, NonFiniteError, PlopError,
-                         ReportError, UnsafeRegexError)
+    from .errors import (
+        ConfigError,
+        DataError,
+        FieldTypeError,
+        FileError,
+        ModelError,
+        NonFiniteError,
+        PlopError,
+        ReportError,
+        UnsafeRegexError,
+    )
+    from .files.data import load_examples
     from .finetune.compare import Comparison, compare
     from .finetune.config import TrainConfig
-    from .files.data import load_examples
     from .finetune.trainer import TrainingInterrupted, TrainResult, train
     from .integrations.peft import lora_config
     from .model.loading import load_model

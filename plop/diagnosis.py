@@ -17,26 +17,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from .config import AutoSampling, DiagnoseConfig
+from .errors import ConfigError, DataError, ModelError
+from .files.data import take_sample
+from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
+from .files.untrusted import clip_text
 from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
-from .config import AutoSampling, DiagnoseConfig
-from .model.coverage import coverage
 from .measure.distributed import GlobalState, data_parallel_passes, world
-from .errors import ConfigError, DataError, ModelError
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
 from .measure.generate import generated_examples, generation_record
 from .measure.layers import dense_weight, find_linear_modules
+from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
+from .measure.weight_scores import weight_scores
+from .model.coverage import coverage
 from .model.loading import ensure_pad_token, model_info, model_layout
 from .model.names import layer_index
 from .model.placement import ModelLayout, placement_costs, recommendation_targets
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
 from .ranking.report import ModuleRecord, Report
-from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
-from .files.data import take_sample
-from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
-from .files.untrusted import clip_text
-from .measure.weight_scores import weight_scores
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
 
@@ -149,8 +149,14 @@ def _samples_to_stable(checkpoints: list[Checkpoint]) -> int | None:
 
 def _progress(total: int | None, enabled: bool):
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, \
-        TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(
         TextColumn("[bold]diagnosing[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("samples"),

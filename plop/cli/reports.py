@@ -104,7 +104,8 @@ def diff(args) -> int:
 
 
 def export(args) -> int:
-    from ..exports import export as export_to, write_export
+    from ..exports import export as export_to
+    from ..exports import write_export
     from ..ranking.report import Report
 
     fmt, out = ("peft", os.path.join(args.peft, "")) if args.peft else (args.to, args.out)  # a folder

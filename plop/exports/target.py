@@ -14,7 +14,6 @@ from typing import Any
 from ..config import default_alpha
 from ..model.roles import peft_matches
 
-
 # Architectures/model types whose suffix targets also reach a vision tower (checked in lint.py).
 VLM_MODEL_TYPES = frozenset({
     "llava", "llava_next", "llava_onevision", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",

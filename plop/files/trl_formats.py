@@ -24,8 +24,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .data import Example, sample_indices
 from ..errors import ConfigError, DataError, first_line
+from .data import Example, sample_indices
 from .untrusted import check_text_field, plain_safe
 
 # One line per format, for the error on data in none of them.

@@ -19,7 +19,8 @@ import unicodedata
 from ..errors import FieldTypeError, UnsafeRegexError
 
 try:  # Python 3.11+; sre_parse before, and deprecated since
-    from re import _constants as _sre, _parser as _sre_parse
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
 except ImportError:  # pragma: no cover - Python 3.10
     import sre_constants as _sre
     import sre_parse as _sre_parse

@@ -35,13 +35,13 @@ from pydantic import BaseModel
 
 from ..config import DiagnoseConfig
 from ..diagnosis import diagnose
-from ..measure.distributed import world
 from ..errors import ConfigError, DataError
-from ..ranking.peft_config import rank_patterns
-from ..ranking.report import Report
-from ..files.untrusted import plain_safe
 from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
+from ..files.untrusted import plain_safe
+from ..measure.distributed import world
+from ..ranking.peft_config import rank_patterns
+from ..ranking.report import Report
 from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError, PlopError
 from .batching import Batch
 from .collector import ModuleStats, NFNCollector
-from ..errors import ConfigError, PlopError
 from .experts import ExpertWeightStats
 
 TIMEOUT_ENV = "PLOP_DIST_TIMEOUT"

@@ -40,8 +40,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .distributed import world
 from ..errors import ConfigError, ModelError
+from .distributed import world
 from .experts import expert_weights
 from .layers import module_shape, parameter
 from .nfn import baseline_of_norm

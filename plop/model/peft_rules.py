@@ -22,8 +22,8 @@ imported for a model that has one, so a plain transformer's diagnosis starts wit
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 import re
+from collections.abc import Iterable
 
 from torch import nn
 
