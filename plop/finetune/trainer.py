@@ -1,8 +1,8 @@
 """``plop.train``: LoRA, LoRA+ and DoRA fine-tuning on a placement, built on ``transformers.Trainer``.
 
 The loop is the Trainer's, not one of plop's own, so that ``torchrun`` and ``accelerate launch``
-(several GPUs or CPU processes, DeepSpeed, FSDP), mixed precision, checkpoints and resumption
-all work as they do elsewhere: each process trains on its shard (the Trainer's distributed
+(several GPUs or CPU processes, DeepSpeed; FSDP is refused on CPU processes, where accelerate drops
+it, and untried on GPUs), mixed precision, checkpoints and resumption all work as they do elsewhere: each process trains on its shard (the Trainer's distributed
 sampler), gradients are averaged (DDP), and rank 0 alone writes the adapter and the summary.
 plop adds what the diagnosis knows: where the adapters go, a response-only SFT loss, an eval
 loss before and after, and a summary JSON next to the adapter.
