@@ -121,7 +121,8 @@ def test_a_checkpoint_stored_under_other_names_is_refused_not_half_loaded(tmp_pa
     proc = plop("diagnose", tmp_path / "model", "--data", write_jsonl(tmp_path / "d.jsonl", 8), "--shard", "--out",
                 tmp_path / "r.json", processes=2)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("plop: error:")]
-    assert proc.returncode != 0 and len(errors) == 2, proc.stderr
+    # each process refuses; the launcher may end the second before it has said so, so one line or two
+    assert proc.returncode != 0 and 1 <= len(errors) <= 2, proc.stderr
     assert all("not in" in e and "experts.down_proj" in e and "MoE experts stored one by one" in e for e in errors)
     assert not (tmp_path / "r.json").exists()
 
@@ -153,7 +154,8 @@ def test_fsdp_training_through_accelerate_is_refused_on_cpu_processes(tiny, tmp_
          str(tiny["data"]), "--samples", "16", "--batch-size", "2", "--steps", "2", "--eval-fraction", "0",
          "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, env=ENV, timeout=240)
     errors = [line for line in proc.stdout.splitlines() + proc.stderr.splitlines() if line.startswith("plop: error:")]
-    assert proc.returncode != 0 and len(errors) == 2, proc.stderr
+    # each process refuses; the launcher may end the second before it has said so, so one line or two
+    assert proc.returncode != 0 and 1 <= len(errors) <= 2, proc.stderr
     assert all("enables FSDP only for GPU processes" in e for e in errors)
     assert not (tmp_path / "run" / "adapter_config.json").exists()
 
