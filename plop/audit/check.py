@@ -41,7 +41,7 @@ def _roles(build: Build, layout, cells) -> list[RoleRow]:
 def nfn_budget(roles: list[RoleRow], report, rank: int) -> dict[str, Any]:
     """Where the config's LoRA parameters go by NFN, beside plop's choice at the same budget: the
     report's types in ascending NFN, greedily, while their cost at ``rank`` fits."""
-    from ..ranking.ranker import _select_budget
+    from ..ranking.ranker import select_budget
 
     ranked = sorted(report.types, key=lambda t: t.position)
     spent = {r.type: r.trainable for r in roles if r.trainable}
@@ -49,7 +49,7 @@ def nfn_budget(roles: list[RoleRow], report, rank: int) -> dict[str, Any]:
     low = {t.type for t in ranked[:math.ceil(len(ranked) / 2)]}
     recommended = set(report.recommendation.types)
     means = {t.type: t.nfn_mean for t in ranked}
-    chosen = _select_budget(means, {t.type: t.lora_params_per_rank * rank for t in ranked}, budget)
+    chosen = select_budget(means, {t.type: t.lora_params_per_rank * rank for t in ranked}, budget)
     share = (lambda types: round(sum(p for t, p in spent.items() if t in types) / budget, 4) if budget else 0.0)
     return {"budget": budget, "share_on_low_nfn_half": share(low), "share_on_recommended": share(recommended),
             "recommended_types": sorted(recommended), "same_budget_types": chosen,

@@ -64,9 +64,9 @@ def model_class(config) -> type:
         cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
-    from ..model.loading import _auto_class
+    from ..model.loading import auto_class
 
-    auto = _auto_class(config)
+    auto = auto_class(config)
     return auto._model_mapping[type(config)]
 
 

@@ -51,11 +51,11 @@ def render_text(result: CheckResult) -> str:
 
 def render_html(result: CheckResult) -> str:
     """One self-contained page, under the same Content-Security-Policy as report pages."""
-    from ..ranking.html_report import _CSP, _CSS, _table
+    from ..ranking.html_report import CSP, CSS, html_table
 
     rows = [((r.type, f"{r.adapted}/{r.total}", _ranks(r), f"{r.trainable:,}", _cells(r)), r.adapted > 0)
             for r in result.roles]
-    table = _table("module types: █ adapted layer, · not", ["type", "adapted", "rank", "trainable", "layers"],
+    table = html_table("module types: █ adapted layer, · not", ["type", "adapted", "rank", "trainable", "layers"],
                    {1, 3}, rows)
     findings = "\n".join(f"<li><b>{escape(f.severity)}</b> {escape(f.message)}</li>" for f in result.findings)
     summary = escape(render_text(result).split("\n", 1)[0])
@@ -63,9 +63,9 @@ def render_html(result: CheckResult) -> str:
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <title>plop check · {escape(result.source)}</title>
-<style>{_CSS}</style>
+<style>{CSS}</style>
 </head>
 <body>
 <h1>plop check</h1>

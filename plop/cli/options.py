@@ -64,7 +64,7 @@ def escapes(value: str) -> str:
     return value.encode().decode("unicode_escape")
 
 
-_PARSERS = {"positive": positive, "names": names, "escapes": escapes}
+_PARSERS = {"positive": positive, "names": names, "escapes": escapes, "samples": samples}
 
 
 def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
@@ -96,7 +96,7 @@ def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str],
     if kind is bool:
         return flags, {**kwargs, "action": "store_true"}
     parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
-    kwargs["type"] = _PARSERS[parse] if parse in _PARSERS else samples if parse == "samples" else kind
+    kwargs["type"] = _PARSERS.get(parse, kind)
     if "optional_value" in meta:  # --allocate alone, or --allocate BUDGET
         kwargs.update(nargs="?", const=meta["optional_value"])
     choices = meta.get("choices") or literal

@@ -184,8 +184,8 @@ def load_model(
             "pass a local model directory or a .gguf file",
         ) from e
     try:
-        model = (load_sharded(_auto_class(config), source, config, _TORCH_DTYPES[dtype], trust_remote_code) if shard
-                 else _auto_class(config).from_pretrained(source, **kwargs))
+        model = (load_sharded(auto_class(config), source, config, _TORCH_DTYPES[dtype], trust_remote_code) if shard
+                 else auto_class(config).from_pretrained(source, **kwargs))
     except (OSError, ValueError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:
         # weights missing, truncated (SafetensorError), or a pickle that weights_only refuses to run
         raise ModelError(f"cannot load model {name_or_path!r}: {first_line(e)}") from e
@@ -279,7 +279,7 @@ def model_layout(model: nn.Module) -> ModelLayout:
     return replace(layout, refused=refused_types(model, layout))
 
 
-def _auto_class(config) -> type:
+def auto_class(config) -> type:
     """What loads a model of ``config``: the seq2seq LM for an encoder-decoder (transformers also
     maps BART to a decoder-only ``BartForCausalLM``), else the causal LM, else the bare model."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM

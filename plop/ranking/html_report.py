@@ -18,7 +18,7 @@ from ..config import default_alpha
 from ..files.fsio import atomic_write
 from .render import figure_bytes, plot_report, scored_tokens, target_modules_line
 
-_CSS = """
+CSS = """
 body { font: 15px/1.45 system-ui, sans-serif; color: #1d2228; max-width: 1180px; margin: 2em auto; padding: 0 1em; }
 h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.8em; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: .5em 0; }
@@ -56,7 +56,7 @@ def _csp_hash(source: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
 
 
-_CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(_CSS)}; script-src {_csp_hash(_SCRIPT)}; "
+CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(CSS)}; script-src {_csp_hash(_SCRIPT)}; "
         "base-uri 'none'; form-action 'none'")
 
 
@@ -74,7 +74,8 @@ def _figure_data_uri(report) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-def _table(caption: str, headers: Sequence[str], numeric: set[int], rows: Sequence[tuple[Sequence[str], bool]]) -> str:
+def html_table(caption: str, headers: Sequence[str], numeric: set[int],
+               rows: Sequence[tuple[Sequence[str], bool]]) -> str:
     """An escaped HTML table; ``numeric`` columns are right-aligned, rows flagged True are recommended."""
 
     def cell(tag: str, i: int, text: str) -> str:
@@ -128,14 +129,14 @@ def _tables(report) -> tuple[str, str]:
     """The ranking table and the placement-cost table."""
     rec = report.recommendation
     chosen = set(rec.types)
-    ranking = _table(
+    ranking = html_table(
         "Module types by mean NFN over layers (low NFN: put LoRA here)",
         ["#", "type", "NFN ± std", "min–max", "n", "P(sel)", f"params@r{rec.rank}"], {0, 2, 3, 4, 5, 6},
         [([str(t.position), t.type, f"{t.nfn_mean:.3f} ± {t.nfn_std:.3f}", f"{t.nfn_min:.2f}–{t.nfn_max:.2f}",
            str(t.n_modules), "–" if t.selection_probability is None else f"{t.selection_probability:.0%}",
            f"{t.lora_params_per_rank * rec.rank:,}"], t.type in chosen) for t in report.types],
     )
-    costs = _table(
+    costs = html_table(
         "Cost of each placement", ["placement", "types", f"params @ r={rec.rank}", "MB"], {2, 3},
         [([name, ", ".join(cost["types"]), f"{cost['trainable_params']:,}", f"{cost['size_mb']:.2f}"],
           name == "recommended") for name, cost in report.costs.items()],
@@ -151,10 +152,10 @@ def render_html(report, exports: Mapping[str, str] | None = None) -> str:
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{_CSP}">
+<meta http-equiv="Content-Security-Policy" content="{CSP}">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>plop · {escape(report.model['id'])}</title>
-<style>{_CSS}</style>
+<style>{CSS}</style>
 </head>
 <body>
 {_header(report)}

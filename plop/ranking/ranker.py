@@ -83,7 +83,7 @@ def _select_top_k(means: Mapping[str, float], k: int) -> list[str]:
     return sorted(means, key=lambda t: (means[t], t))[:k]
 
 
-def _select_budget(means: Mapping[str, float], cost: Mapping[str, int], budget: int) -> list[str]:
+def select_budget(means: Mapping[str, float], cost: Mapping[str, int], budget: int) -> list[str]:
     chosen, spent = [], 0
     for t in sorted(means, key=lambda t: (means[t], t)):
         if spent + cost[t] <= budget:
@@ -211,7 +211,7 @@ class Selector:
             return frozenset(_select_top_k(means, self.top_k))
         if self.strategy == "allocate":
             return frozenset(allocate_ranks(means, self.per_rank, self.budget, self.power))
-        return frozenset(_select_budget(means, self.type_cost, self.budget))
+        return frozenset(select_budget(means, self.type_cost, self.budget))
 
     def recommend(self, replicates: np.ndarray | None = None) -> tuple[Recommendation, dict[str, float] | None]:
         """The recommendation and, given bootstrap replicates ``(n_modules, R)``, per-type
