@@ -20,7 +20,9 @@ from ..errors import ConfigError
 from ..files.data import Example
 from ..files.untrusted import clip_text
 
-PROMPTS_PER_CALL = 8  # prompts per generate() call: K samples each, so memory grows with K x this
+# sequences per generate() call (prompts x K samples): bounds memory whatever K is; 32 greedy
+# prompts per call decode 1.6x faster than 8 on 2 CPU cores (SmolLM2-135M, 16 new tokens)
+SEQUENCES_PER_CALL = 32
 
 
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 50}  # what generate() uses where a config sets none
@@ -78,8 +80,9 @@ def complete(model: nn.Module, tokenizer, prompts: Sequence[str], *, k: int = 1,
     out: list[list[str]] = []
     try:
         with _left_padded(tokenizer):
-            for start in range(0, len(prompts), PROMPTS_PER_CALL):
-                chunk = [clip_text(p, max_length) for p in prompts[start:start + PROMPTS_PER_CALL]]
+            step = max(1, SEQUENCES_PER_CALL // k)
+            for start in range(0, len(prompts), step):
+                chunk = [clip_text(p, max_length) for p in prompts[start:start + step]]
                 batch = tokenizer(chunk, return_tensors="pt", padding=True, truncation=True,
                                   max_length=max_length).to(device)
                 ids = model.generate(**batch, **options)[:, batch["input_ids"].shape[1]:]
