@@ -163,3 +163,19 @@ def test_compare_grpo_reports_held_out_reward_at_a_matched_budget(tmp_path):
     assert "reward after" in text and "held-out greedy reward before training" in text
     result.plot(tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_the_curve_s_last_point_is_the_after_reward_not_a_second_measurement(tmp_path):
+    """Greedy completions of unchanged weights: the reward after training is the curve's point at
+    the last step, taken once (held-out prompts are scored before, then at steps 1, 2, 3)."""
+    held_out = examples(24)[-4:]
+    asked = []
+
+    def counting(prompts, completions, response, **kwargs) -> list[float]:
+        asked.append(list(prompts))
+        return digits(completions, response)
+
+    result = train(make_model(), make_tokenizer(), examples(24)[:-4], grpo_config(tmp_path, reward=counting,
+                   eval_steps=1), placement="mlp", eval_examples=held_out, progress=False)
+    assert sum(p == [e.prompt for e in held_out] for p in asked) == 4
+    assert result.summary["eval_after"]["reward"] == result.summary["eval_reward_curve"][-1]["reward"]
