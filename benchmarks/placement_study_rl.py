@@ -4,9 +4,9 @@ SmolLM2-135M-Instruct (plop's embedded default) learns small-number arithmetic w
 (``plop.compare`` with ``method="grpo"``, TRL's GRPOTrainer) against a verifiable reward: 1 when the
 last integer of the completion is the answer, else 0 (:func:`correct`). The task
 (benchmarks/data/arithmetic_rl_{train,test}.jsonl, made by :func:`make_rows` with a seeded generator;
-``--make-data`` writes them again) mixes one-digit sums and products with two-digit sums, shaped so that
-the base model's greedy reward on the held-out prompts lies between 10 and 60 % (``--base-only``
-measures it into results/placement_study_rl_base.json).
+``--make-data`` writes them again) mixes one-digit sums and products with two-digit sums, each asked
+with :data:`INSTRUCTION` so that the base model's greedy reward on the held-out prompts lies between
+10 and 60 % (``--base-only`` measures it into results/placement_study_rl_base.json).
 
 * **Placements**, all at one matched budget at a low rank (the top-3 recommendation's LoRA parameters
   at ``--rank``, default 2): ``recommended`` (diagnosed on the prompts' tokens), ``recommended-generate``
@@ -16,13 +16,15 @@ measures it into results/placement_study_rl_base.json).
   its curve every quarter of the run.
 * **Order**: seed by seed, most telling placements first (the recommendations and the two baselines),
   so a study stopped early is still paired.
+  When the diagnosis on the model's samples recommends the prompts' types, ``recommended-generate``
+  would repeat the ``recommended`` runs exactly; they are trained once and the summary says so.
 * **Resumable**: each finished run is one JSON line in results/placement_study_rl_runs.jsonl; runs
-  already there (same steps) are skipped.
+  already there (same steps) are skipped. ``--shard I/N`` splits the runs over N one-thread workers.
 * **Summary** (results/placement_study_rl_summary.json, a Markdown table, placement_study_rl.png):
   per placement the reward mean ± std over seeds, and against all-linear and against MLP the mean
   paired difference, the wins (higher reward) and the exact two-sided sign-flip p over shared seeds.
 
-    python benchmarks/placement_study_rl.py [--steps 64] [--seeds 0,1,2,3,4] [--base-only | --summary-only]
+    python benchmarks/placement_study_rl.py [--shard 0/2] [--seeds 0,1,2,3,4] [--base-only | --summary-only]
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ DATA = {split: HERE / "data" / f"arithmetic_rl_{split}.jsonl" for split in ("tra
 ORDER = ("recommended", "recommended-generate", "all-linear", "mlp", "allocate", "attention", "inverse")
 BASELINES = ("all-linear", "mlp")
 KINDS = ("a+b", "a*b", "ab+c", "ab+cd")  # one-digit sum and product; two digits plus one, plus two
+# What shapes the task into range: asked bare, the model explains instead of answering (greedy
+# reward 0.09 on the 100 held-out prompts at 16 new tokens); asked this way, 0.50 on the first 64
+INSTRUCTION = " End your answer with the number."
 
 
 def make_rows(n: int, seed: int) -> list[dict]:
@@ -77,8 +82,8 @@ def examples(split: str, tokenizer, n: int | None = None):
     from plop.files.data import Example
 
     rows = [json.loads(line) for line in DATA[split].read_text().splitlines() if line.strip()][:n]
-    chat = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"]}], tokenize=False,
-                                          add_generation_prompt=True) for r in rows]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": r["question"] + INSTRUCTION}],
+                                          tokenize=False, add_generation_prompt=True) for r in rows]
     return [Example(prompt, r["answer"]) for prompt, r in zip(chat, rows)]
 
 
@@ -91,9 +96,25 @@ def done(path: Path = RUNS) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def pending(args, finished: list[dict]) -> list[dict]:
+def pending(args, finished: list[dict], same: frozenset = frozenset()) -> list[dict]:
+    """The planned runs not yet finished (at these steps), less the placements ``same`` as another."""
     keys = {(r["placement"], r["seed"]) for r in finished if r.get("steps") == args.steps}
-    return [r for r in planned(args) if (r["placement"], r["seed"]) not in keys]
+    return [r for r in planned(args) if (r["placement"], r["seed"]) not in keys and r["placement"] not in same]
+
+
+def shard(runs: list[dict], spec: str) -> list[dict]:
+    """Worker ``I`` of ``N`` (``--shard I/N``) takes every N-th run in plan order: N one-thread
+    workers on N cores finish a study sooner than one N-thread worker (generation is small matmuls)
+    and still go seed by seed."""
+    index, count = (int(v) for v in spec.split("/"))
+    return runs[index::count]
+
+
+def same_targets(reports: dict) -> frozenset:
+    """``{"recommended-generate"}`` when the diagnosis on the model's own samples recommends the
+    prompts' types: its runs would be the recommended runs again, so they are not trained twice."""
+    own, prompts = (reports[n].recommendation for n in ("recommended-generate", "recommended"))
+    return frozenset({"recommended-generate"}) if set(own.types) == set(prompts.types) else frozenset()
 
 
 def train_config(args):
@@ -222,20 +243,21 @@ def plot(result: dict, runs: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2, 3, 4])
     parser.add_argument("--placements", type=lambda v: v.split(","), default=list(ORDER))
     parser.add_argument("--rank", type=int, default=2, help="the top-3 recommendation's rank: sets the budget")
-    parser.add_argument("--batch-size", type=int, default=16, help="completions per step")
-    parser.add_argument("--num-generations", type=int, default=8, help="completions per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8, help="completions per step")
+    parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4, help="the A matrices' (LoRA+ ratio 16 for B)")
     parser.add_argument("--generate", type=int, default=4, help="samples per prompt for recommended-generate")
     parser.add_argument("--diagnose-samples", type=int, default=64)
     parser.add_argument("--eval-samples", type=int, default=100)
     parser.add_argument("--device", default=None, help="default: cuda when there is one")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shard", default="0/1", help="I/N: this worker's share of the runs (run N workers)")
     parser.add_argument("--make-data", action="store_true", help="write the task's data files again")
     parser.add_argument("--base-only", action="store_true", help="measure the base model's greedy reward only")
     parser.add_argument("--summary-only", action="store_true", help="summarise the runs already done, run nothing")
@@ -257,8 +279,11 @@ def main() -> None:
         print(json.dumps(base_reward(args), indent=2))
         return
     todo = [] if args.summary_only else pending(args, done())
-    print(f"{len(planned(args)) - len(pending(args, done()))} runs done, {len(todo)} to go", flush=True)
     prepared = prepare(args) if todo else None
+    same = same_targets(prepared[4]) if prepared else saved_same()
+    todo = shard(pending(args, done(), same), args.shard) if todo else []
+    print(f"{len(planned(args)) - len(pending(args, done(), same))} runs done, {len(todo)} to go here"
+          + "".join(f"; {p} recommends the same types as recommended: its runs are those" for p in same), flush=True)
     for run in todo:
         record = run_one(prepared, run, args)
         with RUNS.open("a") as f:  # one line per finished run: what makes the study resumable
@@ -269,12 +294,23 @@ def main() -> None:
     if not runs:
         return
     result = summary(runs)
+    settings = {k: getattr(args, k) for k in ("steps", "rank", "batch_size", "num_generations", "max_new_tokens",
+                                              "max_length", "lr", "generate", "diagnose_samples", "eval_samples")}
     (RESULTS / "placement_study_rl_summary.json").write_text(json.dumps(
-        {"steps": args.steps, "rank": args.rank, "runs": len(runs), "placements": result,
+        {**settings, "runs": len(runs), "placements": {**result, **{p: {"same_as": "recommended"} for p in same}},
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
+         "hours": round(sum(r["seconds_per_step"] * r["steps"] for r in runs) / 3600, 2),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in runs))}, indent=2) + "\n")
     report_summary(result, runs)
 
+
+def saved_same() -> frozenset:
+    """:func:`same_targets` from the diagnoses a study saved (``--summary-only`` loads no model)."""
+    from plop import Report
+
+    paths = {n: RESULTS / f"placement_study_rl_{n}_report.json" for n in ("recommended", "recommended-generate")}
+    return same_targets({n: Report.load(p) for n, p in paths.items()}) if all(
+        p.is_file() for p in paths.values()) else frozenset()
 
 if __name__ == "__main__":
     main()

@@ -55,3 +55,22 @@ def test_summary_pairs_seeds_and_a_higher_reward_wins(study):
     assert versus["mean_diff"] == pytest.approx(0.034)
     assert result["mlp"]["vs_all-linear"]["wins"] == 3 and "vs_mlp" not in result["mlp"]
     assert result["all-linear"]["mean"] == pytest.approx(0.312) and result["all-linear"]["seeds"] == 5
+
+
+def test_workers_share_the_plan_and_each_still_goes_seed_by_seed(study):
+    plan = study.planned(argparse.Namespace(seeds=[0, 1], placements=list(study.ORDER)))
+    parts = [study.shard(plan, f"{i}/2") for i in range(2)]
+    assert sorted(map(str, parts[0] + parts[1])) == sorted(map(str, plan))  # every run once, in one worker
+    assert all([r["seed"] for r in part] == sorted(r["seed"] for r in part) for part in parts)
+
+
+def test_a_generate_diagnosis_recommending_the_same_types_is_not_trained_again(study):
+    def report(types):  # what the rule reads of a Report: its recommendation's types
+        return argparse.Namespace(recommendation=argparse.Namespace(types=types))
+
+    same = study.same_targets({"recommended": report(["v_proj", "down_proj"]),
+                               "recommended-generate": report(["down_proj", "v_proj"])})
+    assert same == {"recommended-generate"}
+    args = argparse.Namespace(seeds=[0], placements=list(study.ORDER), steps=40)
+    assert [r["placement"] for r in study.pending(args, [], same)] == [p for p in study.ORDER if p not in same]
+    assert not study.same_targets({"recommended": report(["v_proj"]), "recommended-generate": report(["o_proj"])})
