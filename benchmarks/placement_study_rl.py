@@ -282,7 +282,8 @@ def main() -> None:
     prepared = prepare(args) if todo else None
     same = same_targets(prepared[4]) if prepared else saved_same()
     todo = shard(pending(args, done(), same), args.shard) if todo else []
-    print(f"{len(planned(args)) - len(pending(args, done(), same))} runs done, {len(todo)} to go here"
+    trained = [r for r in planned(args) if r["placement"] not in same]
+    print(f"{len(trained) - len(pending(args, done(), same))} of {len(trained)} runs done, {len(todo)} to go here"
           + "".join(f"; {p} recommends the same types as recommended: its runs are those" for p in same), flush=True)
     for run in todo:
         record = run_one(prepared, run, args)

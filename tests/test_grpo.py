@@ -179,3 +179,14 @@ def test_the_curve_s_last_point_is_the_after_reward_not_a_second_measurement(tmp
                    eval_steps=1), placement="mlp", eval_examples=held_out, progress=False)
     assert sum(p == [e.prompt for e in held_out] for p in asked) == 4
     assert result.summary["eval_after"]["reward"] == result.summary["eval_reward_curve"][-1]["reward"]
+
+
+def test_train_takes_the_method_and_reward_as_keywords(tmp_path):
+    """``plop.train(..., method="grpo", reward=fn)``: keywords replace the config's fields."""
+    result = train(make_model(), make_tokenizer(), examples(12), method="grpo", reward=digits, steps=1, batch_size=4,
+                   num_generations=4, max_new_tokens=4, output_dir=str(tmp_path / "run"), placement="mlp",
+                   progress=False)
+    assert result.summary["method"] == "grpo" and result.summary["reward"] == f"{__name__}:digits"
+    with pytest.raises(ConfigError):  # a keyword goes through the config's own checks
+        train(make_model(), make_tokenizer(), examples(12), method="grpo", reward=digits, num_generations=3,
+              batch_size=4, output_dir=str(tmp_path / "bad"), progress=False)

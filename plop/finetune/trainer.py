@@ -18,7 +18,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,13 @@ def train(
     eval_examples: Sequence[Example] | None = None,
     remeasure: Sequence[str] | None = None,
     progress: bool = True,
+    **overrides,
 ) -> TrainResult:
     """Fine-tune LoRA adapters on ``examples`` and save them in PEFT's format.
+
+    ``config``: the training settings (default :class:`TrainConfig`); ``overrides`` replace its
+    fields, as in :func:`plop.compare`: ``train(model, tokenizer, prompts, method="grpo",
+    reward=my_reward, steps=200)``.
 
     The eval loss is measured on ``eval_examples`` when given (all of ``examples`` then train),
     else on a seeded ``config.eval_fraction`` split of ``examples``.
@@ -137,7 +142,7 @@ def train(
     on) whose NFN is measured again after training, adapted against frozen, into
     ``summary["nfn_change"]`` (see :mod:`plop.finetune.remeasure`).
     """
-    config = config or TrainConfig()
+    config = replace(config or TrainConfig(), **overrides)
     targets = resolve_targets(model_layout(model), report=report, target_modules=target_modules, placement=placement)
     return train_on_targets(model, tokenizer, examples, config, targets, report=report, model_id=model_id,
                             data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
