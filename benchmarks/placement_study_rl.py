@@ -190,11 +190,12 @@ def summary(runs: list[dict]) -> dict:
     each baseline over the seeds both have (a higher reward wins)."""
     reward = {p: {r["seed"]: r["eval_reward_after"] for r in runs if r["placement"] == p}
               for p in dict.fromkeys(r["placement"] for r in runs)}
+    ratio = {r["placement"]: r["budget_ratio"] for r in runs if "budget_ratio" in r}  # integer ranks: not always 1
     out = {}
     for p, by_seed in reward.items():
         values = np.array(list(by_seed.values()))
         entry = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                 "seeds": len(values)}
+                 "seeds": len(values), "budget_ratio": ratio.get(p)}
         for base in BASELINES:
             shared = sorted(set(by_seed) & set(reward.get(base, {})))
             if p != base and len(shared) >= 2:
@@ -206,13 +207,15 @@ def summary(runs: list[dict]) -> dict:
 
 
 def report_summary(result: dict, runs: list[dict]) -> None:
-    columns = ["placement", "held-out reward (mean ± std)", "seeds", *(f"vs {b}: diff, wins, p" for b in BASELINES)]
+    columns = ["placement", "budget", "held-out reward (mean ± std)", "seeds",
+               *(f"vs {b}: diff, wins, p" for b in BASELINES)]
     print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
     for p in sorted(result, key=lambda p: -result[p]["mean"]):
         e = result[p]
         versus = [f"{c['mean_diff']:+.3f}, {c['wins']}/{c['seeds']}, {c['p']:.3f}" if (c := e.get(f"vs_{b}")) else "–"
                   for b in BASELINES]
-        print(f"| {p} | {e['mean']:.3f} ± {e['std']:.3f} | {e['seeds']} | " + " | ".join(versus) + " |")
+        budget = f"{e['budget_ratio']:.2f}x" if e.get("budget_ratio") else "–"
+        print(f"| {p} | {budget} | {e['mean']:.3f} ± {e['std']:.3f} | {e['seeds']} | " + " | ".join(versus) + " |")
     plot(result, runs)
 
 
@@ -291,6 +294,12 @@ def main() -> None:
             f.write(json.dumps(record) + "\n")
         print(f"{run}: held-out reward {record['eval_reward_before']:.3f} -> {record['eval_reward_after']:.3f}",
               flush=True)
+    write_summary(args, same)
+
+
+def write_summary(args, same: frozenset) -> None:
+    """results/placement_study_rl_summary.json (with every setting, the base reward and the
+    hours spent training), the Markdown table and the plot, from the runs finished at ``args.steps``."""
     runs = [r for r in done() if r.get("steps") == args.steps]
     if not runs:
         return
@@ -300,7 +309,7 @@ def main() -> None:
     (RESULTS / "placement_study_rl_summary.json").write_text(json.dumps(
         {**settings, "runs": len(runs), "placements": {**result, **{p: {"same_as": "recommended"} for p in same}},
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
-         "hours": round(sum(r["seconds_per_step"] * r["steps"] for r in runs) / 3600, 2),
+         "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in runs) / 3600, 2),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in runs))}, indent=2) + "\n")
     report_summary(result, runs)
 
@@ -312,6 +321,7 @@ def saved_same() -> frozenset:
     paths = {n: RESULTS / f"placement_study_rl_{n}_report.json" for n in ("recommended", "recommended-generate")}
     return same_targets({n: Report.load(p) for n, p in paths.items()}) if all(
         p.is_file() for p in paths.values()) else frozenset()
+
 
 if __name__ == "__main__":
     main()
