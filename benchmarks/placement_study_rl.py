@@ -49,7 +49,7 @@ ORDER = ("recommended", "recommended-generate", "all-linear", "mlp", "allocate",
 BASELINES = ("all-linear", "mlp")
 KINDS = ("a+b", "a*b", "ab+c", "ab+cd")  # one-digit sum and product; two digits plus one, plus two
 # What shapes the task into range: asked bare, the model explains instead of answering (greedy
-# reward 0.09 on the 100 held-out prompts at 16 new tokens); asked this way, 0.50 on the first 64
+# reward 0.09 on the 100 held-out prompts at 16 new tokens); asked this way, 0.48
 INSTRUCTION = " End your answer with the number."
 
 
@@ -281,12 +281,12 @@ def main() -> None:
     if args.base_only:
         print(json.dumps(base_reward(args), indent=2))
         return
-    todo = [] if args.summary_only else pending(args, done())
-    prepared = prepare(args) if todo else None
+    prepared = None if args.summary_only or not pending(args, done()) else prepare(args)
     same = same_targets(prepared[4]) if prepared else saved_same()
-    todo = shard(pending(args, done(), same), args.shard) if todo else []
+    left = pending(args, done(), same)
+    todo = shard(left, args.shard) if prepared else []
     trained = [r for r in planned(args) if r["placement"] not in same]
-    print(f"{len(trained) - len(pending(args, done(), same))} of {len(trained)} runs done, {len(todo)} to go here"
+    print(f"{len(trained) - len(left)} of {len(trained)} runs done, {len(todo)} to go here"
           + "".join(f"; {p} recommends the same types as recommended: its runs are those" for p in same), flush=True)
     for run in todo:
         record = run_one(prepared, run, args)

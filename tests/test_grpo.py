@@ -187,6 +187,6 @@ def test_train_takes_the_method_and_reward_as_keywords(tmp_path):
                    num_generations=4, max_new_tokens=4, output_dir=str(tmp_path / "run"), placement="mlp",
                    progress=False)
     assert result.summary["method"] == "grpo" and result.summary["reward"] == f"{__name__}:digits"
-    with pytest.raises(ConfigError):  # a keyword goes through the config's own checks
+    with pytest.raises(ConfigError, match="must be a multiple of num_generations"):  # the config's own checks
         train(make_model(), make_tokenizer(), examples(12), method="grpo", reward=digits, num_generations=3,
               batch_size=4, output_dir=str(tmp_path / "bad"), progress=False)

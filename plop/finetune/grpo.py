@@ -72,7 +72,7 @@ class GRPO:
 
     @staticmethod
     def evaluate(trainer, eval_set: list[dict], config: TrainConfig) -> dict[str, float]:
-        curve = getattr(trainer, "plop_eval_curve", [])
+        curve = trainer.plop_eval_curve
         if curve and curve[-1]["step"] == trainer.state.global_step:  # the curve ended on this step
             return {"reward": curve[-1]["reward"]}  # greedy and unchanged since: no second measurement
         return {"reward": held_out_reward(trainer.model, trainer.processing_class, eval_set, trainer.plop_reward,
