@@ -15,19 +15,18 @@ from typing import Any
 
 from torch import nn
 
-from ..config import DiagnoseConfig
+from ..config import DiagnoseConfig, StrategyFlags
 from ..diagnosis import diagnose
 
 _DIAGNOSE_FIELDS = frozenset(f.name for f in dataclasses.fields(DiagnoseConfig))
 
 
 def strategy_settings(budget: int | None, allocate: bool) -> dict[str, Any]:
-    """The diagnosis settings for ``budget`` / ``allocate``: a rank per type under the budget
-    (default: what the top-3 costs) when allocating, else the greedy placement under the budget,
-    else the paper's top-3."""
-    if allocate:
-        return {"strategy": "allocate", "budget": budget}
-    return {"strategy": "budget", "budget": budget} if budget is not None else {}
+    """The diagnosis settings for ``budget`` / ``allocate``, decoded by the rule the CLI's
+    ``--allocate``/``--budget`` use (:class:`~plop.config.StrategyFlags`): a rank per type under the
+    budget (default: what the top-3 costs) when allocating, else the greedy placement under the
+    budget, else the paper's top-3."""
+    return StrategyFlags(allocate=(budget or 0) if allocate else None).apply({"budget": budget})
 
 
 def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None = None, allocate: bool = False,
