@@ -186,7 +186,16 @@ def test_peft_matches_is_peft_s_own_matcher_on_every_module_name(name):
     targets = [[t] for t in sorted(set(types.values()))]  # each type alone, as a suffix list
     targets += [peft_targets(set(groups), types) for groups in placement_roles(linear).values() if groups]
     targets += [r".*\.(q_proj|v_proj)", r"model\.layers\.0\..*", [linear[0]], ["layers.0"]]
-    for target in targets:
-        probe = LoraConfig(target_modules=target)
-        ours = [n for n in names if peft_matches(n, target)]
-        assert ours == [n for n in names if check_target_module_exists(probe, n)], target
+    cases = [{"target_modules": t} for t in targets]
+    # the keys stacks hand PEFT beside the targets (mlx-lm's last blocks, axolotl's exclusions)
+    last = sorted(set(types.values()))[-1:]
+    cases += [{"target_modules": last, "layers_to_transform": [1]},
+              {"target_modules": last, "layers_to_transform": 0, "layers_pattern": ["layers", "h", "block", "layer"]},
+              {"target_modules": last, "layers_to_transform": [0, 1], "layers_pattern": "blocks"},
+              {"target_modules": sorted(set(types.values())), "exclude_modules": [linear[0]]},
+              {"target_modules": r".*", "exclude_modules": r".*\.0\..*"}]
+    for case in cases:
+        probe = LoraConfig(**case)
+        ours = [n for n in names if peft_matches(n, case["target_modules"], **{k: v for k, v in case.items()
+                                                                                  if k != "target_modules"})]
+        assert ours == [n for n in names if check_target_module_exists(probe, n)], case

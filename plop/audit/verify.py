@@ -57,13 +57,9 @@ def resolve_export(text: str, fmt: str, report) -> set[str] | None:
     check_regexes(kwargs)
     wanted = kwargs.get("target_parameters") or ()
     reached = {p for p in params if peft_matches(p, list(wanted))}
-    layered = {k: kwargs[k] for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if kwargs.get(k)}
-    if kwargs.get("target_modules") and layered:  # PEFT's own matcher knows those keys
-        from ..model.peft_rules import peft_reaches  # imports torch: only when needed
-
-        reached |= set(peft_reaches(names, target_modules=kwargs["target_modules"], **layered))
-    elif kwargs.get("target_modules"):  # a list or a regex alone: no need to import PEFT (and torch)
-        reached |= {n for n in names if peft_matches(n, kwargs["target_modules"])}
+    if kwargs.get("target_modules"):
+        layered = {k: kwargs[k] for k in ("layers_to_transform", "layers_pattern", "exclude_modules") if kwargs.get(k)}
+        reached |= {n for n in names if peft_matches(n, kwargs["target_modules"], **layered)}
     return reached
 
 

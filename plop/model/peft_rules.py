@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
 
 from torch import nn
 
@@ -84,15 +83,3 @@ def refused_types(model: nn.Module, layout: ModelLayout) -> dict[str, str]:
         if reason:
             refused[t] = reason
     return refused
-
-
-def peft_reaches(names: Iterable[str], **targets) -> list[str]:
-    """The ``names`` PEFT's own matcher (``check_target_module_exists``) reaches with these
-    ``LoraConfig`` target keys, where a stack hands PEFT more than a list or a regex
-    (``layers_to_transform``, ``layers_pattern``, ``exclude_modules``); plain lists and regexes
-    need no PEFT: :func:`plop.model.roles.peft_matches`."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    probe = LoraConfig(**targets)
-    return [n for n in names if check_target_module_exists(probe, n)]

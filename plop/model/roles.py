@@ -88,14 +88,39 @@ def role_types(names: Iterable[str], *, params: Collection[str] = ()) -> dict[st
     return {n: suffix(role(n)) for n in names}
 
 
-def peft_matches(name: str, target: str | Iterable[str]) -> bool:
+def _layer_of(name: str, layers_pattern: str | Sequence[str] | None) -> int | None:
+    """The block index PEFT reads off ``name`` for ``layers_to_transform``: the first numbered
+    segment (not a nested expert index), or the one after ``layers_pattern``."""
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or ())
+    regexes = [rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\." for p in patterns] or [r".*?\.[^.]*\.(?P<idx>\d+)\."]
+    match = next((m for m in (re.match(r, name) for r in regexes) if m), None)
+    return int(match["idx"]) if match else None
+
+
+def peft_matches(name: str, target: str | Iterable[str], *, layers_to_transform: int | Sequence[int] | None = None,
+                 layers_pattern: str | Sequence[str] | None = None,
+                 exclude_modules: str | Iterable[str] | None = None) -> bool:
     """PEFT's rule for ``target_modules`` (``peft.tuners.tuners_utils.check_target_module_exists``):
     a str is a regex that must full-match the module name, a list holds names matched whole or as a
-    suffix at a ``.`` boundary. plop's one copy of it, tested equal to PEFT's own on every module
-    name of the architecture sweep, so exports and placements need no PEFT import to resolve targets."""
+    suffix at a ``.`` boundary. ``exclude_modules`` (the same two forms) wins over the target, and
+    ``layers_to_transform`` / ``layers_pattern`` narrow a *list* target to blocks by index.
+
+    plop's one copy of it, tested equal to PEFT's own on every module name of the architecture
+    sweep, so exports, their read-back and placements resolve targets without importing PEFT (and
+    torch)."""
+    if exclude_modules and (re.fullmatch(exclude_modules, name) if isinstance(exclude_modules, str)
+                            else any(name == e or name.endswith("." + e) for e in exclude_modules)):
+        return False
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target)
+    if not any(name == t or name.endswith("." + t) for t in target):
+        return False
+    if layers_to_transform is None or layers_to_transform == []:
+        return True
+    index = _layer_of(name, layers_pattern)
+    if index is None:
+        return False
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
 
 
 def _suffix_list(chosen: Collection[str], role_map: Mapping[str, str], others: Iterable[str]) -> list[str] | None:
