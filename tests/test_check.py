@@ -86,6 +86,17 @@ def test_peft_adapter_config_llama_with_rank_pattern(tmp_path):
     assert result.findings == [] and result.exit_code == 0
 
 
+
+def test_lora_config_keys_read_from_source_are_peft_s_own_fields():
+    """The adapter_config.json reader refuses unknown keys without importing PEFT: the keys it reads
+    off PEFT's source are exactly the installed ``LoraConfig``'s dataclass fields."""
+    import dataclasses
+
+    from plop.audit.readers import lora_config_keys
+
+    assert lora_config_keys() == {f.name for f in dataclasses.fields(LoraConfig)}
+    assert {"target_modules", "rank_pattern", "peft_type", "base_model_name_or_path"} <= lora_config_keys()
+
 @pytest.mark.parametrize("name, targets", [
     ("Phi-3.5-mini-instruct", ["qkv_proj", "o_proj"]),
     ("t5-base", ["q", "v"]),

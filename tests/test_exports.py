@@ -84,6 +84,7 @@ def _yaml(result):
 
 
 # -- import ------------------------------------------------------------------------------------
+@pytest.mark.spawns
 def test_package_imports_without_torch():
     code = ("import sys\nimport plop.exports as exports\n"
             "assert not {'torch', 'transformers', 'peft'} & set(sys.modules), 'heavy import'\n"
@@ -108,6 +109,11 @@ def test_peft_adapter_config_wraps_exactly_the_recommendation(which, request, tm
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora) == (4, 8, 0.1, True)
     assert wrapped(config) == set(rep.recommendation.modules)
     assert result.exact
+    # written without PEFT, read by PEFT: the very LoraConfig plop builds, field for field
+    built = rep.to_peft_config(r=4, lora_alpha=8, lora_dropout=0.1, use_dora=True)
+    built.base_model_name_or_path = config.base_model_name_or_path  # PEFT's own reading of the id
+    assert config.to_dict() == built.to_dict()
+    assert json.loads(result.text).get("base_model_name_or_path") == rep.model.get("id")
 
 
 @pytest.mark.parametrize("which", ["report", "per_layer"])
@@ -241,6 +247,9 @@ def test_rank_pattern_carried_or_flagged(report, tmp_path):
     allocated = _with(report, ["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 4})
     (tmp_path / "adapter_config.json").write_text(export(allocated, "peft", rank=8).text)
     config = peft.LoraConfig.from_pretrained(tmp_path)
+    built = allocated.to_peft_config(r=8, lora_dropout=0.05)
+    built.base_model_name_or_path = config.base_model_name_or_path
+    assert config.to_dict() == built.to_dict()
     model = peft.get_peft_model(make_llama(), config)
     ranks = {n.rsplit(".", 1)[-1]: m.r["default"] for n, m in model.named_modules()
              if isinstance(m, peft.tuners.lora.LoraLayer)}

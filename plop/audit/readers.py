@@ -12,6 +12,7 @@ reader that applies them.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -89,17 +90,35 @@ def _layers(value: Any, key: str) -> list[int] | None:
 
 
 # -- PEFT ------------------------------------------------------------------------------------
+@functools.cache
+def lora_config_keys() -> frozenset[str]:
+    """The field names of the installed PEFT's ``LoraConfig`` dataclass, read from its source
+    (``LoraConfig`` and the ``PeftConfig``/``PeftConfigMixin`` it extends) rather than imported:
+    importing PEFT costs seconds and pulls in torch and bitsandbytes, which ``plop export``'s
+    read-back must not. A test holds this equal to ``dataclasses.fields(LoraConfig)``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("peft")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("reading a PEFT adapter_config.json needs peft", "pip install peft")
+    root = Path(spec.submodule_search_locations[0])
+    keys: set[str] = set()
+    for path, classes in ((root / "config.py", {"PeftConfigMixin", "PeftConfig"}),
+                          (root / "tuners" / "lora" / "config.py", {"LoraConfig"})):
+        for node in ast.parse(path.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef) and node.name in classes:
+                keys.update(st.target.id for st in node.body if isinstance(st, ast.AnnAssign)
+                            and isinstance(st.target, ast.Name) and "ClassVar" not in ast.unparse(st.annotation))
+    return frozenset(keys)
+
+
 def read_peft(data: Mapping, source: str) -> AdapterSpec:
     """``adapter_config.json`` as ``LoraConfig.save_pretrained`` writes it. Keys PEFT's installed
     ``LoraConfig`` does not have are refused: PEFT would drop them with a warning and train
     something else."""
-    import dataclasses
-
-    from peft import LoraConfig
-
     if data.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{source} is a {data.get('peft_type')} adapter; plop check audits LoRA adapters")
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    known = lora_config_keys()
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{source}: {', '.join(unknown)} is not a key of peft.LoraConfig "

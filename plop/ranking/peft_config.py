@@ -1,8 +1,8 @@
 """A recommendation as a ``peft.LoraConfig``: its targets, the rank/alpha patterns of an allocation,
 what PEFT's adapters on 3-D expert weights allow, and the task type read off the architecture.
 
-Every ``LoraConfig`` plop builds (``Report.to_peft_config``, ``plop train``, the PEFT export) comes
-from here. ``peft`` is imported only when a config is built.
+Every ``LoraConfig`` plop builds (``Report.to_peft_config``, ``plop train``) and the PEFT export's
+``adapter_config.json`` come from here. ``peft`` is imported only when a config object is built.
 """
 
 from __future__ import annotations
@@ -36,22 +36,28 @@ def rank_patterns(ranks: Mapping[str, int], r: int, lora_alpha: float) -> dict[s
     return {"rank_pattern": dict(ranks), "alpha_pattern": {t: rank * lora_alpha / r for t, rank in ranks.items()}}
 
 
-def peft_lora_config(*, target_parameters: list[str] | None = None, **kwargs):
-    """``peft.LoraConfig(**kwargs)``, made safe for 3-D expert weights: PEFT's adapters on
-    ``target_parameters`` take no dropout and no DoRA, so the dropout is set to 0 there and DoRA
-    is refused with a ConfigError rather than deep inside PEFT."""
-    from peft import LoraConfig
-
+def lora_config_kwargs(*, target_parameters: list[str] | None = None, **kwargs) -> dict[str, Any]:
+    """``peft.LoraConfig`` keyword arguments made safe for 3-D expert weights, without importing
+    PEFT: its adapters on ``target_parameters`` take no dropout and no DoRA, so the dropout is set
+    to 0 there and DoRA is refused with a ConfigError rather than deep inside PEFT."""
     if target_parameters:
         if kwargs.get("use_dora"):
             raise ConfigError("DoRA cannot adapt MoE expert weights (PEFT target_parameters)",
                               "train without --dora, or choose targets without the experts")
         kwargs["lora_dropout"] = 0.0
-    return LoraConfig(target_parameters=target_parameters, **kwargs)
+    return {"target_parameters": target_parameters, **kwargs}
 
 
-def report_lora_config(report: Any, r: int | None = None, lora_alpha: float | None = None, **kwargs):
-    """A ``LoraConfig`` on ``report``'s recommended ``target_modules`` and ``target_parameters``.
+def peft_lora_config(**kwargs):
+    """``peft.LoraConfig`` on :func:`lora_config_kwargs`."""
+    from peft import LoraConfig
+
+    return LoraConfig(**lora_config_kwargs(**kwargs))
+
+
+def report_lora_kwargs(report: Any, r: int | None = None, lora_alpha: float | None = None, **kwargs) -> dict[str, Any]:
+    """The ``LoraConfig`` keyword arguments of ``report``'s recommended ``target_modules`` and
+    ``target_parameters`` (no PEFT import: the PEFT export writes them as JSON).
 
     ``r`` defaults to the rank the report was costed at, ``lora_alpha`` to :func:`default_alpha`;
     an ``allocate`` recommendation also sets ``rank_pattern`` (its rank per type) and
@@ -65,4 +71,11 @@ def report_lora_config(report: Any, r: int | None = None, lora_alpha: float | No
     if rec.rank_pattern:  # allocate: every chosen type has its own rank, alpha / rank as asked
         for key, pattern in rank_patterns(rec.rank_pattern, r, lora_alpha).items():
             kwargs.setdefault(key, pattern)
-    return peft_lora_config(r=r, lora_alpha=lora_alpha, target_modules=rec.target_modules, **kwargs)
+    return lora_config_kwargs(r=r, lora_alpha=lora_alpha, target_modules=rec.target_modules, **kwargs)
+
+
+def report_lora_config(report: Any, r: int | None = None, lora_alpha: float | None = None, **kwargs):
+    """A ``peft.LoraConfig`` on :func:`report_lora_kwargs`."""
+    from peft import LoraConfig
+
+    return LoraConfig(**report_lora_kwargs(report, r, lora_alpha, **kwargs))
