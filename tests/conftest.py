@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -28,16 +29,55 @@ HIDDEN = 64
 MODEL_SEED = 1234
 
 
-# The fast tier (`make test-fast`): every in-process test, marked here once. These files start other
-# processes (the CLI as a user runs it, torchrun, notebooks, killed writers) and stay in `make test`.
-PROCESS_TEST_FILES = {"test_cli.py", "test_cli_train.py", "test_cli_stacks.py", "test_distributed.py",
-                      "test_hardening.py", "test_notebook.py", "test_offload.py", "test_fail_fast.py"}
+# The fast tier (`make test-fast`): every test that runs in this process. A test that starts another
+# process (the CLI as a user runs it, torchrun, a notebook kernel, a killed writer) is marked
+# `spawns` by what it does, where it does it (a helper, a fixture or a file's `pytestmark`), and stays
+# in `make test`; a `slow` test loads the real model. An audit hook holds the fast tier to that: a
+# fast test that starts a process fails, naming the command.
+SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.exec", "os.system", "os.spawn"}
+
+
+class _SpawnWatch:
+    fast = False
+    spawned: list[str] = []
+
+
+def _audit(event, args):
+    if _SpawnWatch.fast and event in SPAWN_EVENTS:
+        command = args[1] if event == "subprocess.Popen" else args[:2]
+        text = " ".join(map(str, command)) if isinstance(command, (list, tuple)) else str(command)
+        # plop's own regex probe (files.untrusted) runs an isolated interpreter without
+        # site-packages for milliseconds: that is the code under test, not a process the test starts
+        if not (isinstance(command, (list, tuple)) and "-I" in command and "-S" in command):
+            _SpawnWatch.spawned.append(text[:200])
+
+
+sys.addaudithook(_audit)
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.path.name not in PROCESS_TEST_FILES and item.get_closest_marker("slow") is None:
+        if item.get_closest_marker("spawns") is None and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.fast)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _SpawnWatch.fast, _SpawnWatch.spawned = item.get_closest_marker("fast") is not None, []
+    try:
+        return (yield)
+    finally:
+        _SpawnWatch.fast = False
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.passed and _SpawnWatch.spawned:
+        report.outcome = "failed"
+        report.longrepr = (f"a fast test started a process ({_SpawnWatch.spawned[0]}): mark it "
+                           "`pytest.mark.spawns` where the process is started")
+    return report
 
 
 def pytest_configure(config):

@@ -62,6 +62,7 @@ def test_peft_loads_the_rank_pattern(tmp_path):
     assert trainable == rec.trainable_params <= 12_000
 
 
+@pytest.mark.spawns
 def test_cli_allocate(tmp_path):
     from plop.cli import build_parser
 

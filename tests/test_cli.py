@@ -16,6 +16,8 @@ from safetensors.torch import save_file
 
 from plop import Report
 
+pytestmark = pytest.mark.spawns  # each test here starts plop as a process
+
 PLOP = [sys.executable, "-m", "plop.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
 

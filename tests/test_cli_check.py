@@ -12,6 +12,8 @@ import pytest
 
 from test_cli import ENV, PLOP, one_line_error
 
+pytestmark = pytest.mark.spawns  # each test here starts plop as a process
+
 LLAMA = str(Path(__file__).parent / "fixtures" / "model_configs" / "Llama-3.1-8B.json")
 
 

@@ -13,6 +13,8 @@ from plop import Report, diagnose
 from plop.exports import FORMATS
 from test_cli import one_line_error, run
 
+pytestmark = pytest.mark.spawns  # each test here starts plop as a process
+
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):

@@ -16,6 +16,8 @@ import torch
 from plop import diagnose
 from tiny_lm import examples, make_model, make_tokenizer, save_tiny, write_jsonl
 
+pytestmark = pytest.mark.spawns  # each test here starts plop as a process
+
 torch.set_num_threads(1)
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
 

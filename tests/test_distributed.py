@@ -18,6 +18,8 @@ import torch
 from plop.files.data import sample_indices
 from tiny_lm import make_tokenizer, save_tiny, write_jsonl
 
+pytestmark = pytest.mark.spawns  # each test here starts torchrun
+
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore",
        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}

@@ -55,6 +55,7 @@ def test_an_edited_export_is_caught(reports):
         f"misses {n} recommended (e.g. {sorted(m.name for m in report.modules if m.type == first)[0]})")
 
 
+@pytest.mark.spawns
 def test_cli_export_of_a_plain_recommendation_is_quiet(reports, tmp_path):
     report = reports["top_k"]
     path = tmp_path / "report.json"

@@ -17,6 +17,8 @@ from plop import diagnose
 from plop.cli import main
 from plop.errors import ModelError
 
+pytestmark = pytest.mark.spawns  # each test here starts plop as a process
+
 PROBE = ("import sys\nfrom plop.cli import main\ncode = main({argv!r})\n"
          "print('\\nRESULT', code, sorted(m for m in ('torch', 'transformers', 'plop.model.loading') if m in sys.modules))")
 

@@ -169,6 +169,7 @@ def private_mounts(tmp_path_factory):
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("fault, reason", [("full", "No space left on device"), ("readonly", "Read-only file system")])
 def test_a_full_or_read_only_filesystem_keeps_the_old_report(tmp_path, private_mounts, fault, reason):
     mnt = tmp_path / "mnt"
@@ -221,6 +222,7 @@ def kill_mid_save(target: Path, what: str) -> None:
     assert saver.returncode == -signal.SIGKILL
 
 
+@pytest.mark.spawns
 def test_sigkill_during_atomic_write_leaves_the_old_file_and_a_temp_the_next_run_cleans(tmp_path):
     out = tmp_path / "report.json"
     out.write_text("good")
@@ -234,6 +236,7 @@ def test_sigkill_during_atomic_write_leaves_the_old_file_and_a_temp_the_next_run
     assert sorted(os.listdir(tmp_path)) == ["report.json"]
 
 
+@pytest.mark.spawns
 def test_sigkill_during_atomic_dir_leaves_no_target_and_a_temp_the_next_run_cleans(tmp_path):
     target = tmp_path / "gguf" / "model-abc"
     kill_mid_save(target, "dir")

@@ -61,6 +61,7 @@ def test_generate_needs_prompts_and_a_number_of_samples():
         diagnose(make_model(), [Example("", "1")] * 4, make_tokenizer(), generate=2)
 
 
+@pytest.mark.spawns
 def test_cli_diagnose_generate_records_it(tmp_path):
     from test_cli_train import plop
     from tiny_lm import save_tiny, write_jsonl

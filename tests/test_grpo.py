@@ -115,6 +115,7 @@ def no_kwargs(completions):
 '''
 
 
+@pytest.mark.spawns
 def test_cli_grpo_under_torchrun_one_writer_tensorboard_resume(tmp_path):
     from test_distributed import ok, plop
     from tiny_lm import save_tiny, write_jsonl

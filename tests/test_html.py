@@ -187,6 +187,7 @@ def _chromium() -> str:
     pytest.skip("no Chromium binary (apt-get install chromium)")
 
 
+@pytest.mark.spawns
 def test_headless_chromium_renders_the_page(report, tmp_path):
     """Chromium's own --dump-dom and --screenshot; with --enable-logging=stderr it logs every console
     message (errors, CSP violations) as a CONSOLE line, and the page must cause none."""
@@ -205,6 +206,7 @@ def test_headless_chromium_renders_the_page(report, tmp_path):
     assert pixels.shape[:2] == (2000, 1200) and pixels.std() > 0.05  # not a blank page
 
 
+@pytest.mark.spawns
 def test_copy_buttons_in_a_real_browser(injected, tmp_path):
     """Through playwright on the system Chromium (its own browser download is not needed): the
     hostile report loads nothing, runs no script but plop's, logs no error, and each button copies."""

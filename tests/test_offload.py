@@ -9,6 +9,8 @@ import pytest
 from test_distributed import ok, plop
 from tiny_lm import save_tiny, write_jsonl
 
+pytestmark = pytest.mark.spawns  # each test here starts plop or a training job as a process
+
 
 def test_a_disk_offloaded_diagnosis_equals_one_in_memory(tmp_path):
     model, data = save_tiny(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl", 16)

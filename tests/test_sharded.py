@@ -15,6 +15,8 @@ import pytest
 from test_distributed import ENV, ROOT, _free_port, ok, plop
 from tiny_lm import make_tokenizer, save_tiny, write_jsonl
 
+pytestmark = pytest.mark.spawns  # each test here starts torchrun or accelerate
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict[str, Path]:
