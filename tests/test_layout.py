@@ -137,22 +137,35 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           cwd=PACKAGE.parent)
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["show", "REPORT"], ["train", "--help"]])
-def test_reading_commands_do_not_import_torch(argv, tmp_path):
+@pytest.mark.spawns
+def test_reading_and_exporting_commands_import_no_torch(tmp_path):
+    """``plop export`` to every stack (its read-back included), ``show``, ``diff`` and the help pages
+    start in a fraction of a second: none imports torch, PEFT, transformers or bitsandbytes. One
+    child runs them all in order and names the first command that pulled one in."""
     from conftest import make_batches, make_llama
     from plop import diagnose
+    from plop.exports import FORMATS
 
-    report = tmp_path / "report.json"
-    diagnose(make_llama(), make_batches(8, 8), n_bootstrap=10).save(report)
-    argv = [str(report) if a == "REPORT" else a for a in argv]
-    code = ("import sys\nfrom plop.cli import main\n"
-            f"try:\n    code = main({argv!r})\nexcept SystemExit as e:\n    code = e.code\n"
-            "print('\\nRESULT', code, sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    report, other = tmp_path / "report.json", tmp_path / "other.json"
+    diagnose(make_llama(), make_batches(8, 8), n_bootstrap=10, top_k=2).save(report)
+    diagnose(make_llama(seed=5), make_batches(8, 8), n_bootstrap=10, strategy="per_layer").save(other)
+    commands = [["--help"], ["show", str(report)], ["diff", str(report), str(other)], ["train", "--help"],
+                ["export", "--help"], *(["export", str(r), "--to", fmt, "--out", str(tmp_path / f"{fmt}-{r.stem}")]
+                                        for fmt in FORMATS for r in (report, other))]
+    code = ("import contextlib, io, sys\nfrom plop.cli import main\n"
+            f"for argv in {commands!r}:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n            code = main(argv)\n        except SystemExit as e:\n            code = e.code\n"
+            "    heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes') if m in sys.modules)\n"
+            "    print('RESULT', argv[:4], code, heavy)\n")
     result = _run(code)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.rstrip().splitlines()[-1] == "RESULT 0 []"
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(lines) == len(commands)
+    assert all(line.endswith(" 0 []") for line in lines), lines
 
 
+@pytest.mark.spawns
 def test_diagnosing_a_plain_transformer_imports_no_peft_nor_datasets(tmp_path):
     """PEFT (and the bitsandbytes it pulls in) costs seconds at start-up; its placement rules only
     bear on MoE and state-space models, and JSONL data needs no ``datasets``."""
@@ -170,6 +183,7 @@ def test_diagnosing_a_plain_transformer_imports_no_peft_nor_datasets(tmp_path):
     assert (tmp_path / "r.json").is_file()
 
 
+@pytest.mark.spawns
 def test_top_level_is_lazy_and_exports_the_api_and_every_error():
     result = _run("import sys, plop\nloaded = 'torch' in sys.modules\n"
                   "import plop.diagnosis, plop.finetune.compare\n"
@@ -215,7 +229,7 @@ RULES = {
     "NFN's random baseline": (r"math\.sqrt\([^)]*(shape\[|d_in)", {"measure/nfn.py"}),
     "the samples='auto' policy": (r"samples == 'auto' and|AUTO_(MIN|SAMPLE)|CAP if", {"config.py"}),
     "row sampling": (r"permutation\(n_rows\)|\[: *config\.samples\]", {"files/data.py"}),
-    "building a LoraConfig": (r"\bLoraConfig\(target", {"ranking/peft_config.py"}),
+    "building a LoraConfig": (r"\bLoraConfig\((target|\*\*\w*lora_\w*kwargs)", {"ranking/peft_config.py"}),
     "the per-layer selection": (r"key=lambda m: m\.nfn", set()),
 }
 

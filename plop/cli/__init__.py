@@ -66,8 +66,11 @@ def _quiet_libraries(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not debug:  # read by transformers when (and only if) a command imports it
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        # bitsandbytes warns at import on CPUs without its optional kernels: not the user's concern
-        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+        # bitsandbytes warns at import on CPUs without its optional kernels, and the `kernels`
+        # package it then asks (a transformers dependency) warns when the hub is offline: neither
+        # is the user's concern
+        for library in ("bitsandbytes", "kernels"):
+            logging.getLogger(library).setLevel(logging.ERROR)
     warnings.simplefilter("default")
     # libraries' deprecations (torch.jit under bitsandbytes, ...) are for their authors, not plop's users
     for category in (DeprecationWarning, FutureWarning):
