@@ -38,7 +38,10 @@ def test_allocate_on_a_toy_with_known_nfn(aligned_toy):
     assert rec.allocation["budget"] == budget and rec.trainable_params <= budget
     assert rec.trainable_params == sum(r * sum(m.lora_params_per_rank for m in report.modules if m.type == t)
                                        for t, r in rec.rank_pattern.items())
-    assert rec.alpha_pattern == {t: 2 * r for t, r in rec.rank_pattern.items()}
+    # each type's alpha / rank is the run's lora_alpha / r: 2 at the default alpha, 1 at alpha = r
+    assert rec.alpha_pattern is None  # derived where the LoRA settings are known, not stored
+    assert report.to_peft_config().alpha_pattern == {t: 2 * r for t, r in rec.rank_pattern.items()}
+    assert report.to_peft_config(r=8, lora_alpha=8).alpha_pattern == dict(rec.rank_pattern)
 
 
 def test_peft_loads_the_rank_pattern(tmp_path):

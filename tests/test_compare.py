@@ -61,7 +61,7 @@ def test_inverse_and_kappatune_placements(comparison, report):
     assert rows["inverse"].types == [t.type for t in report.types[-k:]]  # the k highest mean NFNs
     assert not set(rows["inverse"].types) & set(report.recommendation.types)
     [kappa] = candidates(report, make_model(), ["kappatune"])
-    assert len(kappa.targets.target_modules) == len(report.recommendation.modules)
+    assert len(kappa.placement.target_modules) == len(report.recommendation.modules)
 
 
 def test_every_run_starts_from_the_same_base_weights(comparison):
@@ -134,7 +134,7 @@ def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(token
     snr = {m.name: weight_scores(model.get_submodule(m.name).weight)[1] for m in report.modules}
     layout = model_layout(model)
     def adapted(candidate) -> list[str]:
-        return sorted(modules_peft_adapts(layout, candidate.targets.target_modules))
+        return sorted(modules_peft_adapts(layout, candidate.placement.target_modules))
 
     assert adapted(per_layer) == sorted(m.name for m in by_nfn[:count])
     assert adapted(spectrum) == sorted(sorted(snr, key=snr.get)[-count:])
@@ -152,7 +152,7 @@ def test_allocate_trains_its_ranks_per_type_within_the_budget(tokenizer, report)
     model = make_model()
     budget = 16 * candidates(report, model, ["recommended"])[0].params_per_rank
     (allocation,) = candidates(report, model, ["allocate"], budget)
-    ranks = allocation.targets.rank_pattern
+    ranks = allocation.placement.rank_pattern
     means = {t.type: t.nfn_mean for t in report.types}
     assert len(ranks) >= 2 and ranks[min(ranks, key=means.get)] == max(ranks.values())
     assert 0.5 * budget < allocation.params <= budget

@@ -280,13 +280,31 @@ def test_plot_writes_png(report, tmp_path):
 
 def test_version_1_reports_still_load():
     """The study's committed reports were written as version 1: their counts were 'tokens' and a
-    type's place was 'rank'; they load into version 2's names with every value kept."""
+    type's place was 'rank'; they load into today's names with every value kept."""
     path = Path(__file__).parent.parent / "benchmarks" / "results" / "placement_study_gsm8k_report.json"
     raw = json.loads(path.read_text())
     assert raw["schema_version"] == 1
     report = Report.load(path)
-    assert report.schema_version == SCHEMA_VERSION == 2
+    assert report.schema_version == SCHEMA_VERSION == 3
     assert report.data["token_count"] == raw["data"]["tokens"]
     assert [m.token_count for m in report.modules] == [m["tokens"] for m in raw["modules"]]
     assert [t.position for t in report.types] == [t["rank"] for t in raw["types"]]
     assert json.loads(report.to_json())["types"][0]["position"] == 1
+
+
+def test_version_2_allocations_load_with_their_alphas_derived(tmp_path):
+    """Version 2 stored an allocation's alpha_pattern (2 x each rank, the default alpha); version 3
+    derives it from the LoRA settings, so an overridden alpha is no longer pinned to the default."""
+
+    report = diagnose(make_llama(), make_batches(8, 8), strategy="allocate", budget=12_000, n_bootstrap=10)
+    raw = json.loads(report.to_json())
+    ranks = raw["recommendation"]["rank_pattern"]
+    raw["schema_version"] = 2
+    raw["recommendation"]["alpha_pattern"] = {t: 2 * r for t, r in ranks.items()}
+    del raw["recommendation"]["name"]
+    (tmp_path / "v2.json").write_text(json.dumps(raw))
+    old = Report.load(tmp_path / "v2.json")
+    assert old.schema_version == 3 and old.recommendation.name == "recommended"
+    assert old.recommendation.alpha_pattern is None and old.recommendation.rank_pattern == ranks
+    assert old.to_peft_config().alpha_pattern == raw["recommendation"]["alpha_pattern"]
+    assert old.to_peft_config(lora_alpha=old.recommendation.rank).alpha_pattern == ranks

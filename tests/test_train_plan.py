@@ -8,8 +8,8 @@ import pytest
 
 from plop import TrainConfig, diagnose, train
 from plop.errors import PlopError
-from plop.finetune.trainer import train_on_targets
-from plop.model.placement import Targets
+from plop.finetune.trainer import train_on_placement
+from plop.placement import Placement
 from tiny_lm import examples, make_model, make_tokenizer
 
 
@@ -19,10 +19,10 @@ def _config(tmp_path) -> TrainConfig:
 
 def test_a_plan_peft_cannot_match_is_refused_before_training(tmp_path):
     """The plan names up_proj and down_proj; the target_modules PEFT gets reach up_proj only."""
-    plan = Targets("mlp", ["up_proj"], ["up_proj", "down_proj"])
+    plan = Placement(name="mlp", target_modules=["up_proj"], types=["up_proj", "down_proj"])
     with pytest.raises(PlopError, match=r"PEFT built a different adapter than planned: 2 planned not wrapped "
                                         r"\(e\.g\. model\.layers\.0\.mlp\.down_proj\); nothing was trained"):
-        train_on_targets(make_model(), make_tokenizer(), examples(), _config(tmp_path), plan, progress=False)
+        train_on_placement(make_model(), make_tokenizer(), examples(), _config(tmp_path), plan, progress=False)
     assert not (tmp_path / "run" / "train_summary.json").exists()
 
 

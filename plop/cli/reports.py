@@ -11,6 +11,7 @@ from ..exports import FORMATS
 from ..files.fsio import check_destination
 from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
+from ..placement import LoraSettings
 from .options import add_options, command
 
 SHOW_EXAMPLES = """examples:
@@ -110,9 +111,9 @@ def export(args) -> int:
 
     fmt, out = ("peft", os.path.join(args.peft, "")) if args.peft else (args.to, args.out)  # a folder
     report = Report.load(args.report)
-    options = TrainConfig(rank=args.rank or report.recommendation.rank, alpha=args.alpha, dropout=args.dropout)
-    result = export_to(report, fmt, rank=options.rank, alpha=args.alpha, dropout=options.dropout, dora=args.dora,
-                       loraplus_ratio=args.loraplus_ratio)
+    settings = LoraSettings(args.rank or report.recommendation.rank, args.alpha, args.dropout, use_dora=args.dora,
+                            loraplus_ratio=args.loraplus_ratio)
+    result = export_to(report, fmt, settings)
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=1)
     if not result.exact:

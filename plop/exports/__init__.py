@@ -17,10 +17,11 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..files.fsio import atomic_write
+from ..placement import LoraSettings
 from . import axolotl, llama_factory, mlx_lm, peft_adapter, spectrum, torchtune, trl_config, unsloth
 from .lint import lint
 from .result import ExportResult, merge_into
-from .target import Options, Target
+from .target import Target
 
 FORMATS: dict[str, Callable[[Target], ExportResult]] = {
     "peft": peft_adapter.export,
@@ -34,16 +35,18 @@ FORMATS: dict[str, Callable[[Target], ExportResult]] = {
 }
 
 
-def export(report: Any, fmt: str, *, rank: int | None = None, alpha: float | None = None, dropout: float = 0.05,
-           dora: bool = False, loraplus_ratio: float | None = None) -> ExportResult:
-    """``report``'s recommendation as ``fmt``'s config (one of :data:`FORMATS`).
-
-    ``rank`` defaults to the report's, ``alpha`` to :func:`plop.config.default_alpha`; ``loraplus_ratio``
-    None or 1 is plain LoRA.
+def export(report: Any, fmt: str, settings: LoraSettings | None = None, *, rank: int | None = None,
+           alpha: float | None = None, dropout: float = 0.05, dora: bool = False,
+           loraplus_ratio: float | None = None) -> ExportResult:
+    """``report``'s recommendation as ``fmt``'s config (one of :data:`FORMATS`), under ``settings``,
+    or the settings the keywords give: ``rank`` defaults to the report's, ``alpha`` to
+    :func:`plop.config.default_alpha`; ``loraplus_ratio`` None or 1 is plain LoRA.
     """
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    return FORMATS[fmt](Target(report, Options(rank, alpha, dropout, dora, loraplus_ratio)))
+    settings = settings or LoraSettings(rank or report.recommendation.rank, alpha, dropout, use_dora=dora,
+                                        loraplus_ratio=loraplus_ratio)
+    return FORMATS[fmt](Target(report, settings))
 
 
 def write_export(result: ExportResult, out: str | None, merge: str | None = None) -> tuple[str, Path | None]:
@@ -69,4 +72,4 @@ def snippets(report: Any) -> dict[str, str]:
     return {**default_exports(report), **{fmt: export(report, fmt).text for fmt in FORMATS if fmt != "peft"}}
 
 
-__all__ = ["FORMATS", "ExportResult", "Options", "Target", "export", "lint", "merge_into", "snippets", "write_export"]
+__all__ = ["FORMATS", "ExportResult", "Target", "export", "lint", "merge_into", "snippets", "write_export"]

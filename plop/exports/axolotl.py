@@ -13,21 +13,21 @@ def export(t: Target) -> ExportResult:
         "adapter": "lora",
         "lora_r": t.rank,
         "lora_alpha": t.alpha,
-        "lora_dropout": t.options.dropout,
+        "lora_dropout": t.settings.dropout,
         "lora_target_modules": t.target_modules,  # a per-layer regex stays a regex: PEFT full-matches it
         "lora_target_linear": False,  # True would add every linear module to the targets
-        "peft_use_dora": t.options.dora,
+        "peft_use_dora": t.settings.use_dora,
     }
     warnings: list[str] = []
-    if t.loraplus:
-        settings["loraplus_lr_ratio"] = t.options.loraplus_ratio
+    if t.settings.loraplus:
+        settings["loraplus_lr_ratio"] = t.settings.loraplus_ratio
     if t.rank_pattern:
         settings["lora_rank_pattern"] = t.rank_pattern
     if t.alpha_pattern:
         settings["lora_alpha_pattern"] = t.alpha_pattern
     if t.target_parameters:
         settings["lora_target_parameters"] = t.target_parameters
-        if t.options.dropout:  # schemas/peft.py validate_lora_target_parameters_dropout refuses it
+        if t.settings.dropout:  # schemas/peft.py validate_lora_target_parameters_dropout refuses it
             settings["lora_dropout"] = 0.0
             warnings.append("axolotl requires lora_dropout 0 with lora_target_parameters; set it to 0")
     return finish(t, "axolotl", settings, "axolotl-lora.yaml", warnings, t.is_exact(t.target_modules))

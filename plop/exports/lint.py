@@ -42,7 +42,7 @@ def lint(t: Target, fmt: str) -> list[str]:
     """Warnings for ``fmt`` that do not depend on how the stack spells its keys."""
     out = []
     if fmt != "spectrum":
-        if t.options.dora:
+        if t.settings.use_dora:
             out.append(VLLM_DORA)
         if t.is_vlm and not t.is_regex:
             out.append(f"{t.report.model.get('architecture')} has a vision tower: the suffixes "
@@ -52,9 +52,9 @@ def lint(t: Target, fmt: str) -> list[str]:
         for fused, have, members in partial_groups(t, UNSLOTH_FUSED):
             out.append(f"unsloth's fused {fused} kernel needs LoRA on all of {', '.join(members)}, not only "
                        f"{', '.join(have)}; these layers run on the slower PEFT path")
-        if t.options.dropout > 0 or t.options.dora:
+        if t.settings.dropout > 0 or t.settings.use_dora:
             out.append(f"unsloth's fused kernels need lora_dropout=0 and no DoRA (got dropout="
-                       f"{t.options.dropout}, dora={t.options.dora}); training runs on the slower path")
+                       f"{t.settings.dropout}, dora={t.settings.use_dora}); training runs on the slower path")
     return out
 
 

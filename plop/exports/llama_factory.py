@@ -14,12 +14,12 @@ def export(t: Target) -> ExportResult:
         "finetuning_type": "lora",
         "lora_rank": t.rank,
         "lora_alpha": t.alpha,
-        "lora_dropout": t.options.dropout,
+        "lora_dropout": t.settings.dropout,
         "lora_target": ",".join(targets),
-        "use_dora": t.options.dora,
+        "use_dora": t.settings.use_dora,
     }
-    if t.loraplus:
-        settings["loraplus_lr_ratio"] = t.options.loraplus_ratio
+    if t.settings.loraplus:
+        settings["loraplus_lr_ratio"] = t.settings.loraplus_ratio
     warnings, exact = t.gaps("LLaMA-Factory", loraplus=True, patterns=False, parameters=False)
     return finish(t, "llama-factory", settings, "llamafactory-lora.yaml", warnings,
                   exact and t.is_exact(targets))

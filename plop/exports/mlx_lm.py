@@ -21,13 +21,13 @@ def export(t: Target) -> ExportResult:
         warnings.append(f"mlx-lm takes one set of keys for the last num_layers={t.n_layers - lowest} blocks: "
                         f"{len(emitted) - len(t.modules)} modules beyond the recommendation get adapters too")
     settings = {
-        "fine_tune_type": "dora" if t.options.dora else "lora",
+        "fine_tune_type": "dora" if t.settings.use_dora else "lora",
         "num_layers": t.n_layers - lowest,
         "lora_parameters": {
             "keys": keys,
             "rank": t.rank,
             "scale": t.alpha / t.rank,
-            "dropout": t.options.dropout,
+            "dropout": t.settings.dropout,
         },
     }
     return finish(t, "mlx-lm", settings, "mlx-lora.yaml", warnings, exact and emitted == set(t.modules),

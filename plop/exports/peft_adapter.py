@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from ..ranking.peft_config import report_lora_kwargs
+from ..placement import fitted, lora_kwargs
 from .result import ExportResult, finish
 from .target import Target
 
@@ -17,19 +17,14 @@ VISION_EXCLUDE = r".*(vision_tower|vision_model|visual|vision_encoder|multi_moda
 
 
 def export(t: Target) -> ExportResult:
-    kwargs = {"lora_dropout": t.options.dropout, "use_dora": t.options.dora}
-    optional = {"rank_pattern": t.rank_pattern, "alpha_pattern": t.alpha_pattern,
-                "target_parameters": t.target_parameters}
-    kwargs.update({k: v for k, v in optional.items() if v})
     warnings = []
-    if t.is_vlm and not t.is_regex:
-        kwargs["exclude_modules"] = VISION_EXCLUDE
-        warnings.append(f"excluded vision-tower modules with exclude_modules={VISION_EXCLUDE!r}")
     settings = {"peft_type": "LORA", "base_model_name_or_path": t.report.model.get("id"),
-                **report_lora_kwargs(t.report, r=t.rank, lora_alpha=t.alpha, **kwargs)}
-    settings = {k: v for k, v in settings.items() if v is not None}
-    text = json.dumps(settings, indent=2) + "\n"
+                **lora_kwargs(t.placement, fitted(t.placement, t.settings), task_type=t.report.task_type)}
+    if t.is_vlm and not t.is_regex:
+        settings["exclude_modules"] = VISION_EXCLUDE
+        warnings.append(f"excluded vision-tower modules with exclude_modules={VISION_EXCLUDE!r}")
+    text = json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2) + "\n"
     gaps, exact = t.gaps("adapter_config.json", loraplus=False, patterns=True, parameters=True,
                          loraplus_hint=": pass it to peft.optimizers.create_loraplus_optimizer")
-    return finish(t, "peft", settings, "adapter_config.json", warnings + gaps,
+    return finish(t, "peft", json.loads(text), "adapter_config.json", warnings + gaps,
                   exact and t.is_exact(t.target_modules), body=text)

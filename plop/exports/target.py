@@ -8,28 +8,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from ..config import default_alpha
 from ..model.roles import peft_matches
+from ..placement import LoraSettings, Placement, lora_kwargs
 
 # Architectures/model types whose suffix targets also reach a vision tower (checked in lint.py).
 VLM_MODEL_TYPES = frozenset({
     "llava", "llava_next", "llava_onevision", "mllama", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3",
     "idefics2", "idefics3", "paligemma", "pixtral", "smolvlm", "internvl", "mistral3", "llama4", "phi4_multimodal",
 })
-
-
-@dataclass(frozen=True)
-class Options:
-    """The LoRA hyper-parameters the user asks for; ``None`` rank/alpha fall back to the report."""
-
-    rank: int | None = None
-    alpha: float | None = None
-    dropout: float = 0.05
-    dora: bool = False
-    loraplus_ratio: float | None = None  # lr_B / lr_A; None or 1 means plain LoRA
 
 
 def suffix_regex(suffixes: Iterable[str]) -> str:
@@ -47,21 +36,45 @@ def layer_path(name: str, layer: int | None) -> tuple[str, int | None]:
 
 @dataclass
 class Target:
-    """What the report recommends, resolved with :class:`Options`."""
+    """A report's recommendation to write for one stack under :class:`LoraSettings`, with the
+    report's modules it chose from (what an emitted target is matched against)."""
 
     report: Any
-    options: Options = field(default_factory=Options)
+    settings: LoraSettings
 
-    def __post_init__(self) -> None:
-        rec = self.report.recommendation
-        self.modules: list[str] = list(rec.modules)
-        self.target_modules: list[str] | str = rec.target_modules
-        self.rank: int = self.options.rank or rec.rank
-        self.alpha: float = self.options.alpha or default_alpha(self.rank)
-        # later strategies (--allocate, MoE experts) may add these; older reports lack them
-        self.rank_pattern: dict[str, int] | None = getattr(rec, "rank_pattern", None)
-        self.alpha_pattern: dict[str, int] | None = getattr(rec, "alpha_pattern", None)
-        self.target_parameters: list[str] | None = getattr(rec, "target_parameters", None)
+    @property
+    def placement(self) -> Placement:
+        return self.report.recommendation
+
+    @property
+    def modules(self) -> list[str]:
+        return list(self.placement.modules)
+
+    @property
+    def target_modules(self) -> list[str] | str:
+        return self.placement.target_modules
+
+    @property
+    def target_parameters(self) -> list[str] | None:
+        return self.placement.target_parameters
+
+    @property
+    def rank(self) -> int:
+        return self.settings.r
+
+    @property
+    def alpha(self) -> float:
+        return self.settings.lora_alpha
+
+    @property
+    def rank_pattern(self) -> dict[str, int] | None:
+        return self.placement.rank_pattern
+
+    @property
+    def alpha_pattern(self) -> dict[str, float] | None:
+        """Each ``rank_pattern`` key's alpha, keeping alpha / rank at the settings' (integers stay integers)."""
+        pattern = lora_kwargs(self.placement, self.settings).get("alpha_pattern")
+        return {k: int(a) if float(a).is_integer() else a for k, a in pattern.items()} if pattern else None
 
     @property
     def is_regex(self) -> bool:
@@ -72,10 +85,6 @@ class Target:
         """Module types of the recommended modules, in report order."""
         chosen = set(self.modules)
         return list(dict.fromkeys(m.type for m in self.report.modules if m.name in chosen))
-
-    @property
-    def loraplus(self) -> bool:
-        return self.options.loraplus_ratio is not None and self.options.loraplus_ratio != 1
 
     def matched(self, target: str | Iterable[str]) -> set[str]:
         """The report's modules an emitted ``target_modules`` would wrap (PEFT semantics), and the
@@ -107,8 +116,8 @@ class Target:
              loraplus_hint: str = "") -> tuple[list[str], bool]:
         """Warnings for what ``stack`` has no key for, and whether the placement survives that."""
         warnings, exact = [], True
-        if self.loraplus and not loraplus:
-            warnings.append(f"{stack} has no LoRA+ key: loraplus_ratio={self.options.loraplus_ratio} is not "
+        if self.settings.loraplus and not loraplus:
+            warnings.append(f"{stack} has no LoRA+ key: loraplus_ratio={self.settings.loraplus_ratio} is not "
                             f"applied{loraplus_hint}")
         if (self.rank_pattern or self.alpha_pattern) and not patterns:
             warnings.append(f"{stack} has no per-module rank/alpha: every module gets r={self.rank}, "

@@ -36,8 +36,8 @@ def export(t: Target) -> ExportResult:
         "apply_lora_to_output": output,
         "lora_rank": t.rank,
         "lora_alpha": t.alpha,
-        "lora_dropout": t.options.dropout,
-        "use_dora": t.options.dora,
+        "lora_dropout": t.settings.dropout,
+        "use_dora": t.settings.use_dora,
     }}
     comment = ("set model._component_ to your model's LoRA builder, "
                "e.g. torchtune.models.llama3_2.lora_llama3_2_1b")

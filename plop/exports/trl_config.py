@@ -15,9 +15,9 @@ def export(t: Target) -> ExportResult:
         "use_peft": True,
         "lora_r": t.rank,
         "lora_alpha": t.alpha,
-        "lora_dropout": t.options.dropout,
+        "lora_dropout": t.settings.dropout,
         "lora_target_modules": targets,
-        "use_dora": t.options.dora,
+        "use_dora": t.settings.use_dora,
     }
     if t.report.task_type:
         settings["lora_task_type"] = t.report.task_type

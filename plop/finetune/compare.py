@@ -31,26 +31,27 @@ from ..measure.distributed import shared_tempdir
 from ..measure.layers import dense_weight
 from ..measure.weight_scores import weight_scores
 from ..model.loading import ModelLayout, model_layout
-from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
+from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, check_report_matches, placement_types
+from ..placement import Placement
 from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modules
 from ..ranking.report import ModuleRecord, Report
 from .config import TrainConfig
-from .trainer import train_on_targets
+from .trainer import train_on_placement
 
 BUDGET_TOLERANCE = 0.10
 
 
 @dataclass
 class Candidate:
-    """A placement before training: its targets and the LoRA parameters it costs per unit of rank."""
+    """A placement before training, and the LoRA parameters it costs per unit of rank."""
 
-    targets: Targets
+    placement: Placement
     params_per_rank: int
     params: int | None = None  # an allocation's parameters, fixed by its ranks per type
 
     def rank_for(self, budget: int) -> int:
-        if self.targets.rank_pattern:
-            return max(self.targets.rank_pattern.values())
+        if self.placement.rank_pattern:
+            return max(self.placement.rank_pattern.values())
         return max(1, round(budget / self.params_per_rank))
 
     def params_at(self, rank: int) -> int:
@@ -128,7 +129,7 @@ class Comparison:
 
 def candidates(report: Report, model: nn.Module, placements: Sequence[str],
                budget: int | None = None, layout: ModelLayout | None = None) -> list[Candidate]:
-    """The targets of each placement, on the report's modules. ``inverse``: as many types as the
+    """Each placement, on the report's modules. ``inverse``: as many types as the
     recommendation, but the highest-NFN ones; ``kappatune``, ``per-layer`` and ``spectrum``: as
     many modules as the recommendation, the best-conditioned ones by PEFT's KappaTune, the
     lowest-NFN ones, or the highest-SNR ones (Spectrum); ``allocate``: a rank per type growing as
@@ -144,10 +145,10 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
     out = []
     for placement in placements:
         if placement == "recommended":  # an allocate report's own ranks, or one rank for all
-            targets = Targets.recommended(rec)
+            chosen: Placement = rec
             modules = rec.modules
             if rec.rank_pattern:
-                out.append(Candidate(targets, _params_per_rank([by_name[n] for n in modules]), rec.trainable_params))
+                out.append(Candidate(chosen, _params_per_rank([by_name[n] for n in modules]), rec.trainable_params))
                 continue
         elif placement == "allocate":
             out.append(_allocation(report, layout, budget))
@@ -155,17 +156,17 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
         elif placement in ("kappatune", "per-layer", "spectrum"):
             modules = _chosen_modules(placement, model, report, layout, len(rec.modules))
             target = modules if placement == "kappatune" else modules_regex(modules)
-            targets = Targets(placement, target, sorted({by_name[n].type for n in modules}))
+            chosen = Placement(name=placement, target_modules=target, types=sorted({by_name[n].type for n in modules}))
         else:
             allowed = [t.type for t in report.types if t.type not in layout.refused]
             types = (allowed[-len(rec.types):] if placement == "inverse"
                      else placement_types(report.modules, placement, layout.refused))
-            targets = layout.targets(placement, types)
+            chosen = layout.placement(placement, types)
             modules = [m.name for m in report.modules if m.type in types]
         if not modules:
             warnings.warn(f"placement {placement!r}: no module of this model fits it; skipped", stacklevel=2)
             continue
-        out.append(Candidate(targets, _params_per_rank([by_name[n] for n in modules])))
+        out.append(Candidate(chosen, _params_per_rank([by_name[n] for n in modules])))
     return out
 
 
@@ -180,8 +181,8 @@ def _allocation(report: Report, layout, budget: int | None) -> Candidate:
     eligible = [m for m in report.modules if m.type not in layout.refused]
     power = report.settings.get("allocate_power", 2.0)
     rec, _ = Selector(eligible, "allocate", budget=budget, power=power).recommend()
-    targets = replace(layout.targets("allocate", list(rec.types)), rank_pattern=dict(rec.rank_pattern))
-    return Candidate(targets, _params_per_rank([m for m in eligible if m.type in rec.types]), rec.trainable_params)
+    placement = replace(layout.placement("allocate", list(rec.types)), rank_pattern=dict(rec.rank_pattern))
+    return Candidate(placement, _params_per_rank([m for m in eligible if m.type in rec.types]), rec.trainable_params)
 
 
 def _chosen_modules(placement: str, model: nn.Module, report: Report, layout, count: int) -> list[str]:
@@ -257,10 +258,10 @@ def compare(
             for candidate in found:
                 r = candidate.rank_for(budget)
                 run_config = replace(config, rank=r, alpha=scale * r, seed=seed, adapter_name="default",
-                                     resume=False, output_dir=str(root / f"{candidate.targets.placement}-seed{seed}"))
+                                     resume=False, output_dir=str(root / f"{candidate.placement.name}-seed{seed}"))
                 fresh = copy.deepcopy(base) if isinstance(model, nn.Module) else model()
-                result = train_on_targets(fresh, tokenizer, examples, run_config, candidate.targets,
-                                          report=report, eval_examples=eval_examples, progress=progress)
+                result = train_on_placement(fresh, tokenizer, examples, run_config, candidate.placement,
+                                            report=report, eval_examples=eval_examples, progress=progress)
                 rows.append(_row(result.summary, candidate, r, budget, seed))
                 del fresh, result
                 gc.collect()  # one model copy at a time, however many runs
@@ -275,12 +276,12 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
     ratio = candidate.params_at(rank) / budget
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     return CompareRow(
-        placement=candidate.targets.placement, types=candidate.targets.types, rank=rank,
+        placement=candidate.placement.name, types=candidate.placement.types, rank=rank,
         trainable_params=summary["trainable_params"], budget_ratio=round(ratio, 4),
         within_budget=abs(ratio - 1) <= BUDGET_TOLERANCE, eval_loss_before=before.get("loss"),
         eval_loss_after=after.get("loss"), eval_ppl_after=after.get("ppl"),
         seconds_per_step=summary["seconds_per_step"], seed=seed,
-        loss_curve=summary["loss_curve"], rank_pattern=candidate.targets.rank_pattern,
+        loss_curve=summary["loss_curve"], rank_pattern=candidate.placement.rank_pattern,
         eval_reward_before=before.get("reward"), eval_reward_after=after.get("reward"),
         eval_reward_curve=summary.get("eval_reward_curve", []),
     )

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..config import default_alpha, option
 from ..errors import ConfigError
+from ..placement import LoraSettings
 
 SUMMARY_FILE = "plop_train_summary.json"
 REPORT_TO = ("none", "tensorboard", "wandb")  # passed to the Trainer; the package must be installed
@@ -124,6 +125,11 @@ class TrainConfig:
     def lora_alpha(self) -> float:
         """The ``lora_alpha`` in force: ``alpha``, else ``2 * rank``."""
         return default_alpha(self.rank) if self.alpha is None else self.alpha
+
+    @property
+    def lora_settings(self) -> LoraSettings:
+        """The run's LoRA hyper-parameters as the record every package takes."""
+        return LoraSettings(self.rank, self.alpha, self.dropout, use_dora=self.dora, loraplus_ratio=self.loraplus_ratio)
 
     @property
     def run_dir(self) -> Path:

@@ -9,9 +9,9 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..errors import PlopError
-from ..model.placement import ModelLayout, Targets, modules_peft_adapts
-from ..ranking.peft_config import peft_lora_config, rank_patterns
-from ..ranking.report import Report
+from ..model.placement import ModelLayout, modules_peft_adapts
+from ..placement import Placement, lora_config
+from ..ranking.report import Recommendation
 from .config import TrainConfig
 
 
@@ -24,19 +24,13 @@ def quiet_peft() -> Iterator[None]:
         yield
 
 
-def lora_config(layout: ModelLayout, config: TrainConfig, targets: Targets, report: Report | None,
-                task_type: str = "CAUSAL_LM"):
-    """The ``peft.LoraConfig`` of a run: the report's own export for its recommendation, else the
-    targets, checked first to match a linear module of this model."""
-    options = {"lora_dropout": config.dropout, "use_dora": config.dora, "task_type": task_type}
-    if targets.placement == "recommended" and report is not None:
-        return report.to_peft_config(r=config.rank, lora_alpha=config.lora_alpha, **options)
-    if targets.rank_pattern:  # an allocation: each type its rank, alpha / rank as for the run's rank
-        options.update(rank_patterns(targets.rank_pattern, config.rank, config.lora_alpha))
-    if targets.target_modules or not targets.target_parameters:
-        modules_peft_adapts(layout, targets.target_modules)
-    return peft_lora_config(r=config.rank, lora_alpha=config.lora_alpha, target_modules=targets.target_modules,
-                            target_parameters=targets.target_parameters, **options)
+def run_lora_config(layout: ModelLayout, config: TrainConfig, placement: Placement, task_type: str = "CAUSAL_LM"):
+    """The ``peft.LoraConfig`` of a run (:func:`plop.placement.lora_config`), its targets checked
+    first to match a linear module of this model (a recommendation was checked against the model
+    it was diagnosed on)."""
+    if placement.target_modules or not placement.target_parameters:
+        modules_peft_adapts(layout, placement.target_modules)
+    return lora_config(placement, config.lora_settings, task_type=task_type)
 
 
 def wrap(model: nn.Module, lora, seed: int):
@@ -55,14 +49,14 @@ def wrap(model: nn.Module, lora, seed: int):
 MODULE_LEVEL = ("custom", "kappatune", "per-layer", "spectrum")
 
 
-def planned(layout: ModelLayout, targets: Targets, report: Report | None) -> set[str]:
+def planned(layout: ModelLayout, placement: Placement) -> set[str]:
     """What the plan adapts: the recommendation's modules, explicit targets as PEFT's matcher
     reads them, else every module and expert weight of the placement's types."""
-    if targets.placement == "recommended" and report is not None:
-        return set(report.recommendation.modules)
-    if targets.placement in MODULE_LEVEL:
-        return set(modules_peft_adapts(layout, targets.target_modules))
-    return {n for n, t in layout.role_map.items() if t in targets.types and n != layout.head}
+    if isinstance(placement, Recommendation):
+        return set(placement.modules)
+    if placement.name in MODULE_LEVEL:
+        return set(modules_peft_adapts(layout, placement.target_modules))
+    return {n for n, t in layout.role_map.items() if t in placement.types and n != layout.head}
 
 
 def check_built(peft_model, plan: set[str]) -> None:

@@ -31,12 +31,13 @@ from ..files.fsio import atomic_write
 from ..measure.distributed import barrier, launched, timeout
 from ..measure.seq2seq import is_encoder_decoder
 from ..model.loading import ensure_pad_token, is_causal_lm, model_info, model_layout
-from ..model.placement import Targets, resolve_targets
+from ..model.placement import resolve_placement
+from ..placement import Placement
 from ..ranking.render import ranks_text
 from ..ranking.report import Report
 from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig, reward_name
-from .lora import check_built, lora_config, planned, wrap
+from .lora import check_built, run_lora_config, planned, wrap
 from .remeasure import nfn_change
 from .sft import SFTCollator, split_examples, tokenize_examples, tokenize_pairs
 
@@ -143,18 +144,18 @@ def train(
     ``summary["nfn_change"]`` (see :mod:`plop.finetune.remeasure`).
     """
     config = replace(config or TrainConfig(), **overrides)
-    targets = resolve_targets(model_layout(model), report=report, target_modules=target_modules, placement=placement)
-    return train_on_targets(model, tokenizer, examples, config, targets, report=report, model_id=model_id,
-                            data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
-                            progress=progress)
+    where = resolve_placement(model_layout(model), report=report, target_modules=target_modules, placement=placement)
+    return train_on_placement(model, tokenizer, examples, config, where, report=report, model_id=model_id,
+                              data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
+                              progress=progress)
 
 
-def train_on_targets(
+def train_on_placement(
     model: nn.Module,
     tokenizer,
     examples: Sequence[Example],
     config: TrainConfig,
-    targets: Targets,
+    placement: Placement,
     *,
     report: Report | None = None,
     model_id: str | None = None,
@@ -163,7 +164,7 @@ def train_on_targets(
     remeasure: Sequence[str] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """:func:`train` once the targets are known (:mod:`plop.finetune.compare` builds its own)."""
+    """:func:`train` once the placement is known (:mod:`plop.finetune.compare` builds its own)."""
     run = check_output_dir(config)
     info = model_info(model, model_id)
     seq2seq = is_encoder_decoder(model)
@@ -174,8 +175,8 @@ def train_on_targets(
     train_set, eval_set = method.datasets(examples, tokenizer, config, eval_examples, seq2seq)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     layout = model_layout(model)
-    peft_model = wrap(model, lora_config(layout, config, targets, report, task_type), config.seed)
-    check_built(peft_model, planned(layout, targets, report))  # before the Trainer spends a step
+    peft_model = wrap(model, run_lora_config(layout, config, placement, task_type), config.seed)
+    check_built(peft_model, planned(layout, placement))  # before the Trainer spends a step
     trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress, method)
     if config.overwrite:
         if trainer.is_world_process_zero():
@@ -183,7 +184,7 @@ def train_on_targets(
         barrier()  # no process may find the old checkpoints once training starts
     from .hf_trainer import log_placement, signals_stop, weights_partitioned  # transformers.Trainer: seconds to import
 
-    log_placement(trainer, str(run / "runs"), _placement_text(targets, config), report)
+    log_placement(trainer, str(run / "runs"), _placement_text(placement, config), report)
     resume_from = last_checkpoint(run) if config.resume else None
 
     eval_before = method.evaluate(trainer, eval_set, config) if eval_set else None
@@ -198,8 +199,8 @@ def train_on_targets(
 
     remeasure = None if weights_partitioned(trainer) else remeasure  # no process holds a whole copy to merge
     change = nfn_change(peft_model, remeasure, tokenizer, max_length=config.max_length,
-                        batch_size=config.batch_size, adapted_types=targets.types) if remeasure else None
-    summary = {**_summary(trainer, targets, config, seconds, resume_from, (train_set, eval_set)),
+                        batch_size=config.batch_size, adapted_types=placement.types) if remeasure else None
+    summary = {**_summary(trainer, placement, config, seconds, resume_from, (train_set, eval_set)),
                **method.summary(trainer),
                "eval_before": eval_before, "eval_after": eval_after, "model": info, "data": dict(data_info or {}),
                "config": config.record(), "versions": _versions(), "nfn_change": change}
@@ -209,15 +210,15 @@ def train_on_targets(
     return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer)
 
 
-def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, resume_from: str | None,
+def _summary(trainer, placement: Placement, config: TrainConfig, seconds: float, resume_from: str | None,
              datasets: tuple[list, list]) -> dict[str, Any]:
     """What was trained where, how long it took and how the loss went (the evals are added by the caller)."""
     steps = trainer.state.global_step - (int(resume_from.rsplit("-", 1)[1]) if resume_from else 0)
     return {
         "method": config.method, "reward": reward_name(config.reward),
-        "placement": targets.placement, "types": targets.types, "target_modules": targets.target_modules,
-        "target_parameters": targets.target_parameters,
-        "adapter_name": config.adapter_name, "rank": config.rank, "rank_pattern": targets.rank_pattern,
+        "placement": placement.name, "types": placement.types, "target_modules": placement.target_modules,
+        "target_parameters": placement.target_parameters,
+        "adapter_name": config.adapter_name, "rank": config.rank, "rank_pattern": placement.rank_pattern,
         "alpha": config.lora_alpha,
         "loraplus_ratio": config.loraplus_ratio, "dora": config.dora,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
@@ -231,13 +232,13 @@ def _summary(trainer, targets: Targets, config: TrainConfig, seconds: float, res
     }
 
 
-def _placement_text(targets: Targets, config: TrainConfig) -> str:
+def _placement_text(placement: Placement, config: TrainConfig) -> str:
     """The placement in TensorBoard's markdown: where the adapters went and at which rank."""
     method = "DoRA" if config.dora else "LoRA"
-    return (f"**{targets.placement}**: {method} {ranks_text(config.rank, targets.rank_pattern)}, "
+    return (f"**{placement.name}**: {method} {ranks_text(config.rank, placement.rank_pattern)}, "
             f"alpha/rank {config.lora_alpha / config.rank:g}, "
-            f"LoRA+ ratio {config.loraplus_ratio:g}  \ntypes: {', '.join(targets.types)}  \n"
-            f"target_modules: `{targets.target_modules!r}`")
+            f"LoRA+ ratio {config.loraplus_ratio:g}  \ntypes: {', '.join(placement.types)}  \n"
+            f"target_modules: `{placement.target_modules!r}`")
 
 
 def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tuple[list, list], progress: bool,

@@ -40,7 +40,9 @@ from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
 from ..files.untrusted import plain_safe
 from ..measure.distributed import world
-from ..ranking.peft_config import rank_patterns
+from ..exports.axolotl import export as axolotl_export
+from ..exports.target import Target
+from ..placement import LoraSettings
 from ..ranking.report import Report
 from .peft import strategy_settings
 
@@ -60,21 +62,18 @@ class PlopArgs(BaseModel):
     plop_seed: int | None = None
 
 
-def placement_settings(report: Report, r: int, lora_alpha: float) -> dict[str, Any]:
-    """The axolotl keys that put the adapters where ``report`` recommends, at the run's rank and
-    alpha (an allocation keeps each type's ``alpha / rank`` at the run's ``lora_alpha / r``)."""
-    rec = report.recommendation
-    settings: dict[str, Any] = {"lora_target_modules": rec.target_modules, "lora_target_linear": False}
-    if rec.rank_pattern:
-        patterns = rank_patterns(rec.rank_pattern, r, lora_alpha)
-        settings["lora_rank_pattern"] = patterns["rank_pattern"]
-        # axolotl's schema takes whole alphas; PEFT would take the exact float too
-        settings["lora_alpha_pattern"] = {t: int(a) if float(a).is_integer() else a
-                                          for t, a in patterns["alpha_pattern"].items()}
-    if rec.target_parameters:
-        settings["lora_target_parameters"] = rec.target_parameters
-        settings["lora_dropout"] = 0.0  # PEFT's adapters on 3-D parameters take no dropout
-    return settings
+# the axolotl keys that say where the adapters go; the run's own rank, alpha and dropout stand
+PLACEMENT_KEYS = ("lora_target_modules", "lora_target_linear", "lora_rank_pattern", "lora_alpha_pattern",
+                  "lora_target_parameters")
+
+
+def placement_settings(report: Report, settings: LoraSettings) -> dict[str, Any]:
+    """The axolotl keys that put the adapters where ``report`` recommends, as ``plop export --to
+    axolotl`` writes them at the run's settings (an allocation keeps each type's ``alpha / rank``
+    at the run's ``lora_alpha / r``; expert weights take no dropout)."""
+    written = axolotl_export(Target(report, settings)).settings
+    keys = PLACEMENT_KEYS + (("lora_dropout",) if report.recommendation.target_parameters else ())
+    return {k: written[k] for k in keys if k in written}
 
 
 def _trl_rows(ds, spec) -> Any:
@@ -182,5 +181,5 @@ class PlopPlugin(BasePlugin):
     def _apply(cfg, report: Report) -> None:
         if cfg.adapter not in ("lora", "qlora"):
             raise ConfigError(f"plop places LoRA adapters: set adapter: lora or qlora, not {cfg.adapter!r}")
-        for key, value in placement_settings(report, cfg.lora_r, cfg.lora_alpha or 2 * cfg.lora_r).items():
+        for key, value in placement_settings(report, LoraSettings(cfg.lora_r, cfg.lora_alpha)).items():
             cfg[key] = value

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from ..errors import ConfigError, PlopError
+from ..placement import Placement
 from ..ranking.ranker import adapter_cost, modules_regex
 from ..ranking.report import ModuleRecord, Recommendation, Report
 from .roles import peft_matches, peft_target_parameters, peft_targets, placement_groups, role_types
@@ -65,27 +66,10 @@ class ModelLayout:
             target_modules = sorted(target_modules, key=chosen_modules.index)
         return target_modules, peft_target_parameters(chosen_params, params) if chosen_params else None
 
-    def targets(self, placement: str, types: list[str]) -> Targets:
-        """A placement of ``types`` with its exact PEFT targets."""
+    def placement(self, name: str, types: list[str]) -> Placement:
+        """The placement ``name`` of ``types``, with its exact PEFT targets."""
         target_modules, target_parameters = self.peft_targets(types)
-        return Targets(placement, target_modules, types, target_parameters)
-
-
-@dataclass
-class Targets:
-    """Where the adapters go: a placement's name, PEFT ``target_modules`` (and ``target_parameters``
-    for 3-D expert weights) and the types they cover."""
-
-    placement: str
-    target_modules: list[str] | str
-    types: list[str] = field(default_factory=list)
-    target_parameters: list[str] | None = None
-    rank_pattern: dict[str, int] | None = None  # an allocation's rank per type (PEFT rank_pattern)
-
-    @classmethod
-    def recommended(cls, rec: Recommendation) -> Targets:
-        """A report's recommendation, with an allocation's own rank per type."""
-        return cls("recommended", rec.target_modules, list(rec.types), rec.target_parameters, rec.rank_pattern)
+        return Placement(name=name, target_modules=target_modules, types=types, target_parameters=target_parameters)
 
 
 def placement_types(types: Sequence[ModuleRecord] | Mapping[str, str], placement: str,
@@ -140,14 +124,14 @@ def check_report_matches(report: Report, layout: ModelLayout) -> None:
         )
 
 
-def resolve_targets(
+def resolve_placement(
     layout: ModelLayout,
     *,
     report: Report | None = None,
     target_modules: Sequence[str] | str | None = None,
     placement: str | None = None,
-) -> Targets:
-    """The adapters' targets: explicit ``target_modules``, a named ``placement`` (resolved on the
+) -> Placement:
+    """Where the adapters go: explicit ``target_modules``, a named ``placement`` (resolved on the
     report's modules, else on the model's), or the report's recommendation."""
     if target_modules is not None and placement is not None:
         raise ConfigError("give target_modules or placement, not both")
@@ -155,7 +139,7 @@ def resolve_targets(
         check_report_matches(report, layout)
     if target_modules is not None:
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
-        return Targets("custom", targets, layout.types_of(modules_peft_adapts(layout, targets)))
+        return Placement(target_modules=targets, types=layout.types_of(modules_peft_adapts(layout, targets)))
     placement = placement or ("recommended" if report is not None else None)
     if placement is None:
         raise ConfigError("say where the adapters go: a report, target_modules or a placement")
@@ -164,14 +148,13 @@ def resolve_targets(
     if placement == "recommended":
         if report is None:
             raise PlopError("placement 'recommended' needs a report", "run plop diagnose first, or pass --report")
-        rec = report.recommendation
-        return Targets.recommended(rec)
+        return report.recommendation
     names = [m.name for m in report.modules] if report is not None else layout.body
     types = placement_types({n: layout.role_map[n] for n in names}, placement, layout.refused)
     if not types:
         raise PlopError(f"placement {placement!r} matches no module of this model",
                         f"its module types: {', '.join(layout.types_of(layout.body))}")
-    return layout.targets(placement, types)
+    return layout.placement(placement, types)
 
 
 def modules_peft_adapts(layout: ModelLayout, target_modules: Sequence[str] | str) -> list[str]:

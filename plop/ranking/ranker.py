@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..config import STRATEGIES, check_budget, check_choice, check_positive, default_alpha
+from ..config import STRATEGIES, check_budget, check_choice, check_positive
 from ..errors import ConfigError
 from .report import ModuleRecord, Recommendation, TypeRanking
 
@@ -233,7 +233,8 @@ class Selector:
             names = [m.name for m in chosen]
             target = list(types)
         params, size = adapter_cost(chosen, self.rank)
-        rec = Recommendation(self.strategy, types, target, names, self.rank, params, size)
+        rec = Recommendation(strategy=self.strategy, types=types, target_modules=target, modules=names, rank=self.rank,
+                             trainable_params=params, size_mb=size)
         if self.strategy == "allocate":
             self._allocated(rec)
         probabilities = None
@@ -243,10 +244,10 @@ class Selector:
         return rec, probabilities
 
     def _allocated(self, rec: Recommendation) -> None:
-        """Fill in an allocation's ranks, the alphas that keep alpha / rank = 2, and its cost."""
+        """Fill in an allocation's ranks and its cost (each type's alpha keeps alpha / rank as the
+        settings' lora_alpha / r: :func:`plop.placement.lora_kwargs`)."""
         ranks = allocate_ranks(type_means(self.records), self.per_rank, self.budget, self.power)
         rec.rank_pattern = {t: ranks[t] for t in rec.types}
-        rec.alpha_pattern = {t: default_alpha(r) for t, r in rec.rank_pattern.items()}
         rec.rank = max(ranks.values())
         rec.trainable_params = sum(r * self.per_rank[t] for t, r in ranks.items())
         rec.size_mb = rec.trainable_params * BYTES_PER_PARAM / 1e6

@@ -20,9 +20,13 @@ from ..config import STRATEGIES
 from ..errors import FileError, ReportError, UnsafeRegexError
 from ..files.fsio import atomic_write, read_text_capped
 from ..files.untrusted import check_regex, plain_safe
+from ..placement import LoraSettings, Placement, lora_config
 from ..version import __version__
 
-SCHEMA_VERSION = 2  # 2: modules' and data's 'tokens' counts are 'token_count', types' 'rank' is 'position'
+# 2: modules' and data's 'tokens' counts are 'token_count', types' 'rank' is 'position'; 3: the
+# recommendation is a Placement (its 'name', PEFT's exclusion keys), an allocation's alpha_pattern
+# is derived from the rank_pattern where the LoRA settings are known rather than stored
+SCHEMA_VERSION = 3
 SCHEMA_ID = "plop.report"
 
 
@@ -70,24 +74,23 @@ class TypeRanking:
     selection_probability: float | None = None
 
 
-@dataclass
-class Recommendation:
+@dataclass(kw_only=True)
+class Recommendation(Placement):
+    """A diagnosis's placement (``name`` "recommended"), with what it costs and how it was chosen:
+    the strategy, the chosen module names, the rank it was costed at, and its stability. An
+    allocation's ``rank_pattern`` gives each chosen type its own rank (its alpha keeps alpha / rank
+    as the settings', see :func:`plop.placement.lora_kwargs`)."""
+
     strategy: str
-    types: list[str]
-    target_modules: list[str] | str
     modules: list[str]
     rank: int
     trainable_params: int
     size_mb: float
+    name: str = "recommended"
     stable: bool | None = None
     agreement: float | None = None
     samples_to_stable: int | None = None
-    # the allocate strategy: a rank per type (PEFT's rank_pattern keys match name suffixes), an
-    # alpha per type keeping alpha / rank fixed, and the rule that made them
-    rank_pattern: dict[str, int] | None = None
-    alpha_pattern: dict[str, int] | None = None
-    allocation: dict[str, Any] | None = None
-    target_parameters: list[str] | None = None  # 3-D expert weights, PEFT's LoraConfig(target_parameters=...)
+    allocation: dict[str, Any] | None = None  # the allocate strategy's rule and budget
     excluded: dict[str, str] | None = None  # types PEFT refuses on this model -> why; never recommended
 
 
@@ -159,8 +162,10 @@ REPORT_SCHEMA = _obj(
                 "trainable_params": _count,
                 "size_mb": _num,
             },
-            {"rank_pattern": _opt_ranks, "alpha_pattern": _opt_ranks, "target_parameters": _opt_strs,
-             "excluded": {"type": ["object", "null"], "additionalProperties": _str}},
+            {"name": _str, "rank_pattern": _opt_ranks, "alpha_pattern": {"type": ["object", "null"]},
+             "target_parameters": _opt_strs, "excluded": {"type": ["object", "null"], "additionalProperties": _str},
+             "exclude_modules": {"anyOf": [_opt_strs, _str]}, "layers_to_transform": {"type": ["array", "null"]},
+             "layers_pattern": {"anyOf": [_opt_strs, _str]}},
         ),
         "costs": {"type": "object"},
         "stability": {"type": "object"},
@@ -199,10 +204,20 @@ def _from_version_1(raw: dict[str, Any]) -> dict[str, Any]:
     """A version-1 report in version 2's names: the token counts were ``tokens`` (the word the
     config uses for which tokens are scored) and a type's place in the ranking was ``rank``. Only
     well-formed parts are renamed; the schema then judges the result."""
-    out = {**raw, "schema_version": SCHEMA_VERSION, "data": _renamed(raw.get("data"), "tokens", "token_count")}
+    out = {**raw, "schema_version": 2, "data": _renamed(raw.get("data"), "tokens", "token_count")}
     for key, old, new in (("modules", "tokens", "token_count"), ("types", "rank", "position")):
         if isinstance(raw.get(key), list):
             out[key] = [_renamed(item, old, new) for item in raw[key]]
+    return out
+
+
+def _from_version_2(raw: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 report in version 3's terms: an allocation stored ``alpha_pattern`` as 2 x each
+    type's rank, which is what version 3 derives at the default alpha, and derives anew when the
+    rank or alpha is overridden (so a stored one would pin the default). Well-formed parts only."""
+    out = {**raw, "schema_version": SCHEMA_VERSION}
+    if isinstance(raw.get("recommendation"), dict):
+        out["recommendation"] = {k: v for k, v in raw["recommendation"].items() if k != "alpha_pattern"}
     return out
 
 
@@ -259,6 +274,8 @@ class Report:
                 )
         if raw.get("schema_version") == 1:
             raw = _from_version_1(raw)
+        if raw.get("schema_version") == 2:
+            raw = _from_version_2(raw)
         error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(REPORT_SCHEMA).iter_errors(raw))
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "top level"
@@ -312,12 +329,12 @@ class Report:
         return pd.DataFrame(rows)
 
     def to_peft_config(self, r: int | None = None, lora_alpha: float | None = None, **kwargs):
-        """A ``peft.LoraConfig`` on the recommendation (:func:`plop.ranking.peft_config.report_lora_config`):
-        ``r`` defaults to the rank the report was costed at, ``lora_alpha`` to the default alpha;
-        ``kwargs`` go to ``LoraConfig`` (``lora_dropout``, ``use_dora``, ``task_type``, ...)."""
-        from .peft_config import report_lora_config
-
-        return report_lora_config(self, r, lora_alpha, **kwargs)
+        """A ``peft.LoraConfig`` on the recommendation (:func:`plop.placement.lora_config`): ``r``
+        defaults to the rank the report was costed at, ``lora_alpha`` to the default alpha,
+        ``lora_dropout`` to PEFT's 0; ``kwargs`` go to ``LoraConfig`` (``use_dora``, ``task_type``...)."""
+        settings = LoraSettings(r or self.recommendation.rank, lora_alpha, dropout=kwargs.pop("lora_dropout", 0.0),
+                                use_dora=kwargs.pop("use_dora", False), use_rslora=kwargs.pop("use_rslora", False))
+        return lora_config(self.recommendation, settings, **{"task_type": self.task_type, **kwargs})
 
     @property
     def task_type(self) -> str | None:
