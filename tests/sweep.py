@@ -16,7 +16,7 @@ import torch
 import archs
 from conftest import make_batches
 from plop import diagnose
-from plop.exports import export
+from plop.stacks import export
 from plop.model.roles import role
 
 LENGTHS = [12, 7, 12, 3, 9, 12]  # right padding in every batch

@@ -24,8 +24,10 @@ datasets = pytest.importorskip("datasets")
 from safetensors import safe_open  # noqa: E402
 
 from plop import DataError, Report, diagnose  # noqa: E402
-from plop.integrations.axolotl import REPORT_NAME, _trl_rows, placement_settings  # noqa: E402
+from plop.integrations.axolotl import REPORT_NAME, _trl_rows  # noqa: E402
 from plop.placement import LoraSettings  # noqa: E402
+from plop.stacks.axolotl import placement_keys  # noqa: E402
+from plop.stacks.target import Target  # noqa: E402
 from tiny_lm import make_chat_tokenizer, save_tiny  # noqa: E402
 
 QUESTIONS = [(f"What is {a} plus {b}?", f"It is {a + b}.") for a in range(4) for b in range(4)]
@@ -116,5 +118,5 @@ def test_placement_keys_and_refused_formats(workdir):
 
     model = AutoModelForCausalLM.from_pretrained(workdir / "model")
     report = diagnose(model, completion * 8, make_chat_tokenizer(), n_bootstrap=10)
-    assert placement_settings(report, LoraSettings(8, 16)) == {"lora_target_modules": report.recommendation.target_modules,
+    assert placement_keys(Target(report, LoraSettings(8, 16))) == {"lora_target_modules": report.recommendation.target_modules,
                                                  "lora_target_linear": False}

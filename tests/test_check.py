@@ -92,7 +92,7 @@ def test_lora_config_keys_read_from_source_are_peft_s_own_fields():
     off PEFT's source are exactly the installed ``LoraConfig``'s dataclass fields."""
     import dataclasses
 
-    from plop.audit.readers import lora_config_keys
+    from plop.stacks.peft import lora_config_keys
 
     assert lora_config_keys() == {f.name for f in dataclasses.fields(LoraConfig)}
     assert {"target_modules", "rank_pattern", "peft_type", "base_model_name_or_path"} <= lora_config_keys()

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import AlignedToy, make_batches
 from plop import Report, diagnose
-from plop.exports import FORMATS
+from plop.stacks import FORMATS
 from test_cli import one_line_error, run
 
 pytestmark = pytest.mark.spawns  # each test here starts plop as a process
@@ -27,7 +27,7 @@ def reports(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "peft"])
 def test_export_to_every_stack_writes_what_the_api_exports(reports, tmp_path, fmt):
-    from plop.exports import export
+    from plop.stacks import export
 
     out = tmp_path / "cfg"
     run("export", str(reports[0]), "--to", fmt, "--out", str(out), "--rank", "4")

@@ -10,7 +10,7 @@ import pytest
 from conftest import make_batches, make_llama
 from plop import diagnose
 from plop.audit.verify import export_difference, resolve_export
-from plop.exports import FORMATS, export
+from plop.stacks import FORMATS, export
 from test_cli import ENV, PLOP
 
 

@@ -1,4 +1,4 @@
-"""plop.exports: each stack's config, read back by the real package where it installs on a CPU
+"""plop.stacks, writing: each stack's config, read back by the real package where it installs on a CPU
 (PEFT, TRL), otherwise checked against the key names and types of the stack's documented schema
 and replayed through PEFT with the stack's documented mapping; one test per lint trap."""
 
@@ -17,13 +17,13 @@ import yaml
 from conftest import make_batches, make_llama
 
 from plop import diagnose
-from plop.exports import FORMATS, export, merge_into
+from plop.stacks import FORMATS, export, merge_into
 
 peft = pytest.importorskip("peft")
 # get_peft_model on a model built in memory, not the one the report names
 pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config's `base_model_name_or_path`:UserWarning")
 
-# key -> type, from the sources cited in each plop/exports/<stack>.py
+# key -> type, from the sources cited in each plop/stacks/<stack>.py
 SCHEMAS = {
     "axolotl": {"adapter": str, "lora_r": int, "lora_alpha": int, "lora_dropout": float,
                 "lora_target_modules": (str, list), "lora_target_linear": bool, "peft_use_dora": bool,
@@ -86,9 +86,9 @@ def _yaml(result):
 # -- import ------------------------------------------------------------------------------------
 @pytest.mark.spawns
 def test_package_imports_without_torch():
-    code = ("import sys\nimport plop.exports as exports\n"
+    code = ("import sys\nimport plop.stacks as stacks\n"
             "assert not {'torch', 'transformers', 'peft'} & set(sys.modules), 'heavy import'\n"
-            "print(sorted(exports.FORMATS))")
+            "print(sorted(stacks.FORMATS))")
     out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "axolotl" in out.stdout
@@ -291,7 +291,7 @@ def test_unsloth_fused_kernels_lint(report):
 def test_vllm_lint_only_what_vllm_refuses(report):
     """vLLM loads adapters on part of a packed group (q/v only, up/down only: set_lora skips the
     None slices), so those export quietly; it refuses DoRA at load time, which is flagged."""
-    from plop.exports.lint import VLLM_DORA
+    from plop.stacks.lint import VLLM_DORA
 
     def vllm(types, **options):
         return [w for w in export(_with(report, types), "axolotl", **options).warnings if "vLLM" in w]
@@ -303,7 +303,7 @@ def test_vllm_lint_only_what_vllm_refuses(report):
 
 
 def test_vlm_suffix_lint_and_peft_exclude(report):
-    from plop.exports.peft_adapter import VISION_EXCLUDE
+    from plop.stacks.peft import VISION_EXCLUDE
 
     vlm = _with(report, ["q_proj", "k_proj", "v_proj"])
     vlm.model.update(architecture="Qwen2VLForConditionalGeneration", model_type="qwen2_vl")

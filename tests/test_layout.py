@@ -22,7 +22,7 @@ DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "pl
              "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
 # the stages, bottom up: a module imports only from its own stage or the stages below it
 FLOORS = [("plop.errors", "plop.version", "plop.config", "plop.placement"), ("plop.files",), ("plop.ranking",), ("plop.measure",),
-          ("plop.model",), ("plop.exports",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
+          ("plop.model",), ("plop.stacks",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
           ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60
 
@@ -102,7 +102,7 @@ def test_top_level_holds_only_the_public_face_and_the_stages():
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == {"__init__", "__main__", "errors", "config", "placement", "version", "diagnosis"}
-    assert packages == {"files", "ranking", "measure", "model", "exports", "audit", "finetune", "integrations", "cli"}
+    assert packages == {"files", "ranking", "measure", "model", "stacks", "audit", "finetune", "integrations", "cli"}
     for package in packages:  # each says its job in two lines
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
         assert doc and len(doc.split("\n\n")[0].splitlines()) <= 2, package
@@ -144,7 +144,7 @@ def test_reading_and_exporting_commands_import_no_torch(tmp_path):
     child runs them all in order and names the first command that pulled one in."""
     from conftest import make_batches, make_llama
     from plop import diagnose
-    from plop.exports import FORMATS
+    from plop.stacks import FORMATS
 
     report, other = tmp_path / "report.json", tmp_path / "other.json"
     diagnose(make_llama(), make_batches(8, 8), n_bootstrap=10, top_k=2).save(report)
@@ -239,3 +239,4 @@ def test_each_rule_has_one_home(rule):
     pattern, homes = RULES[rule]
     holders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(pattern, _code(p))}
     assert holders == homes, f"{rule} is written in {sorted(holders)}"
+

@@ -1,6 +1,6 @@
 """``plop check``: audit any LoRA config against the real model's structure, without its weights.
 
-:func:`check` reads a config of any stack (:mod:`.readers`), builds the model from its
+:func:`check` reads a config of any stack (:mod:`plop.stacks`), builds the model from its
 ``config.json`` on the meta device (:mod:`.meta`), applies the stack's key semantics and lets PEFT
 wrap it (:mod:`.resolve`), and reports what is trained and what goes wrong (:mod:`.findings`).
 """
@@ -12,8 +12,8 @@ from typing import Any
 
 # lazy (PEP 562), as plop's top level: plop export reads its own output back through .verify, and
 # must not pay for the meta-device model builder (torch, PEFT) it never uses
-_EXPORTS = {"check": ".check", "Finding": ".findings", "inline_spec": ".readers", "read_config": ".readers",
-            "EXIT_CLEAN": ".result", "EXIT_ERRORS": ".result", "CheckResult": ".result", "AdapterSpec": ".spec"}
+_EXPORTS = {"check": ".check", "Finding": ".findings", "inline_spec": ".check",
+            "EXIT_CLEAN": ".result", "EXIT_ERRORS": ".result", "CheckResult": ".result"}
 
 __all__ = sorted(_EXPORTS)
 

@@ -8,16 +8,39 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config import default_alpha
 from ..errors import ConfigError
+from ..placement import LoraSettings, Placement
+from ..stacks import StackConfig, read_config
+from ..stacks.reading import names
 from .findings import _type, findings, matrix
 from .meta import meta_model
-from .readers import read_config
 from .resolve import Build, lora_kwargs, wrap
 from .result import CheckResult, RoleRow
-from .spec import AdapterSpec
 
 
-def base_model_path(spec: AdapterSpec, model: str | Path | None) -> str | Path:
+def inline_spec(target_modules: str | None, target_parameters: str | None = None,
+                rank_pattern: str | None = None, rank: int = 8) -> StackConfig:
+    """``--target-modules a,b`` (one value with regex characters is a PEFT regex),
+    ``--target-parameters``, ``--rank-pattern key=r,key=r``."""
+    targets: list[str] | str | None = None
+    if target_modules is not None:
+        regexy = any(c in target_modules for c in "^$*+?()[]|\\") or target_modules == "all-linear"
+        targets = target_modules if regexy else names(target_modules, "--target-modules")
+    pattern = {}
+    for item in names(rank_pattern, "--rank-pattern") or []:
+        key, sep, value = item.rpartition("=")
+        if not sep or not key or not value.isdigit():
+            raise ConfigError(f"--rank-pattern takes KEY=RANK pairs, not {item!r}")
+        pattern[key] = int(value)
+    if targets is None and target_parameters is None:
+        raise ConfigError("give a CONFIG file, or --target-modules / --target-parameters")
+    placement = Placement(target_modules=targets, target_parameters=names(target_parameters, "--target-parameters"),
+                          rank_pattern=pattern, alpha_pattern={})
+    return StackConfig("inline", "command line", placement, LoraSettings(rank, default_alpha(rank), 0.0))
+
+
+def base_model_path(spec: StackConfig, model: str | Path | None) -> str | Path:
     """MODEL, else the base model the config names when that is a local folder or a ``.gguf``."""
     if model is not None:
         return model
@@ -57,9 +80,9 @@ def nfn_budget(roles: list[RoleRow], report, rank: int) -> dict[str, Any]:
             "config_types": sorted(spent, key=lambda t: means.get(t, math.inf))}
 
 
-def check(config: str | Path | AdapterSpec, model: str | Path | None = None, *, report: Any = None,
+def check(config: str | Path | StackConfig, model: str | Path | None = None, *, report: Any = None,
           flavour: str | None = None) -> CheckResult:
-    """Audit ``config`` (a file, a PEFT adapter folder or an :class:`AdapterSpec`) against ``model``
+    """Audit ``config`` (a file, a PEFT adapter folder or a :class:`plop.stacks.StackConfig`) against ``model``
     (a model folder, its ``config.json`` or a ``.gguf``; default: the base model the config names).
     ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
     from ..model.coverage import block_units
@@ -67,7 +90,7 @@ def check(config: str | Path | AdapterSpec, model: str | Path | None = None, *, 
     from ..model.placement import check_report_matches
 
     start = time.perf_counter()
-    spec = config if isinstance(config, AdapterSpec) else read_config(config, flavour)
+    spec = config if isinstance(config, StackConfig) else read_config(config, flavour)
     path = base_model_path(spec, model)
     built = meta_model(path)
     layout = model_layout(built)
@@ -85,11 +108,11 @@ def check(config: str | Path | AdapterSpec, model: str | Path | None = None, *, 
     cells = matrix(build, layout)
     roles = _roles(build, layout, cells)
     result = CheckResult(
-        spec.flavour, spec.source, info, _shown(kwargs), build.trainable, sum(build.params.values()),
+        spec.stack, spec.source, info, _shown(kwargs), build.trainable, sum(build.params.values()),
         sum(build.saved.values()), roles, findings(spec, build, layout, built, block_weights),
         round(adapted, 4), modules=sorted(build.ranks))
     if report is not None and not build.refused:
-        result.by_nfn = nfn_budget(roles, report, spec.r)
+        result.by_nfn = nfn_budget(roles, report, spec.settings.r)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..exports.lint import UNSLOTH_FUSED, VLLM_DORA
-from ..exports.peft_adapter import VISION_EXCLUDE
 from ..model.names import layer_index
 from ..model.placement import ModelLayout
 from ..model.roles import peft_matches
+from ..stacks.lint import UNSLOTH_FUSED, VLLM_DORA
+from ..stacks.peft import VISION_EXCLUDE
+from ..stacks.reading import StackConfig
 from .resolve import Build
-from .spec import AdapterSpec
 
 SEVERITIES = ("error", "warning", "info")
 _ROUTER = re.compile(r"Router|Gate$|Gating")
@@ -36,7 +36,7 @@ def _owner(key: str, build: Build) -> str:
     return build.wrapped_params.get(key, key)
 
 
-def misses(spec: AdapterSpec, build: Build, layout: ModelLayout) -> list[Finding]:
+def misses(spec: StackConfig, build: Build, layout: ModelLayout) -> list[Finding]:
     """Errors: names, patterns and copies in the config that reach nothing on this model."""
     found = [Finding("error", "peft-refuses", build.refused)] if build.refused else []
     if build.refused:
@@ -47,23 +47,23 @@ def misses(spec: AdapterSpec, build: Build, layout: ModelLayout) -> list[Finding
     # into target_parameters: such an entry reached the experts if an expert weight was wrapped
     moved_to_experts = bool(getattr(build.converted, "target_parameters", None)) and \
         any(k in layout.params for k in build.ranks)
-    substring = spec.flavour == "llama-factory" and any("." in t for t in build.lora_config.target_modules or ())
-    if isinstance(spec.target_modules, str):
-        if not any(peft_matches(k, spec.target_modules) for k in modules) and spec.target_modules != "all-linear":
-            found.append(Finding("error", "target-miss", f"target_modules regex {spec.target_modules!r} "
+    substring = spec.stack == "llama-factory" and any("." in t for t in build.lora_config.target_modules or ())
+    if isinstance(spec.placement.target_modules, str):
+        if not any(peft_matches(k, spec.placement.target_modules) for k in modules) and spec.placement.target_modules != "all-linear":
+            found.append(Finding("error", "target-miss", f"target_modules regex {spec.placement.target_modules!r} "
                                  "full-matches no module name of this model, so PEFT adapts nothing with it"))
-    for entry in spec.target_modules if isinstance(spec.target_modules, list) else ():
+    for entry in spec.placement.target_modules if isinstance(spec.placement.target_modules, list) else ():
         if entry == "all":
             continue
         hit = any(entry in k for k in modules) if substring else any(peft_matches(k, [entry]) for k in modules)
         if not hit and not (moved_to_experts and entry not in converted):
             found.append(Finding("error", "target-miss", f"target {entry!r} matches no module of this model: "
                                  "PEFT skips it without a word and trains the rest"))
-    for entry in spec.target_parameters or ():
+    for entry in spec.placement.target_parameters or ():
         if not any(peft_matches(k, [entry]) for k in build.ranks if k in layout.params):
             found.append(Finding("error", "target-miss", f"target parameter {entry!r} matches no expert weight"))
-    for label, pattern in (("rank_pattern", spec.rank_pattern), ("alpha_pattern", spec.alpha_pattern)):
-        for key in pattern:
+    for label, pattern in (("rank_pattern", spec.placement.rank_pattern), ("alpha_pattern", spec.placement.alpha_pattern)):
+        for key in pattern or {}:
             if not any(re.match(rf"(.*\.)?({key})$", k) for k in [*build.ranks, *map(lambda k: _owner(k, build), build.ranks)]):
                 found.append(Finding("error", "pattern-miss", f"{label} key {key!r} matches no adapted module: "
                                      f"those modules keep the default {'rank' if label == 'rank_pattern' else 'alpha'}"))
@@ -149,7 +149,7 @@ def matrix(build: Build, layout: ModelLayout) -> dict[str, dict[int | None, bool
     return out
 
 
-def layer_findings(spec: AdapterSpec, cells: Mapping[str, Mapping[int | None, bool]]) -> list[Finding]:
+def layer_findings(spec: StackConfig, cells: Mapping[str, Mapping[int | None, bool]]) -> list[Finding]:
     """Adapted types that some of their layers lack (layers_to_transform, mlx-lm num_layers)."""
     left: dict[tuple[int, ...], list[str]] = {}
     for t, layers in cells.items():
@@ -157,23 +157,23 @@ def layer_findings(spec: AdapterSpec, cells: Mapping[str, Mapping[int | None, bo
             missing = tuple(sorted(k for k, v in layers.items() if not v and k is not None))
             if missing:
                 left.setdefault(missing, []).append(t)
-    why = {"mlx-lm": f" (mlx-lm num_layers: {spec.stack.get('num_layers')} adapts only the last blocks)"}.get(
-        spec.flavour, " (layers_to_transform)" if spec.layers_to_transform is not None else "")
+    why = {"mlx-lm": f" (mlx-lm num_layers: {spec.rules.get('num_layers')} adapts only the last blocks)"}.get(
+        spec.stack, " (layers_to_transform)" if spec.placement.layers_to_transform is not None else "")
     return [Finding("warning", "layers-left-out", f"{', '.join(types)}: layers {_layers_text(list(missing))} get no "
                     f"adapter{why}") for missing, types in left.items()]
 
 
-def engine_findings(spec: AdapterSpec, build: Build, cells: Mapping[str, Mapping[int | None, bool]]) -> list[Finding]:
-    """Only what the engines' own code shows failing (sources in :mod:`plop.exports.lint`)."""
+def engine_findings(spec: StackConfig, build: Build, cells: Mapping[str, Mapping[int | None, bool]]) -> list[Finding]:
+    """Only what the engines' own code shows failing (sources in :mod:`plop.stacks.lint`)."""
     found = []
-    if spec.use_dora:
+    if spec.settings.use_dora:
         found.append(Finding("warning", "vllm-dora", VLLM_DORA))
-    if spec.flavour != "unsloth":
+    if spec.stack != "unsloth":
         return found
-    if spec.lora_dropout or spec.bias != "none" or spec.use_dora:
+    if spec.settings.dropout or spec.bias != "none" or spec.settings.use_dora:
         found.append(Finding("warning", "unsloth-slow-path", "unsloth's fused kernels need lora_dropout=0, bias "
-                             f"'none' and no DoRA (got dropout={spec.lora_dropout}, bias={spec.bias!r}, "
-                             f"dora={spec.use_dora}): every layer runs on the slower PEFT path"))
+                             f"'none' and no DoRA (got dropout={spec.settings.dropout}, bias={spec.bias!r}, "
+                             f"dora={spec.settings.use_dora}): every layer runs on the slower PEFT path"))
     adapted = {t for t, layers in cells.items() if any(layers.values())}
     for fused, members in UNSLOTH_FUSED.items():
         have = [m for m in members if m in adapted]
@@ -195,7 +195,7 @@ def conversion_note(build: Build) -> list[Finding]:
                     f"{sorted(after - before)} (its transformers-5 MoE conversion; a fused pair trains at twice the rank)")]
 
 
-def findings(spec: AdapterSpec, build: Build, layout: ModelLayout, model: nn.Module, block_weights: int) -> list[Finding]:
+def findings(spec: StackConfig, build: Build, layout: ModelLayout, model: nn.Module, block_weights: int) -> list[Finding]:
     """Every finding, errors first."""
     cells = matrix(build, layout)
     found = misses(spec, build, layout)

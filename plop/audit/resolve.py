@@ -2,7 +2,7 @@
 
 The stack rules that need the model (axolotl ``lora_target_linear``, LLaMA-Factory ``all`` and its
 VLM target patching, torchtune's switches, mlx-lm's keys and ``num_layers``) turn an
-:class:`AdapterSpec` into the ``LoraConfig`` that stack hands to PEFT. Then ``get_peft_model``
+:class:`StackConfig` into the ``LoraConfig`` that stack hands to PEFT. Then ``get_peft_model``
 wraps the meta model: PEFT's own matcher, its transformers-5 MoE conversion and its refusals
 decide what is wrapped, so plop never disagrees with PEFT, and the trainable count is PEFT's.
 """
@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..model.names import layer_index
-from .spec import AdapterSpec, check_regexes
+from ..stacks.reading import StackConfig, check_regexes
 
 ADAPTER = "default"
 # LLaMA-Factory src/llamafactory/model/model_utils/visual.py COMPOSITE_MODELS (vision_model_keys,
@@ -67,15 +67,15 @@ def _head_leaf(model: nn.Module) -> str | None:
     return next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head), None)
 
 
-def _llama_factory(spec: AdapterSpec, model: nn.Module) -> list[str]:
+def _llama_factory(spec: StackConfig, model: nn.Module) -> list[str]:
     """hiyouga/LLaMA-Factory src/llamafactory/model/adapter.py _setup_lora_tuning: ``all`` ->
     find_all_linear_modules (lm_head and, by default, the frozen vision tower and projector left
     out); on a composite (VLM) model, patch_target_modules turns targets into the full names
     that contain one of them as a substring and none of the frozen keys."""
     vision, projector, conflict = LLAMA_FACTORY_COMPOSITE.get(getattr(model.config, "model_type", None), ([], [], []))
-    frozen = (vision if spec.stack.get("freeze_vision_tower", True) else []) + \
-        (projector if spec.stack.get("freeze_multi_modal_projector", True) else [])
-    targets = list(spec.target_modules or [])
+    frozen = (vision if spec.rules.get("freeze_vision_tower", True) else []) + \
+        (projector if spec.rules.get("freeze_multi_modal_projector", True) else [])
+    targets = list(spec.placement.target_modules or [])
     if "all" in targets:
         targets = sorted(_leaf_linear_names(model, ["lm_head", *frozen]))
     if getattr(model.config, "model_type", None) in LLAMA_FACTORY_COMPOSITE:
@@ -98,16 +98,16 @@ def _blocks(model: nn.Module) -> tuple[str, int]:
     return prefix, len(counts[prefix])
 
 
-def _mlx(spec: AdapterSpec, model: nn.Module, kwargs: dict) -> None:
+def _mlx(spec: StackConfig, model: nn.Module, kwargs: dict) -> None:
     """ml-explore/mlx-lm mlx_lm/tuner/utils.py linear_to_lora_layers: ``model.layers[-num_layers:]``
     (all for -1); ``keys`` are paths inside a block; without keys every linear layer of the block
     (routers and MoE SwitchLinear experts included) gets LoRA."""
     prefix, n = _blocks(model)
-    num = spec.stack.get("num_layers", 16)
+    num = spec.rules.get("num_layers", 16)
     first = 0 if num < 0 or num >= n else n - num
     kwargs["layers_to_transform"] = list(range(first, n))
     kwargs["layers_pattern"] = prefix.rsplit(".", 1)[-1] if prefix else None
-    if spec.target_modules is None:
+    if spec.placement.target_modules is None:
         inside = [name[len(prefix) + 1:].split(".", 1) for name, m in model.named_modules()
                   if name.startswith(prefix + ".") and isinstance(m, nn.Linear)]
         kwargs["target_modules"] = sorted({rest for _, rest in (p for p in inside if len(p) == 2)})
@@ -117,22 +117,22 @@ def _mlx(spec: AdapterSpec, model: nn.Module, kwargs: dict) -> None:
         kwargs["target_parameters"] = experts or None
 
 
-def lora_kwargs(spec: AdapterSpec, model: nn.Module) -> dict:
+def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
     """The ``LoraConfig`` arguments the stack hands to PEFT for ``model``."""
     kwargs = spec.lora_kwargs()
     if spec.expand == "axolotl-linear":
-        extra = spec.target_modules if isinstance(spec.target_modules, list) else [spec.target_modules]
+        extra = spec.placement.target_modules if isinstance(spec.placement.target_modules, list) else [spec.placement.target_modules]
         kwargs["target_modules"] = sorted(set(filter(None, extra)) | (_leaf_linear_names(model) - {_head_leaf(model)}))
     elif spec.expand and spec.expand.startswith("llama-factory"):
         kwargs["target_modules"] = _llama_factory(spec, model)
     elif spec.expand == "torchtune":
         # torchtune's MLP is w1/w2/w3 (gate/down/up), its output projection the LM head
-        extra = (["gate_proj", "up_proj", "down_proj"] if spec.stack.get("mlp") else []) + \
-            ([_head_leaf(model) or "lm_head"] if spec.stack.get("output") else [])
-        kwargs["target_modules"] = list(spec.target_modules or []) + extra
+        extra = (["gate_proj", "up_proj", "down_proj"] if spec.rules.get("mlp") else []) + \
+            ([_head_leaf(model) or "lm_head"] if spec.rules.get("output") else [])
+        kwargs["target_modules"] = list(spec.placement.target_modules or []) + extra
     elif spec.expand == "mlx-lm":
         _mlx(spec, model, kwargs)
-    if spec.flavour == "axolotl" and kwargs.get("target_parameters"):
+    if spec.stack == "axolotl" and kwargs.get("target_parameters"):
         # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
         # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
         kwargs["lora_dropout"] = 0.0

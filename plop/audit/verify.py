@@ -13,22 +13,14 @@ from typing import Any
 from ..errors import first_line
 from ..model.names import layer_index
 from ..model.roles import peft_matches
-from .readers import READERS
-from .spec import check_regexes
-
-# the reader of each export format (spectrum is partial full fine-tuning: no LoRA to resolve)
-EXPORT_FLAVOURS = {"peft": "peft", "axolotl": "axolotl", "llama-factory": "llama-factory", "trl": "trl",
-                   "torchtune": "torchtune", "mlx-lm": "mlx-lm", "unsloth": "unsloth"}
+from ..stacks import STACKS
+from ..stacks.reading import check_regexes, parse_yaml
 
 
 def _parse(text: str, fmt: str) -> Any:
     if fmt == "peft":
         return json.loads(text)
-    if fmt == "unsloth":
-        return text
-    import yaml
-
-    return yaml.safe_load(text)
+    return text if fmt == "unsloth" else parse_yaml(text, f"the {fmt} export")
 
 
 def _kwargs_on_names(spec, names: list[str]) -> dict:
@@ -36,21 +28,21 @@ def _kwargs_on_names(spec, names: list[str]) -> dict:
     that need module classes: lora_target_linear, lora_target all)."""
     kwargs = spec.lora_kwargs()
     if spec.expand == "torchtune":
-        kwargs["target_modules"] = list(spec.target_modules or []) + \
-            (["gate_proj", "up_proj", "down_proj"] if spec.stack.get("mlp") else []) + \
-            (["lm_head"] if spec.stack.get("output") else [])
+        kwargs["target_modules"] = list(spec.placement.target_modules or []) + \
+            (["gate_proj", "up_proj", "down_proj"] if spec.rules.get("mlp") else []) + \
+            (["lm_head"] if spec.rules.get("output") else [])
     elif spec.expand == "mlx-lm":
         n = 1 + max((layer_index(x) for x in names if layer_index(x) is not None), default=-1)
-        num = spec.stack.get("num_layers", n)
+        num = spec.rules.get("num_layers", n)
         kwargs["layers_to_transform"] = list(range(0 if num < 0 else max(n - num, 0), n))
     return kwargs
 
 
 def resolve_export(text: str, fmt: str, report) -> set[str] | None:
     """The report's modules and expert weights that the exported ``text`` reaches (None for spectrum)."""
-    if fmt not in EXPORT_FLAVOURS:
+    if STACKS[fmt].read is None:
         return None
-    spec = READERS[EXPORT_FLAVOURS[fmt]](_parse(text, fmt), f"the {fmt} export")
+    spec = STACKS[fmt].read(_parse(text, fmt), f"the {fmt} export")
     names = [m.name for m in report.modules if m.experts is None]
     params = [m.name for m in report.modules if m.experts is not None]
     kwargs = _kwargs_on_names(spec, names)

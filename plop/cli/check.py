@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..files.untrusted import plain_safe
+from ..stacks import READABLE
 from .options import command
 
 EPILOG = """\
@@ -27,7 +28,7 @@ def register(sub) -> None:
     p = command(sub, "check", "audit any LoRA config against the model: what it trains, what it misses", epilog=EPILOG)
     p.add_argument("config", nargs="?", help="config file or PEFT adapter folder (omit with --target-modules)")
     p.add_argument("model", nargs="?", help="model folder, config.json or .gguf")
-    p.add_argument("--flavour", choices=("peft", "axolotl", "llama-factory", "trl", "torchtune", "mlx-lm", "unsloth"),
+    p.add_argument("--flavour", choices=READABLE,
                    help="the stack that reads CONFIG (default: detected from its keys)")
     p.add_argument("--target-modules", help="inline: comma-separated suffixes, or one PEFT regex")
     p.add_argument("--target-parameters", help="inline: comma-separated 3-D expert weights (PEFT target_parameters)")

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 
-from ..exports import FORMATS
+from ..stacks import FORMATS
 from ..files.fsio import check_destination
 from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
@@ -78,7 +78,7 @@ def show(args) -> int:
         report.plot(args.plot)
         print(plain_safe(f"plot written to {args.plot}"))
     if args.html:
-        from ..exports import snippets
+        from ..stacks import snippets
         from ..ranking.html_report import write_html
 
         write_html(report, args.html, exports=snippets(report))
@@ -105,8 +105,8 @@ def diff(args) -> int:
 
 
 def export(args) -> int:
-    from ..exports import export as export_to
-    from ..exports import write_export
+    from ..stacks import export as export_to
+    from ..stacks import write_export
     from ..ranking.report import Report
 
     fmt, out = ("peft", os.path.join(args.peft, "")) if args.peft else (args.to, args.out)  # a folder

@@ -40,10 +40,10 @@ from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
 from ..files.untrusted import plain_safe
 from ..measure.distributed import world
-from ..exports.axolotl import export as axolotl_export
-from ..exports.target import Target
 from ..placement import LoraSettings
 from ..ranking.report import Report
+from ..stacks import axolotl as axolotl_stack
+from ..stacks.target import Target
 from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"
@@ -60,20 +60,6 @@ class PlopArgs(BaseModel):
     plop_budget: int | None = None
     plop_allocate: bool | None = None
     plop_seed: int | None = None
-
-
-# the axolotl keys that say where the adapters go; the run's own rank, alpha and dropout stand
-PLACEMENT_KEYS = ("lora_target_modules", "lora_target_linear", "lora_rank_pattern", "lora_alpha_pattern",
-                  "lora_target_parameters")
-
-
-def placement_settings(report: Report, settings: LoraSettings) -> dict[str, Any]:
-    """The axolotl keys that put the adapters where ``report`` recommends, as ``plop export --to
-    axolotl`` writes them at the run's settings (an allocation keeps each type's ``alpha / rank``
-    at the run's ``lora_alpha / r``; expert weights take no dropout)."""
-    written = axolotl_export(Target(report, settings)).settings
-    keys = PLACEMENT_KEYS + (("lora_dropout",) if report.recommendation.target_parameters else ())
-    return {k: written[k] for k in keys if k in written}
 
 
 def _trl_rows(ds, spec) -> Any:
@@ -181,5 +167,5 @@ class PlopPlugin(BasePlugin):
     def _apply(cfg, report: Report) -> None:
         if cfg.adapter not in ("lora", "qlora"):
             raise ConfigError(f"plop places LoRA adapters: set adapter: lora or qlora, not {cfg.adapter!r}")
-        for key, value in placement_settings(report, LoraSettings(cfg.lora_r, cfg.lora_alpha)).items():
+        for key, value in axolotl_stack.placement_keys(Target(report, LoraSettings(cfg.lora_r, cfg.lora_alpha))).items():
             cfg[key] = value

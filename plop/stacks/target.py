@@ -76,6 +76,14 @@ class Target:
         pattern = lora_kwargs(self.placement, self.settings).get("alpha_pattern")
         return {k: int(a) if float(a).is_integer() else a for k, a in pattern.items()} if pattern else None
 
+    def dropout(self, stack: str) -> tuple[float, list[str]]:
+        """The dropout a stack that writes ``target_parameters`` must set, and why: PEFT's adapters on
+        3-D expert weights refuse any other than 0 (ParamWrapper, peft/tuners/lora/layer.py)."""
+        if self.target_parameters and self.settings.dropout:
+            return 0.0, [f"{stack} passes lora_target_parameters to PEFT, which refuses lora_dropout "
+                         f"{self.settings.dropout} on expert weights; set it to 0"]
+        return self.settings.dropout, []
+
     @property
     def is_regex(self) -> bool:
         return isinstance(self.target_modules, str)
