@@ -174,3 +174,13 @@ def test_an_allocate_report_sets_the_budget_with_its_own_ranks(tokenizer):
     recommended, all_linear = result.rows
     assert result.budget == recommended.trainable_params == report.recommendation.trainable_params
     assert recommended.budget_ratio == 1.0 and abs(all_linear.trainable_params / result.budget - 1) <= 0.10
+
+
+def test_one_seed_gives_every_placement_the_same_first_batch(tokenizer, report, tmp_path):
+    """At step 1 every B is zero, so placements trained at one seed on the same batch log the same
+    loss: the seed pairs the runs' data (LoRA dropout 0.05 here cannot shift it)."""
+    config = TrainConfig(steps=2, lr=1e-2, batch_size=8, logging_steps=1, dropout=0.05, output_dir=str(tmp_path))
+    result = compare(make_model(), tokenizer, examples(24), report, seeds=[3], rank=2, config=config,
+                     placements=["recommended", "mlp", "all-linear", "attention"])
+    assert len({r.loss_curve[0]["loss"] for r in result.rows}) == 1
+    assert len({r.loss_curve[1]["loss"] for r in result.rows}) == 4  # from step 2 on they learn apart

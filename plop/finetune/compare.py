@@ -81,6 +81,7 @@ class CompareRow:
     eval_reward_before: float | None = None
     eval_reward_after: float | None = None
     eval_reward_curve: list[dict[str, float]] = field(default_factory=list)
+    reward_curve: list[dict[str, float]] = field(default_factory=list)  # the sampled completions' mean reward per step
 
 
 @dataclass
@@ -283,7 +284,7 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         seconds_per_step=summary["seconds_per_step"], seed=seed,
         loss_curve=summary["loss_curve"], rank_pattern=candidate.placement.rank_pattern,
         eval_reward_before=before.get("reward"), eval_reward_after=after.get("reward"),
-        eval_reward_curve=summary.get("eval_reward_curve", []),
+        eval_reward_curve=summary.get("eval_reward_curve", []), reward_curve=summary.get("reward_curve", []),
     )
 
 

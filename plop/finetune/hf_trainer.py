@@ -47,12 +47,43 @@ class LoraPlusTrainer(LoraPlus, Trainer):
     """The supervised fine-tune's ``Trainer``, with LoRA+."""
 
 
+class PairedSampling:
+    """Completions drawn from a random stream of their own, from the policy without dropout.
+
+    The generation at (step, micro-step) of a run seeded ``s`` on process ``p`` samples from a seed
+    derived from ``(s, step, micro-step, p)`` and gives the global stream back as it found it; the
+    model is in eval mode meanwhile, so no LoRA dropout mask is drawn between two tokens' samples
+    (TRL generates in train mode, where each adapted module's dropout draws from the same global
+    stream: a placement with more adapters shifted every later sample). Two placements at one seed
+    then sample the same completions while their policies are equal (at the first step, where every
+    B is zero), so a seed pairs runs by their samples, not only by their prompt order.
+
+    A mixin over TRL's ``GRPOTrainer``, whose ``_generate`` samples with the model's ``generate``
+    on the global torch generator (trl/trainer/grpo_trainer.py)."""
+
+    def _generate(self, prompts: list):
+        import numpy as np
+
+        key = [self.args.seed, self.state.global_step, getattr(self, "_step", 0), self.accelerator.process_index]
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        training = self.model.training
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self.model.eval()
+            try:
+                return super()._generate(prompts)
+            finally:
+                self.model.train(training)
+
+
 @functools.cache
 def grpo_trainer_class() -> type:
-    """TRL's ``GRPOTrainer`` with LoRA+, built on first use: importing TRL costs seconds."""
+    """TRL's ``GRPOTrainer`` with LoRA+ and paired sampling, built on first use: importing TRL costs seconds."""
     from trl import GRPOTrainer
 
-    return type("LoraPlusGRPOTrainer", (LoraPlus, GRPOTrainer), {"__doc__": "TRL's GRPO, with LoRA+."})
+    return type("LoraPlusGRPOTrainer", (LoraPlus, PairedSampling, GRPOTrainer),
+                {"__doc__": "TRL's GRPO, with LoRA+ and completions sampled from their own seeded stream."})
 
 
 class EveryNSteps(TrainerCallback):
