@@ -21,7 +21,6 @@ from .config import AutoSampling, DiagnoseConfig
 from .errors import ConfigError, DataError, ModelError
 from .files.data import take_sample
 from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
-from .files.untrusted import clip_text
 from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
@@ -37,6 +36,7 @@ from .model.names import layer_index
 from .model.placement import ModelLayout, placement_costs, recommendation_targets
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
 from .ranking.report import ModuleRecord, Report
+from .utils.untrusted import clip_text
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
 

@@ -14,14 +14,15 @@ import pytest
 
 PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
-DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.files.fsio",
-             "plop.files.untrusted", "plop.measure.batching", "plop.measure.collector", "plop.measure.distributed",
+DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.utils.fsio",
+             "plop.utils.untrusted", "plop.measure.batching", "plop.measure.collector", "plop.measure.distributed",
              "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
              "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
-# the stages, bottom up: a module imports only from its own stage or the stages below it
-FLOORS = [("plop.errors", "plop.version", "plop.config"), ("plop.files",), ("plop.ranking",), ("plop.measure",),
+# the stages, bottom up: a module imports only from its own stage or the stages below it; utils, the
+# floor every stage stands on, imports nothing of plop's but the errors
+FLOORS = [("plop.errors", "plop.version"), ("plop.utils",), ("plop.config",), ("plop.files",), ("plop.ranking",), ("plop.measure",),
           ("plop.model",), ("plop.exports",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
           ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60
@@ -102,7 +103,7 @@ def test_top_level_holds_only_the_public_face_and_the_stages():
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == {"__init__", "__main__", "errors", "config", "version", "diagnosis"}
-    assert packages == {"files", "ranking", "measure", "model", "exports", "audit", "finetune", "integrations", "cli"}
+    assert packages == {"utils", "files", "ranking", "measure", "model", "exports", "audit", "finetune", "integrations", "cli"}
     for package in packages:  # each says its job in two lines
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
         assert doc and len(doc.split("\n\n")[0].splitlines()) <= 2, package

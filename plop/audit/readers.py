@@ -1,9 +1,9 @@
 """Read an adapter config of any stack into an :class:`AdapterSpec` (torch-free, untrusted input).
 
-Configs are read like reports: under a size cap (:func:`plop.files.fsio.read_text_capped`, checked on
+Configs are read like reports: under a size cap (:func:`plop.utils.fsio.read_text_capped`, checked on
 the open file before a byte is read), YAML with the safe loader, JSON with the standard parser,
 and a Python file (unsloth) parsed with :mod:`ast` and never run. Regexes are checked by
-:func:`plop.files.untrusted.check_regex` in :mod:`plop.audit.resolve`, where they are used.
+:func:`plop.utils.untrusted.check_regex` in :mod:`plop.audit.resolve`, where they are used.
 
 Every stack's keys, and what the stack does with them before PEFT sees them, are cited at the
 reader that applies them.
@@ -20,7 +20,7 @@ from typing import Any
 
 from ..config import default_alpha
 from ..errors import ConfigError
-from ..files.fsio import read_text_capped
+from ..utils.fsio import read_text_capped
 from .spec import AdapterSpec
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # training configs are kilobytes; this leaves room for long regex lists

@@ -7,8 +7,8 @@ import os
 from html import escape
 from pathlib import Path
 
-from ..files.fsio import atomic_write
-from ..files.untrusted import plain_safe
+from ..utils.fsio import atomic_write
+from ..utils.untrusted import plain_safe
 from .result import CheckResult, RoleRow
 
 _MARKS = {True: "█", False: "·"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..files.untrusted import check_regex
+from ..utils.untrusted import check_regex
 
 FLAVOURS = ("peft", "axolotl", "llama-factory", "trl", "torchtune", "mlx-lm", "unsloth", "inline")
 

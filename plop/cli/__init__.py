@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from ..errors import PlopError
-from ..files.untrusted import plain_safe
+from ..utils.untrusted import plain_safe
 from ..version import __version__
 from . import adapters, check, compare, diagnose, reports, train
 from .options import EXIT_USAGE, Formatter, Parser

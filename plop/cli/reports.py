@@ -8,9 +8,9 @@ import sys
 import warnings
 
 from ..exports import FORMATS
-from ..files.fsio import check_destination
-from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
+from ..utils.fsio import check_destination
+from ..utils.untrusted import plain_safe, terminal_safe
 from .options import add_options, command
 
 SHOW_EXAMPLES = """examples:

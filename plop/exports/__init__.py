@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..files.fsio import atomic_write
+from ..utils.fsio import atomic_write
 from . import axolotl, llama_factory, mlx_lm, peft_adapter, spectrum, torchtune, trl_config, unsloth
 from .lint import lint
 from .result import ExportResult, merge_into

@@ -38,10 +38,10 @@ from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
-from ..files.untrusted import plain_safe
 from ..measure.distributed import world
 from ..ranking.peft_config import rank_patterns
 from ..ranking.report import Report
+from ..utils.untrusted import plain_safe
 from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"

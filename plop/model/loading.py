@@ -23,11 +23,11 @@ from torch import nn
 
 from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
 from ..errors import ConfigError, ModelError, first_line
-from ..files.fsio import atomic_dir, clean_stale_temps
 from ..measure.distributed import launched
 from ..measure.experts import expert_weights, find_experts
 from ..measure.layers import find_linear_modules, linear_shapes
 from ..measure.sharded import load_sharded
+from ..utils.fsio import atomic_dir, clean_stale_temps
 from .peft_rules import refused_types
 from .placement import ModelLayout
 
@@ -71,7 +71,7 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     """A directory holding the GGUF model dequantized to safetensors (built once, then reused).
 
     The directory is written under a temporary name and renamed into place
-    (:func:`plop.files.fsio.atomic_dir`), so an interrupted first load never leaves a half-written cache
+    (:func:`plop.utils.fsio.atomic_dir`), so an interrupted first load never leaves a half-written cache
     behind, and the next load removes what a killed one left.
     """
     target = _gguf_cache_path(gguf)

@@ -15,7 +15,7 @@ from html import escape
 from pathlib import Path
 
 from ..config import default_alpha
-from ..files.fsio import atomic_write
+from ..utils.fsio import atomic_write
 from .render import figure_bytes, plot_report, scored_tokens, target_modules_line
 
 CSS = """
