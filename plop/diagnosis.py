@@ -24,7 +24,7 @@ from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
 from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
-from .measure.distributed import GlobalState, data_parallel_passes, world
+from .measure.data_parallel import GlobalState, data_parallel_passes
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
 from .measure.generate import generated_examples, generation_record
 from .measure.layers import dense_weight, find_linear_modules
@@ -36,6 +36,7 @@ from .model.names import layer_index
 from .model.placement import ModelLayout, placement_costs, recommendation_targets
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
 from .ranking.report import ModuleRecord, Report
+from .utils.distributed import world
 from .utils.untrusted import clip_text
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
@@ -217,7 +218,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
 def _local_passes(collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch],
                   forward) -> Iterator[tuple[GlobalState, Batch]]:
     """``(state, batch)`` after each batch, the state being this process's own accumulators: the
-    single-process counterpart of :func:`plop.measure.distributed.data_parallel_passes`."""
+    single-process counterpart of :func:`plop.measure.data_parallel.data_parallel_passes`."""
     state = GlobalState(collector.stats, dict(experts))
     for batch in batches:
         forward(batch)
@@ -314,7 +315,7 @@ def diagnose(
         progress: show a progress bar with tokens/s and ETA.
 
     Inside an initialised ``torch.distributed`` process group of several processes the
-    diagnosis is data-parallel (see :mod:`plop.measure.distributed`): each process runs its share of
+    diagnosis is data-parallel (see :mod:`plop.measure.data_parallel`): each process runs its share of
     the batches, and every process returns the report one process would have made of all the
     data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
     processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).

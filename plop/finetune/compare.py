@@ -26,13 +26,13 @@ from torch import nn
 
 from ..errors import PlopError
 from ..files.data import Example
-from ..measure.distributed import shared_tempdir
 from ..measure.layers import dense_weight
 from ..measure.weight_scores import weight_scores
 from ..model.loading import ModelLayout, model_layout
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, Targets, check_report_matches, placement_types
 from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modules
 from ..ranking.report import ModuleRecord, Report
+from ..utils.distributed import shared_tempdir
 from ..utils.fsio import atomic_write
 from .config import TrainConfig
 from .trainer import train_on_targets

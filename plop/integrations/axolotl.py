@@ -38,9 +38,9 @@ from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
-from ..measure.distributed import world
 from ..ranking.peft_config import rank_patterns
 from ..ranking.report import Report
+from ..utils.distributed import world
 from ..utils.untrusted import plain_safe
 from .peft import strategy_settings
 

@@ -1,6 +1,6 @@
 """``shard=True`` (``--shard``): a diagnosis whose weights are split across the processes by FSDP2.
 
-A data-parallel diagnosis (:mod:`plop.measure.distributed`) gives every process the whole model. Sharded,
+A data-parallel diagnosis (:mod:`plop.measure.data_parallel`) gives every process the whole model. Sharded,
 each process holds about 1/N of every weight instead, through torch's own FSDP2
 (``torch.distributed.fsdp.fully_shard``): one group per decoder block, one for the body the
 diagnosis calls (embeddings, final norm), and one for what is left outside it (an untied output
@@ -20,7 +20,7 @@ head). Nothing here slices a tensor by hand; FSDP2 lays the shards out (dim 0, `
 * **The data** is dealt out as in the data-parallel diagnosis, and its float64 sums are gathered
   in data order by the same code; the only difference is that a process without a batch of its
   own in the last step runs a batch whose statistics are dropped, since every block's all-gather
-  needs every process (``lockstep`` in :func:`plop.measure.distributed.data_parallel_passes`).
+  needs every process (``lockstep`` in :func:`plop.measure.data_parallel.data_parallel_passes`).
 
 Refused, each in one line: a single process (nothing to shard across), quantized bases
 (bitsandbytes packs 4/8-bit weights with per-block scales that FSDP2 would not shard with them),
@@ -41,7 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from .distributed import world
+from ..utils.distributed import world
 from .experts import expert_weights
 from .layers import module_shape, parameter
 from .nfn import baseline_of_norm

@@ -23,10 +23,10 @@ from torch import nn
 
 from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
 from ..errors import ConfigError, ModelError, first_line
-from ..measure.distributed import launched
 from ..measure.experts import expert_weights, find_experts
 from ..measure.layers import find_linear_modules, linear_shapes
 from ..measure.sharded import load_sharded
+from ..utils.distributed import launched
 from ..utils.fsio import atomic_dir, clean_stale_temps
 from .peft_rules import refused_types
 from .placement import ModelLayout
