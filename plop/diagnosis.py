@@ -27,7 +27,7 @@ from .measure.collector import NFNCollector
 from .measure.data_parallel import GlobalState, data_parallel_passes
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
 from .measure.generate import generated_examples, generation_record
-from .measure.layers import dense_weight, find_linear_modules
+from .measure.layers import body, dense_weight, find_linear_modules
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .measure.weight_scores import weight_scores
 from .model.coverage import coverage
@@ -40,15 +40,6 @@ from .utils.distributed import world
 from .utils.untrusted import clip_text
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
-
-
-def _forward_target(model: nn.Module, include_head: bool) -> nn.Module:
-    """The module to call: the body without the output head, so no logits are computed."""
-    if not include_head:
-        body = getattr(model, "base_model", None)
-        if isinstance(body, nn.Module) and body is not model and hasattr(body, "get_input_embeddings"):
-            return body
-    return model
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -173,7 +164,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
     modules = find_linear_modules(model, include_head=config.include_head)
     if not modules:
         raise ModelError(f"{type(model).__name__} has no linear modules (nn.Linear or Conv1D) to diagnose")
-    target = _forward_target(model, config.include_head)
+    target = model if config.include_head else body(model)
     call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(target.forward).parameters else {}
     checkpoints: list[Checkpoint] = []
     selector = records = None

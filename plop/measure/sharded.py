@@ -43,7 +43,7 @@ from torch import nn
 from ..errors import ConfigError, ModelError
 from ..utils.distributed import world
 from .experts import expert_weights
-from .layers import module_shape, parameter
+from .layers import body, module_shape, parameter
 from .nfn import baseline_of_norm
 
 
@@ -51,15 +51,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def body(model: nn.Module) -> nn.Module:
-    """What a diagnosis without the head calls (as :func:`plop.diagnosis._forward_target`): the
-    sharding gives it a group of its own so that calling it gathers the embeddings."""
-    inner = getattr(model, "base_model", None)
-    if isinstance(inner, nn.Module) and inner is not model and hasattr(inner, "get_input_embeddings"):
-        return inner
-    return model
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -142,7 +133,7 @@ def shard(model: nn.Module) -> None:
                          "diagnose it without --shard")
     _return_freed_memory()
     mesh = init_device_mesh(_device().type, (world().size,))
-    inner = body(model)
+    inner = body(model)  # what the diagnosis calls: a group of its own, so that calling it gathers the embeddings
     owners = {id(p): (m, n) for m in inner.modules() for n, p in m.named_parameters(recurse=False)}
     aliases = [(m, n, owners[id(p)]) for m in model.modules() if not any(m is x for x in inner.modules())
                for n, p in m.named_parameters(recurse=False) if id(p) in owners]
