@@ -297,7 +297,7 @@ def diagnose(
         model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
         data: texts (tokenized here with ``tokenizer``), prompt/response examples (``.prompt``,
             ``.response``; an encoder-decoder's decoder is fed the response), a dataset in one of
-            TRL's formats (:mod:`plop.integrations.datasets`; ``samples`` rows drawn with ``seed``;
+            TRL's formats (:mod:`plop.files.trl_formats`; ``samples`` rows drawn with ``seed``;
             no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).

@@ -4,10 +4,12 @@ no function grows past a screen, and the commands that only read a report start 
 from __future__ import annotations
 
 import ast
+import io
 import re
 import os
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -240,3 +242,73 @@ def test_each_rule_has_one_home(rule):
     pattern, homes = RULES[rule]
     holders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(pattern, _code(p))}
     assert holders == homes, f"{rule} is written in {sorted(holders)}"
+
+
+# -- prose that names code --------------------------------------------------------------------
+DOTTED = re.compile(r"\bplop(?:\.[A-Za-z_]\w*)+")
+
+
+def _prose(path: Path) -> str:
+    """A module's docstrings (of the module, its classes, functions and attributes) and comments."""
+    text = path.read_text()
+    docs = [node.value.value for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+    comments = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+    return "\n".join(docs + comments)
+
+
+def _defined(scope: ast.AST) -> dict[str, ast.AST]:
+    """The names a module or class body defines (also under ``if``/``try``), and a class's
+    ``self.x`` attributes, each with the node that defines it."""
+    names: dict[str, ast.AST] = {}
+    for node in ast.iter_child_nodes(scope):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id: node for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0]: node for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            names |= _defined(node)
+    if isinstance(scope, ast.ClassDef):
+        names |= {t.attr: t for n in ast.walk(scope) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                  for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                  if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return names
+
+
+def _source(parts: list[str]) -> Path | None:
+    path = PACKAGE.parent.joinpath(*parts)
+    return next((p for p in (path / "__init__.py", path.with_suffix(".py")) if p.is_file()), None)
+
+
+def _lookup(dotted: str) -> ast.AST | None:
+    """What defines ``plop.a.b.C.d``: the longest module it starts with, then each name in turn,
+    through relative imports to where a name is defined and through a class's bases."""
+    parts = dotted.split(".")
+    cut = next(c for c in range(len(parts), 0, -1) if _source(parts[:c]))
+    source = _source(parts[:cut])
+    package = parts[:cut] if source.name == "__init__.py" else parts[: cut - 1]
+    scope: ast.AST = ast.parse(source.read_text())
+    for at in range(cut, len(parts)):
+        found = _defined(scope).get(parts[at])
+        if isinstance(found, ast.ImportFrom) and found.level:  # look where the name is defined
+            original = next(a.name for a in found.names if (a.asname or a.name) == parts[at])
+            anchor = package[: len(package) - found.level + 1]
+            return _lookup(".".join([*anchor, *filter(None, [found.module]), original, *parts[at + 1:]]))
+        if found is None and isinstance(scope, ast.ClassDef):  # inherited
+            found = next((n for b in scope.bases if isinstance(b, ast.Name)
+                          for n in [_lookup(".".join([*parts[:at - 1], b.id, parts[at]]))] if n is not None), None)
+        if found is None:
+            return None
+        scope = found
+    return scope
+
+
+def test_prose_names_only_modules_and_names_that_exist():
+    """Every dotted ``plop.`` path a docstring or comment names resolves: a module that moved or a
+    function that was renamed leaves no pointer to where it no longer is."""
+    stale = sorted({f"{_module_name(p)}: {name}" for p in PACKAGE.rglob("*.py") for name in DOTTED.findall(_prose(p))
+                    if _lookup(name) is None})
+    assert not stale

@@ -165,7 +165,7 @@ class NFNCollector(Hooks):
         self.modules = modules
         self.estimator = estimator
         self.seed = seed
-        # baselines given: computed from FSDP shards (plop.sharded), as no process holds W whole
+        # baselines given: computed from FSDP shards (plop.measure.sharded), as no process holds W whole
         if baselines is None and any(is_offloaded(module) for module in modules.values()):  # one weight at a time
             baselines = [random_baseline(dense_weight(module)) for module in modules.values()]
         elif baselines is None:
