@@ -42,7 +42,7 @@ def child(args) -> None:
 
     import plop
     from plop.files.data import load_examples
-    from plop.measure.distributed import finish, init_from_env
+    from plop.utils.distributed import finish, init_from_env
     from plop.model.loading import load_model
     from plop.measure.sharded import held_bytes
 

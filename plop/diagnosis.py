@@ -21,14 +21,13 @@ from .config import AutoSampling, DiagnoseConfig
 from .errors import ConfigError, DataError, ModelError
 from .files.data import take_sample
 from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
-from .files.untrusted import clip_text
 from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
-from .measure.distributed import GlobalState, data_parallel_passes, world
+from .measure.data_parallel import GlobalState, data_parallel_passes
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
 from .measure.generate import generated_examples, generation_record
-from .measure.layers import dense_weight, find_linear_modules
+from .measure.layers import body, dense_weight, find_linear_modules
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .measure.weight_scores import weight_scores
 from .model.coverage import coverage
@@ -37,17 +36,10 @@ from .model.names import layer_index
 from .model.placement import ModelLayout, placement_costs, recommendation_targets
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
 from .ranking.report import ModuleRecord, Report
+from .utils.distributed import world
+from .utils.untrusted import clip_text
 
 Checkpoint = tuple[int, frozenset]  # (samples seen, selection after that batch)
-
-
-def _forward_target(model: nn.Module, include_head: bool) -> nn.Module:
-    """The module to call: the body without the output head, so no logits are computed."""
-    if not include_head:
-        body = getattr(model, "base_model", None)
-        if isinstance(body, nn.Module) and body is not model and hasattr(body, "get_input_embeddings"):
-            return body
-    return model
 
 
 def _input_device(model: nn.Module) -> torch.device:
@@ -172,7 +164,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
     modules = find_linear_modules(model, include_head=config.include_head)
     if not modules:
         raise ModelError(f"{type(model).__name__} has no linear modules (nn.Linear or Conv1D) to diagnose")
-    target = _forward_target(model, config.include_head)
+    target = model if config.include_head else body(model)
     call_kwargs = {"use_cache": False} if "use_cache" in inspect.signature(target.forward).parameters else {}
     checkpoints: list[Checkpoint] = []
     selector = records = None
@@ -217,7 +209,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
 def _local_passes(collector: NFNCollector, experts: Mapping[str, ExpertWeightStats], batches: Iterable[Batch],
                   forward) -> Iterator[tuple[GlobalState, Batch]]:
     """``(state, batch)`` after each batch, the state being this process's own accumulators: the
-    single-process counterpart of :func:`plop.measure.distributed.data_parallel_passes`."""
+    single-process counterpart of :func:`plop.measure.data_parallel.data_parallel_passes`."""
     state = GlobalState(collector.stats, dict(experts))
     for batch in batches:
         forward(batch)
@@ -305,7 +297,7 @@ def diagnose(
         model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
         data: texts (tokenized here with ``tokenizer``), prompt/response examples (``.prompt``,
             ``.response``; an encoder-decoder's decoder is fed the response), a dataset in one of
-            TRL's formats (:mod:`plop.integrations.datasets`; ``samples`` rows drawn with ``seed``;
+            TRL's formats (:mod:`plop.files.trl_formats`; ``samples`` rows drawn with ``seed``;
             no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).
@@ -314,7 +306,7 @@ def diagnose(
         progress: show a progress bar with tokens/s and ETA.
 
     Inside an initialised ``torch.distributed`` process group of several processes the
-    diagnosis is data-parallel (see :mod:`plop.measure.distributed`): each process runs its share of
+    diagnosis is data-parallel (see :mod:`plop.measure.data_parallel`): each process runs its share of
     the batches, and every process returns the report one process would have made of all the
     data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
     processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).

@@ -46,7 +46,7 @@ def _audit(event, args):
     if _SpawnWatch.fast and event in SPAWN_EVENTS:
         command = args[1] if event == "subprocess.Popen" else args[:2]
         text = " ".join(map(str, command)) if isinstance(command, (list, tuple)) else str(command)
-        # plop's own regex probe (files.untrusted) runs an isolated interpreter without
+        # plop's own regex probe (utils.untrusted) runs an isolated interpreter without
         # site-packages for milliseconds: that is the code under test, not a process the test starts
         if not (isinstance(command, (list, tuple)) and "-I" in command and "-S" in command):
             _SpawnWatch.spawned.append(text[:200])

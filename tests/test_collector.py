@@ -15,6 +15,7 @@ from torch import nn
 from conftest import make_batches, pad_batches
 from plop import diagnose
 from plop.measure.collector import NFNCollector
+from plop.measure.hooks import Hooks
 from plop.errors import NonFiniteError, PlopError
 from plop.measure.layers import find_linear_modules
 from plop.model.names import layer_index
@@ -76,6 +77,23 @@ def test_hooks_removed_when_a_hook_raises(tiny_llama, batches):
         tiny_llama.model.layers[0].self_attn.v_proj.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="v_proj"):
         diagnose(tiny_llama, batches(4, 8))
+    assert _no_hooks(tiny_llama)
+
+
+def test_hooks_registered_before_a_failing_one_are_removed(tiny_llama):
+    """The lifecycle the collector and the experts share: a failure half-way through registering
+    leaves none of the hooks already on the model."""
+    modules = list(find_linear_modules(tiny_llama).values())
+
+    class FailsAtTheLast(Hooks):
+        def register(self):
+            for module in modules[:-1]:
+                yield module.register_forward_hook(lambda *args: None)
+            raise RuntimeError("cannot hook the last one")
+
+    with pytest.raises(RuntimeError, match="cannot hook the last one"):
+        with FailsAtTheLast():
+            pass
     assert _no_hooks(tiny_llama)
 
 

@@ -1,4 +1,4 @@
-"""plop.files.fsio under real fault conditions: killed processes, full and read-only filesystems,
+"""plop.utils.fsio under real fault conditions: killed processes, full and read-only filesystems,
 symlinks, FIFOs and devices. Nothing is mocked; the filesystem faults need ``unshare -m`` and
 ``mount`` (root), and are skipped where those are not allowed."""
 
@@ -18,11 +18,11 @@ import pytest
 
 from plop.errors import PlopError
 from plop.errors import FileError
-from plop.files.fsio import TEMP_MARK, atomic_dir, atomic_write, clean_stale_temps, read_text_capped
+from plop.utils.fsio import TEMP_MARK, atomic_dir, atomic_write, clean_stale_temps, read_text_capped
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-# Child processes import plop.files.fsio without running plop/__init__.py, which imports torch (seconds).
+# Child processes import plop.utils.fsio without running plop/__init__.py, which imports torch (seconds).
 CHILD_PRELUDE = f"""
 import sys, types
 sys.modules["plop"] = types.ModuleType("plop")
@@ -142,7 +142,7 @@ FS_CHILD = """
 import json, os, subprocess, sys
 from pathlib import Path
 from plop.errors import FileError
-from plop.files.fsio import atomic_write
+from plop.utils.fsio import atomic_write
 mnt, fault = Path(sys.argv[1]), sys.argv[2]
 subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "plop-test", str(mnt)], check=True)
 atomic_write(mnt / "report.json", "good\\n")
@@ -188,7 +188,7 @@ def test_a_full_or_read_only_filesystem_keeps_the_old_report(tmp_path, private_m
 KILL_CHILD = """
 import sys, time
 from pathlib import Path
-from plop.files.fsio import atomic_dir, atomic_write
+from plop.utils.fsio import atomic_dir, atomic_write
 
 def wait_for_the_kill():
     print("ready", flush=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from plop import Report
-from plop.files.fsio import TEMP_MARK
+from plop.utils.fsio import TEMP_MARK
 from test_cli import ENV, PLOP, model_dir, one_line_error, report_path, run, write_jsonl  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.spawns  # each test here starts plop as a process

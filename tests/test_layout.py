@@ -4,25 +4,29 @@ no function grows past a screen, and the commands that only read a report start 
 from __future__ import annotations
 
 import ast
+import io
 import re
 import os
 import subprocess
 import sys
+import tokenize
 from pathlib import Path
 
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
-DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.files.fsio",
-             "plop.files.untrusted", "plop.measure.batching", "plop.measure.collector", "plop.measure.distributed",
+DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.utils.fsio",
+             "plop.utils.untrusted", "plop.utils.distributed", "plop.measure.batching", "plop.measure.collector", "plop.measure.data_parallel",
              "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
              "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
-# the stages, bottom up: a module imports only from its own stage or the stages below it
-FLOORS = [("plop.errors", "plop.version", "plop.config", "plop.placement"), ("plop.files",), ("plop.ranking",), ("plop.measure",),
-          ("plop.model",), ("plop.stacks",), ("plop.audit",), ("plop.diagnosis",), ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
+# the stages, bottom up: a module imports only from its own stage or the stages below it; utils, the
+# floor every stage stands on, imports nothing of plop's but the errors
+FLOORS = [("plop.errors", "plop.version"), ("plop.utils",), ("plop.config",), ("plop.placement",), ("plop.files",),
+          ("plop.ranking",), ("plop.measure",), ("plop.model",), ("plop.stacks",), ("plop.audit",), ("plop.diagnosis",),
+          ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
           ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60
 
@@ -102,7 +106,7 @@ def test_top_level_holds_only_the_public_face_and_the_stages():
     modules = {p.stem for p in PACKAGE.glob("*.py")}
     packages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
     assert modules == {"__init__", "__main__", "errors", "config", "placement", "version", "diagnosis"}
-    assert packages == {"files", "ranking", "measure", "model", "stacks", "audit", "finetune", "integrations", "cli"}
+    assert packages == {"utils", "files", "ranking", "measure", "model", "stacks", "audit", "finetune", "integrations", "cli"}
     for package in packages:  # each says its job in two lines
         doc = ast.get_docstring(ast.parse((PACKAGE / package / "__init__.py").read_text()))
         assert doc and len(doc.split("\n\n")[0].splitlines()) <= 2, package
@@ -240,3 +244,72 @@ def test_each_rule_has_one_home(rule):
     holders = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if re.search(pattern, _code(p))}
     assert holders == homes, f"{rule} is written in {sorted(holders)}"
 
+
+# -- prose that names code --------------------------------------------------------------------
+DOTTED = re.compile(r"\bplop(?:\.[A-Za-z_]\w*)+")
+
+
+def _prose(path: Path) -> str:
+    """A module's docstrings (of the module, its classes, functions and attributes) and comments."""
+    text = path.read_text()
+    docs = [node.value.value for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)]
+    comments = [t.string for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+    return "\n".join(docs + comments)
+
+
+def _defined(scope: ast.AST) -> dict[str, ast.AST]:
+    """The names a module or class body defines (also under ``if``/``try``), and a class's
+    ``self.x`` attributes, each with the node that defines it."""
+    names: dict[str, ast.AST] = {}
+    for node in ast.iter_child_nodes(scope):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names[node.name] = node
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id: node for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0]: node for a in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):
+            names |= _defined(node)
+    if isinstance(scope, ast.ClassDef):
+        names |= {t.attr: t for n in ast.walk(scope) if isinstance(n, (ast.Assign, ast.AnnAssign))
+                  for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                  if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    return names
+
+
+def _source(parts: list[str]) -> Path | None:
+    path = PACKAGE.parent.joinpath(*parts)
+    return next((p for p in (path / "__init__.py", path.with_suffix(".py")) if p.is_file()), None)
+
+
+def _lookup(dotted: str) -> ast.AST | None:
+    """What defines ``plop.a.b.C.d``: the longest module it starts with, then each name in turn,
+    through relative imports to where a name is defined and through a class's bases."""
+    parts = dotted.split(".")
+    cut = next(c for c in range(len(parts), 0, -1) if _source(parts[:c]))
+    source = _source(parts[:cut])
+    package = parts[:cut] if source.name == "__init__.py" else parts[: cut - 1]
+    scope: ast.AST = ast.parse(source.read_text())
+    for at in range(cut, len(parts)):
+        found = _defined(scope).get(parts[at])
+        if isinstance(found, ast.ImportFrom) and found.level:  # look where the name is defined
+            original = next(a.name for a in found.names if (a.asname or a.name) == parts[at])
+            anchor = package[: len(package) - found.level + 1]
+            return _lookup(".".join([*anchor, *filter(None, [found.module]), original, *parts[at + 1:]]))
+        if found is None and isinstance(scope, ast.ClassDef):  # inherited
+            found = next((n for b in scope.bases if isinstance(b, ast.Name)
+                          for n in [_lookup(".".join([*parts[:at - 1], b.id, parts[at]]))] if n is not None), None)
+        if found is None:
+            return None
+        scope = found
+    return scope
+
+
+def test_prose_names_only_modules_and_names_that_exist():
+    """Every dotted ``plop.`` path a docstring or comment names resolves: a module that moved or a
+    function that was renamed leaves no pointer to where it no longer is."""
+    stale = sorted({f"{_module_name(p)}: {name}" for p in PACKAGE.rglob("*.py") for name in DOTTED.findall(_prose(p))
+                    if _lookup(name) is None})
+    assert not stale

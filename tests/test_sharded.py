@@ -61,7 +61,7 @@ import json, sys
 import torch
 sys.path.insert(0, {tests!r})
 import archs, plop
-from plop.measure.distributed import finish, init_from_env
+from plop.utils.distributed import finish, init_from_env
 from plop.measure.sharded import held_bytes
 from tiny_lm import examples, make_tokenizer
 

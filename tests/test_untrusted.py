@@ -1,4 +1,4 @@
-"""plop.files.untrusted: hostile strings through a real rich console, catastrophic regexes against the
+"""plop.utils.untrusted: hostile strings through a real rich console, catastrophic regexes against the
 real probe process, and text clipping against the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from rich.errors import MarkupError
 
 from plop.errors import PlopError
 from plop.ranking.ranker import modules_regex
-from plop.files.untrusted import (
+from plop.utils.untrusted import (
     CHARS_PER_TOKEN,
     FieldTypeError,
     UnsafeRegexError,

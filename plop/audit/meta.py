@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from ..errors import ModelError
-from ..files.fsio import read_text_capped
+from ..utils.fsio import read_text_capped
 
 MAX_MODEL_CONFIG_BYTES = 4 * 1024 * 1024
 

@@ -7,8 +7,9 @@ import os
 from html import escape
 from pathlib import Path
 
-from ..files.fsio import atomic_write
-from ..files.untrusted import plain_safe
+from ..utils.fsio import atomic_write
+from ..utils.page import html_page, html_table
+from ..utils.untrusted import plain_safe
 from .result import CheckResult, RoleRow
 
 _MARKS = {True: "█", False: "·"}
@@ -50,32 +51,18 @@ def render_text(result: CheckResult) -> str:
 
 
 def render_html(result: CheckResult) -> str:
-    """One self-contained page, under the same Content-Security-Policy as report pages."""
-    from ..ranking.html_report import CSP, CSS, html_table
-
+    """One self-contained page (:func:`plop.utils.page.html_page`), as report pages are."""
     rows = [((r.type, f"{r.adapted}/{r.total}", _ranks(r), f"{r.trainable:,}", _cells(r)), r.adapted > 0)
             for r in result.roles]
     table = html_table("module types: █ adapted layer, · not", ["type", "adapted", "rank", "trainable", "layers"],
-                   {1, 3}, rows)
+                       {1, 3}, rows)
     findings = "\n".join(f"<li><b>{escape(f.severity)}</b> {escape(f.message)}</li>" for f in result.findings)
     summary = escape(render_text(result).split("\n", 1)[0])
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<title>plop check · {escape(result.source)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<h1>plop check</h1>
+    return html_page(f"plop check · {result.source}", f"""<h1>plop check</h1>
 <p>{summary}</p>
 {table}
 <h2>Findings</h2>
-<ul>{findings or "<li>none</li>"}</ul>
-</body>
-</html>
-"""
+<ul>{findings or "<li>none</li>"}</ul>""")
 
 
 def write_html(result: CheckResult, path: str | os.PathLike) -> Path:

@@ -14,7 +14,7 @@ import sys
 import warnings
 
 from ..errors import PlopError
-from ..files.untrusted import plain_safe
+from ..utils.untrusted import plain_safe
 from ..version import __version__
 from . import adapters, check, compare, diagnose, reports, train
 from .options import EXIT_USAGE, Formatter, Parser
@@ -53,9 +53,9 @@ def _friendly(error: BaseException) -> str | None:
 
 def _fail(message: str) -> int:
     """One line on stderr, exit code 2 (a process of a launched job leaves at once: see
-    :func:`plop.measure.distributed.leave`)."""
+    :func:`plop.utils.distributed.leave`)."""
     line = plain_safe(f"plop: error: {message}")
-    distributed = sys.modules.get("plop.measure.distributed")
+    distributed = sys.modules.get("plop.utils.distributed")
     if distributed is not None and distributed.world().parallel:
         distributed.leave(line, EXIT_USAGE)
     print(line, file=sys.stderr, flush=True)
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(message)
     finally:
-        if "plop.measure.distributed" in sys.modules:  # only a command that loaded a model joined a group
-            sys.modules["plop.measure.distributed"].finish()
+        if "plop.utils.distributed" in sys.modules:  # only a command that loaded a model joined a group
+            sys.modules["plop.utils.distributed"].finish()
 
 
 def interrupted() -> int:

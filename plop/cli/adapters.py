@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import DTYPES
 from ..errors import PlopError
-from ..files.untrusted import plain_safe
+from ..utils.untrusted import plain_safe
 from .options import command
 
 EXAMPLES = """examples:

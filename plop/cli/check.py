@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..files.untrusted import plain_safe
 from ..stacks import READABLE
+from ..utils.untrusted import plain_safe
 from .options import command
 
 EPILOG = """\

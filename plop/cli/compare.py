@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from ..files.fsio import check_destination
-from ..files.untrusted import plain_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
+from ..utils.fsio import check_destination
+from ..utils.untrusted import plain_safe
 from .inputs import is_main, load_model_and_data, model_command, training_rows
 from .options import names
 from .train import checked_config, diagnosed

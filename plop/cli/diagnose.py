@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from ..config import DiagnoseConfig, StrategyFlags
-from ..files.fsio import check_destination
-from ..files.untrusted import terminal_safe
+from ..utils.fsio import check_destination
+from ..utils.untrusted import terminal_safe
 from .inputs import is_main, load_model_and_data, model_command
 from .options import add_options, values
 

@@ -54,7 +54,7 @@ def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    from ..measure.distributed import init_from_env
+    from ..utils.distributed import init_from_env
     from ..model.loading import load_model
 
     hf_logging.disable_progress_bar()  # the spinner says it once, instead of three bars per load
@@ -74,6 +74,6 @@ def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
 
 def is_main() -> bool:
     """Whether this process writes and prints: rank 0 of a launched job, or the only process."""
-    from ..measure.distributed import world
+    from ..utils.distributed import world
 
     return world().is_main

@@ -7,11 +7,11 @@ import os
 import sys
 import warnings
 
-from ..stacks import FORMATS
-from ..files.fsio import check_destination
-from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
 from ..placement import LoraSettings
+from ..stacks import FORMATS
+from ..utils.fsio import check_destination
+from ..utils.untrusted import plain_safe, terminal_safe
 from .options import add_options, command
 
 SHOW_EXAMPLES = """examples:

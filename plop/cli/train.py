@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 
 from ..config import DiagnoseConfig
-from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import TRAIN_PLACEMENTS
+from ..utils.untrusted import plain_safe, terminal_safe
 from .inputs import is_main, load_model_and_data, model_command, training_rows
 from .options import build, names
 

@@ -1,2 +1,2 @@
-"""Files and untrusted input: every write (atomic, never through a symlink) and bounded read, the
-escaping and regex guards for strings from reports and configs, and the task data plop reads."""
+"""Task data: the rows plop reads (local files, the hub, the demo rows, TRL's dataset formats), sampled
+with one seeded rule and turned into prompt/response examples."""

@@ -26,8 +26,8 @@ import numpy as np
 
 from ..config import option
 from ..errors import DataError, first_line
-from .fsio import kind_of
-from .untrusted import check_text_field, clip_text, plain_safe
+from ..utils.fsio import kind_of
+from ..utils.untrusted import check_text_field, clip_text, plain_safe
 
 DEMO_DATA = Path(__file__).parent.parent / "resources" / "demo.jsonl"  # plop/resources
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}

@@ -25,8 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError, DataError, first_line
+from ..utils.untrusted import check_text_field, plain_safe
 from .data import Example, sample_indices
-from .untrusted import check_text_field, plain_safe
 
 # One line per format, for the error on data in none of them.
 FORMATS = ("language modeling (text, or messages)", "prompt-completion (prompt, completion)",

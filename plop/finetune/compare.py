@@ -26,8 +26,6 @@ from torch import nn
 
 from ..errors import PlopError
 from ..files.data import Example
-from ..files.fsio import atomic_write
-from ..measure.distributed import shared_tempdir
 from ..measure.layers import dense_weight
 from ..measure.weight_scores import weight_scores
 from ..model.loading import ModelLayout, model_layout
@@ -35,6 +33,8 @@ from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, check_report_
 from ..placement import Placement
 from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modules
 from ..ranking.report import ModuleRecord, Report
+from ..utils.distributed import shared_tempdir
+from ..utils.fsio import atomic_write
 from .config import TrainConfig
 from .trainer import train_on_placement
 

@@ -27,14 +27,14 @@ from torch import nn
 
 from ..errors import FileError, ModelError, PlopError
 from ..files.data import Example
-from ..files.fsio import atomic_write
-from ..measure.distributed import barrier, launched, timeout
 from ..measure.seq2seq import is_encoder_decoder
 from ..model.loading import ensure_pad_token, is_causal_lm, model_info, model_layout
 from ..model.placement import resolve_placement
 from ..placement import Placement
 from ..ranking.render import ranks_text
 from ..ranking.report import Report
+from ..utils.distributed import barrier, launched, timeout
+from ..utils.fsio import atomic_write
 from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, run_lora_config, planned, wrap

@@ -38,12 +38,12 @@ from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
-from ..files.untrusted import plain_safe
-from ..measure.distributed import world
 from ..placement import LoraSettings
 from ..ranking.report import Report
 from ..stacks import axolotl as axolotl_stack
 from ..stacks.target import Target
+from ..utils.distributed import world
+from ..utils.untrusted import plain_safe
 from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"

@@ -17,14 +17,17 @@ Poisson bootstrap, the per-sample ratio sums weighted by ``R`` resampling weight
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from ..config import ESTIMATORS, check_choice
 from ..errors import NonFiniteError
+from .hooks import Hooks
 from .layers import dense_weight, is_offloaded, module_shape, parameter
 from .nfn import normalized_feature_norm, random_baseline, random_baselines, random_unit_vectors
 
@@ -136,7 +139,7 @@ class BootstrapWeights:
         return self._drawn[rows].astype(np.float64)
 
 
-class NFNCollector:
+class NFNCollector(Hooks):
     """Registers NFN hooks on ``modules`` for the duration of a ``with`` block.
 
     Call :meth:`start_batch` with the batch's attention mask before each forward, so padding
@@ -155,13 +158,14 @@ class NFNCollector:
         seed: int = 0,
         baselines: list[float] | None = None,
     ) -> None:
+        super().__init__()
         check_choice("estimator", estimator, ESTIMATORS)
         if not modules:
             raise ValueError("no linear modules to collect from")
         self.modules = modules
         self.estimator = estimator
         self.seed = seed
-        # baselines given: computed from FSDP shards (plop.sharded), as no process holds W whole
+        # baselines given: computed from FSDP shards (plop.measure.sharded), as no process holds W whole
         if baselines is None and any(is_offloaded(module) for module in modules.values()):  # one weight at a time
             baselines = [random_baseline(dense_weight(module)) for module in modules.values()]
         elif baselines is None:
@@ -178,7 +182,6 @@ class NFNCollector:
         }
         self._bootstrap = BootstrapWeights(n_bootstrap, seed)
         self._mc_generators: dict[torch.device, torch.Generator] = {}
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._masks: dict[tuple[int, ...], torch.Tensor] = {}  # by (batch, seq) shape
         self._weights: np.ndarray | None = None  # (batch, R) Poisson(1) bootstrap weights
         self._masks_by_device: dict[tuple, torch.Tensor] = {}
@@ -191,14 +194,8 @@ class NFNCollector:
         self.tokens = 0
 
     # -- lifecycle ---------------------------------------------------------------------------
-    def __enter__(self) -> NFNCollector:
-        try:
-            for name, module in self.modules.items():
-                self._handles.append(module.register_forward_hook(self._make_hook(name)))
-        except BaseException:
-            self.remove()
-            raise
-        return self
+    def register(self) -> Iterator[RemovableHandle]:
+        return (module.register_forward_hook(self._make_hook(name)) for name, module in self.modules.items())
 
     def __exit__(self, exc_type, *exc) -> None:
         try:
@@ -209,15 +206,9 @@ class NFNCollector:
 
     def remove(self) -> None:
         """Remove every hook and drop references to activations; safe to call twice."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self._drop_cache()
         self._pending, self._masks, self._masks_by_device, self._weights = [], {}, {}, None
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
 
     @property
     def weights(self) -> np.ndarray | None:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
+from .hooks import Hooks
 from .nfn import normalized_feature_norm, random_baselines
 
 _SUM, _SUMSQ, _COUNT, _IN_SUM, _OUT_SUM = range(5)  # rows of ExpertWeightStats.sums
@@ -154,7 +157,7 @@ class ExpertWeightStats:
         self.calls += 1
 
 
-class ExpertStats:
+class ExpertStats(Hooks):
     """Per-expert NFN sums for ``experts`` modules during a ``with`` block.
 
     Call :meth:`start_batch` with the batch's ``(batch, seq)`` attention mask (and the
@@ -164,6 +167,7 @@ class ExpertStats:
 
     def __init__(self, experts: dict[str, nn.Module], n_bootstrap: int = 0,
                  baselines: dict[str, np.ndarray] | None = None) -> None:
+        super().__init__()
         self.experts = experts
         self.stats: dict[str, ExpertWeightStats] = {}
         for prefix, module in experts.items():
@@ -174,27 +178,15 @@ class ExpertStats:
                     baseline = np.array(random_baselines(list(w.detach())))
                 self.stats[f"{prefix}.{pname}"] = ExpertWeightStats(f"{prefix}.{pname}", tuple(w.shape), baseline,
                                                                     n_bootstrap)
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._mask: torch.Tensor | None = None
         self._weights: np.ndarray | None = None
 
-    def __enter__(self) -> ExpertStats:
-        try:
-            for prefix, module in self.experts.items():
-                self._handles.append(module.register_forward_pre_hook(self._make_hook(prefix), with_kwargs=True))
-        except BaseException:
-            self.remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def register(self) -> Iterator[RemovableHandle]:
+        return (module.register_forward_pre_hook(self._make_hook(prefix), with_kwargs=True)
+                for prefix, module in self.experts.items())
 
     def remove(self) -> None:
-        """Remove every hook; safe to call twice."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        super().remove()
         self._mask = None
 
     def start_batch(self, attention_mask: torch.Tensor, weights: np.ndarray | None = None) -> None:

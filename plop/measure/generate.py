@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..files.data import Example
-from ..files.untrusted import clip_text
+from ..utils.untrusted import clip_text
 
 # sequences per generate() call (prompts x K samples): bounds memory whatever K is; 32 greedy
 # prompts per call decode 1.6x faster than 8 on 2 CPU cores (SmolLM2-135M, 16 new tokens)

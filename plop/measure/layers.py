@@ -110,6 +110,16 @@ def find_linear_modules(model: nn.Module, include_head: bool = False) -> dict[st
     return found
 
 
+def body(model: nn.Module) -> nn.Module:
+    """The model without its output head (``model.base_model`` where that holds the input
+    embeddings), else the model itself: what a diagnosis without the head calls, so that no
+    logits are computed."""
+    inner = getattr(model, "base_model", None)
+    if isinstance(inner, nn.Module) and inner is not model and hasattr(inner, "get_input_embeddings"):
+        return inner
+    return model
+
+
 def linear_shapes(model: nn.Module, include_head: bool = True) -> dict[str, tuple[int, int]]:
     """``{name: (d_out, d_in)}`` of every linear-like module: what placements are resolved on."""
     return {name: module_shape(m) for name, m in find_linear_modules(model, include_head=include_head).items()}

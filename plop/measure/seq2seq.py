@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ModelError
-from ..files.untrusted import clip_text
+from ..utils.untrusted import clip_text
 
 
 def is_encoder_decoder(model: nn.Module) -> bool:

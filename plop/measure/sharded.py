@@ -1,6 +1,6 @@
 """``shard=True`` (``--shard``): a diagnosis whose weights are split across the processes by FSDP2.
 
-A data-parallel diagnosis (:mod:`plop.measure.distributed`) gives every process the whole model. Sharded,
+A data-parallel diagnosis (:mod:`plop.measure.data_parallel`) gives every process the whole model. Sharded,
 each process holds about 1/N of every weight instead, through torch's own FSDP2
 (``torch.distributed.fsdp.fully_shard``): one group per decoder block, one for the body the
 diagnosis calls (embeddings, final norm), and one for what is left outside it (an untied output
@@ -20,7 +20,7 @@ head). Nothing here slices a tensor by hand; FSDP2 lays the shards out (dim 0, `
 * **The data** is dealt out as in the data-parallel diagnosis, and its float64 sums are gathered
   in data order by the same code; the only difference is that a process without a batch of its
   own in the last step runs a batch whose statistics are dropped, since every block's all-gather
-  needs every process (``lockstep`` in :func:`plop.measure.distributed.data_parallel_passes`).
+  needs every process (``lockstep`` in :func:`plop.measure.data_parallel.data_parallel_passes`).
 
 Refused, each in one line: a single process (nothing to shard across), quantized bases
 (bitsandbytes packs 4/8-bit weights with per-block scales that FSDP2 would not shard with them),
@@ -41,9 +41,9 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import ConfigError, ModelError
-from .distributed import world
+from ..utils.distributed import world
 from .experts import expert_weights
-from .layers import module_shape, parameter
+from .layers import body, module_shape, parameter
 from .nfn import baseline_of_norm
 
 
@@ -51,15 +51,6 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return any(isinstance(m, FSDPModule) for m in model.modules())
-
-
-def body(model: nn.Module) -> nn.Module:
-    """What a diagnosis without the head calls (as :func:`plop.diagnosis._forward_target`): the
-    sharding gives it a group of its own so that calling it gathers the embeddings."""
-    inner = getattr(model, "base_model", None)
-    if isinstance(inner, nn.Module) and inner is not model and hasattr(inner, "get_input_embeddings"):
-        return inner
-    return model
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
@@ -142,7 +133,7 @@ def shard(model: nn.Module) -> None:
                          "diagnose it without --shard")
     _return_freed_memory()
     mesh = init_device_mesh(_device().type, (world().size,))
-    inner = body(model)
+    inner = body(model)  # what the diagnosis calls: a group of its own, so that calling it gathers the embeddings
     owners = {id(p): (m, n) for m in inner.modules() for n, p in m.named_parameters(recurse=False)}
     aliases = [(m, n, owners[id(p)]) for m in model.modules() if not any(m is x for x in inner.modules())
                for n, p in m.named_parameters(recurse=False) if id(p) in owners]

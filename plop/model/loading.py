@@ -23,11 +23,11 @@ from torch import nn
 
 from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
 from ..errors import ConfigError, ModelError, first_line
-from ..files.fsio import atomic_dir, clean_stale_temps
-from ..measure.distributed import launched
 from ..measure.experts import expert_weights, find_experts
 from ..measure.layers import find_linear_modules, linear_shapes
 from ..measure.sharded import load_sharded
+from ..utils.distributed import launched
+from ..utils.fsio import atomic_dir, clean_stale_temps
 from .peft_rules import refused_types
 from .placement import ModelLayout
 
@@ -71,7 +71,7 @@ def dequantized_gguf_dir(gguf: Path) -> Path:
     """A directory holding the GGUF model dequantized to safetensors (built once, then reused).
 
     The directory is written under a temporary name and renamed into place
-    (:func:`plop.files.fsio.atomic_dir`), so an interrupted first load never leaves a half-written cache
+    (:func:`plop.utils.fsio.atomic_dir`), so an interrupted first load never leaves a half-written cache
     behind, and the next load removes what a killed one left.
     """
     target = _gguf_cache_path(gguf)
@@ -156,7 +156,7 @@ def load_model(
     largest layer plus one batch's activations on top of the cap.
 
     ``quantize`` loads the weights as bitsandbytes 8-bit or 4-bit NF4 (:func:`bnb_config`), on a
-    GPU or on the CPU. ``shard``: each process reads only its FSDP2 shards (:mod:`plop.sharded`).
+    GPU or on the CPU. ``shard``: each process reads only its FSDP2 shards (:mod:`plop.measure.sharded`).
     """
     check_shard_options(shard, quantize, max_memory, offload_dir)
     cuda = _uses_cuda(dtype, device)
@@ -245,7 +245,7 @@ def quantization(model: nn.Module) -> str | None:
 
 # -- what a loaded model is -------------------------------------------------------------------
 def class_name(model: nn.Module) -> str:
-    """The model's own class name: FSDP2 (:mod:`plop.sharded`) swaps in a subclass named FSDP<name>."""
+    """The model's own class name: FSDP2 (:mod:`plop.measure.sharded`) swaps in a subclass named FSDP<name>."""
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__

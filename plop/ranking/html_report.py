@@ -1,38 +1,21 @@
 """One self-contained HTML page for a report: open it offline, mail it, attach it to a ticket.
 
-The page makes no network request: the figure is an inline PNG data URI, the CSS and the copy
-script are inline, and a Content-Security-Policy pins them by hash so that nothing else can load or
-run. Every string read from the report is HTML-escaped: a report is untrusted input.
+The page is :func:`plop.utils.page.html_page` (inline figure, CSS and copy script, pinned by its
+Content-Security-Policy). Every string read from the report is HTML-escaped: a report is untrusted input.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from html import escape
 from pathlib import Path
 
 from ..config import default_alpha
-from ..files.fsio import atomic_write
+from ..utils.fsio import atomic_write
+from ..utils.page import html_page, html_table
 from .render import figure_bytes, plot_report, scored_tokens, target_modules_line
-
-CSS = """
-body { font: 15px/1.45 system-ui, sans-serif; color: #1d2228; max-width: 1180px; margin: 2em auto; padding: 0 1em; }
-h1 { font-size: 1.5em; margin-bottom: .2em; } h2 { font-size: 1.15em; margin-top: 1.8em; }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .15em 1em; margin: .5em 0; }
-dt { color: #5b6570; } dd { margin: 0; overflow-wrap: anywhere; }
-table { border-collapse: collapse; margin: .5em 0; } caption { text-align: left; color: #5b6570; padding: .3em 0; }
-th, td { padding: .25em .8em; border-bottom: 1px solid #dde1e5; white-space: nowrap; }
-th { text-align: left; border-bottom: 2px solid #9aa4ae; }
-.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.rec td { background: #e7f5e9; font-weight: 600; color: #14632a; }
-img { max-width: 100%; height: auto; border: 1px solid #dde1e5; }
-.export { margin: .6em 0; } .export-head { display: flex; gap: 1em; align-items: center; font-weight: 600; }
-pre { background: #f4f6f8; border: 1px solid #dde1e5; padding: .6em; overflow-x: auto; margin: .3em 0; }
-button { font: inherit; padding: .15em .9em; cursor: pointer; }
-"""
 
 # navigator.clipboard is refused on some file:// pages; the textarea + execCommand path still copies there
 _SCRIPT = """
@@ -52,14 +35,6 @@ document.querySelectorAll("button[data-copy]").forEach(function (button) {
 """
 
 
-def _csp_hash(source: str) -> str:
-    return "'sha256-" + base64.b64encode(hashlib.sha256(source.encode()).digest()).decode() + "'"
-
-
-CSP = (f"default-src 'none'; img-src data:; style-src {_csp_hash(CSS)}; script-src {_csp_hash(_SCRIPT)}; "
-        "base-uri 'none'; form-action 'none'")
-
-
 def default_exports(report) -> dict[str, str]:
     """The PEFT ``LoraConfig`` line (the default alpha, as :meth:`Report.to_peft_config`) and the
     bare ``target_modules=[...]`` line."""
@@ -72,24 +47,6 @@ def _figure_data_uri(report) -> str:
     """The heatmap and ranking figure of ``plop show --plot`` as a PNG data URI, never on disk."""
     png = figure_bytes(plot_report(report))
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def html_table(caption: str, headers: Sequence[str], numeric: set[int],
-               rows: Sequence[tuple[Sequence[str], bool]]) -> str:
-    """An escaped HTML table; ``numeric`` columns are right-aligned, rows flagged True are recommended."""
-
-    def cell(tag: str, i: int, text: str) -> str:
-        align = ' class="num"' if i in numeric else ""
-        return f"<{tag}{align}>{escape(text)}</{tag}>"
-
-    def row(values: Sequence[str], recommended: bool) -> str:
-        tag = '<tr class="rec">' if recommended else "<tr>"
-        return tag + "".join(cell("td", i, v) for i, v in enumerate(values)) + "</tr>"
-
-    head = "".join(cell("th", i, h) for i, h in enumerate(headers))
-    body = "\n".join(row(values, recommended) for values, recommended in rows)
-    return (f"<table>\n<caption>{escape(caption)}</caption>\n<thead><tr>{head}</tr></thead>\n"
-            f"<tbody>\n{body}\n</tbody>\n</table>")
 
 
 def _header(report) -> str:
@@ -148,17 +105,7 @@ def render_html(report, exports: Mapping[str, str] | None = None) -> str:
     """The page as a string; ``exports`` maps a format name to the snippet its copy button copies
     (default: :func:`default_exports`)."""
     ranking, costs = _tables(report)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta http-equiv="Content-Security-Policy" content="{CSP}">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>plop · {escape(report.model['id'])}</title>
-<style>{CSS}</style>
-</head>
-<body>
-{_header(report)}
+    body = f"""{_header(report)}
 <h2>Ranking</h2>
 {ranking}
 <h2>NFN by layer × type</h2>
@@ -166,11 +113,8 @@ def render_html(report, exports: Mapping[str, str] | None = None) -> str:
 <h2>Placement costs</h2>
 {costs}
 <h2>Recommendation</h2>
-{_recommendation(report, default_exports(report) if exports is None else exports)}
-<script>{_SCRIPT}</script>
-</body>
-</html>
-"""
+{_recommendation(report, default_exports(report) if exports is None else exports)}"""
+    return html_page(f"plop · {report.model['id']}", body, script=_SCRIPT)
 
 
 def write_html(report, path: str | os.PathLike, exports: Mapping[str, str] | None = None) -> Path:

@@ -19,8 +19,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from ..files.fsio import atomic_write
-from ..files.untrusted import plain_safe, terminal_safe
+from ..utils.fsio import atomic_write
+from ..utils.untrusted import plain_safe, terminal_safe
 
 _BAR_WIDTH = 10
 

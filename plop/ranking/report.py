@@ -18,9 +18,9 @@ import jsonschema
 
 from ..config import STRATEGIES
 from ..errors import FileError, ReportError, UnsafeRegexError
-from ..files.fsio import atomic_write, read_text_capped
-from ..files.untrusted import check_regex, plain_safe
 from ..placement import LoraSettings, Placement, lora_config
+from ..utils.fsio import atomic_write, read_text_capped
+from ..utils.untrusted import check_regex, plain_safe
 from ..version import __version__
 
 # 2: modules' and data's 'tokens' counts are 'token_count', types' 'rank' is 'position'; 3: the
@@ -258,7 +258,7 @@ class Report:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write atomically (:func:`plop.files.fsio.atomic_write`): a failed write never leaves a
+        """Write atomically (:func:`plop.utils.fsio.atomic_write`): a failed write never leaves a
         partial file or clobbers a good one, and a symlink at ``path`` is refused."""
         return atomic_write(path, self.to_json() + "\n")
 

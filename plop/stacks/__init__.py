@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
-from ..files.fsio import atomic_write
 from ..placement import LoraSettings
+from ..utils.fsio import atomic_write
 from . import axolotl, llama_factory, mlx_lm, peft, spectrum, torchtune, trl, unsloth
 from .lint import lint
 from .reading import StackConfig, load_text

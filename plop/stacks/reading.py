@@ -1,7 +1,7 @@
 """Reading a stack's config file: :class:`StackConfig`, what every stack's ``read`` returns, and
 the value parsers they share (torch-free, untrusted input).
 
-Configs are read like reports: under a size cap (:func:`plop.files.fsio.read_text_capped`, checked
+Configs are read like reports: under a size cap (:func:`plop.utils.fsio.read_text_capped`, checked
 on the open file before a byte is read), YAML with the safe loader, JSON with the standard parser,
 and a Python file (unsloth) parsed with :mod:`ast` and never run. Regexes go through
 :func:`check_regexes` where they are used.
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from ..files.fsio import read_text_capped
-from ..files.untrusted import check_regex
 from ..placement import LoraSettings, Placement, lora_kwargs
+from ..utils.fsio import read_text_capped
+from ..utils.untrusted import check_regex
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # training configs are kilobytes; this leaves room for long regex lists
 
