@@ -82,6 +82,7 @@ class CompareRow:
     eval_reward_after: float | None = None
     eval_reward_curve: list[dict[str, float]] = field(default_factory=list)
     reward_curve: list[dict[str, float]] = field(default_factory=list)  # the sampled completions' mean reward per step
+    step_size: dict[str, float] | None = None  # how far the first steps moved the model (plop.finetune.step_size)
 
 
 @dataclass
@@ -285,6 +286,7 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         loss_curve=summary["loss_curve"], rank_pattern=candidate.placement.rank_pattern,
         eval_reward_before=before.get("reward"), eval_reward_after=after.get("reward"),
         eval_reward_curve=summary.get("eval_reward_curve", []), reward_curve=summary.get("reward_curve", []),
+        step_size=summary.get("step_size"),
     )
 
 

@@ -65,6 +65,8 @@ class TrainConfig:
     save_steps: float = option(0.25, "checkpoint every N steps (below 1: that fraction of the run)", cli=False)
     save_total_limit: int = option(2, "checkpoints kept", cli=False)
     eval_steps: int | None = option(None, "also evaluate every N steps", cli=False)
+    step_size_steps: int | None = option(None, "measure how far the model moved from its base after N steps, on the "
+                                               "held-out set (plop compare: arms matched in step size)", cli=False)
     report_to: str = option("none", "where the Trainer logs; tensorboard also gets the placement and NFN heatmap "
                                     "at step 0", choices=REPORT_TO, group=_LORA)
 
@@ -86,6 +88,8 @@ class TrainConfig:
             (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
             (self.logging_steps > 0 and self.save_steps > 0, "logging_steps and save_steps must be positive"),
             (self.eval_steps is None or self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}"),
+            (self.step_size_steps is None or self.step_size_steps >= 1,
+             f"step_size_steps must be >= 1, got {self.step_size_steps}"),
             (bool(self.adapter_name) and "/" not in self.adapter_name and self.adapter_name not in (".", ".."),
              f"adapter_name must be a plain name, got {self.adapter_name!r}"),
         ]

@@ -80,6 +80,24 @@ class GRPO:
                                           state=trainer.state)}
 
     @staticmethod
+    def step_size(trainer, eval_set: list[dict], config: TrainConfig) -> dict[str, float]:
+        """The policy's mean per-token KL to the base along the base's greedy held-out completions."""
+        from .step_size import policy_kl
+
+        model, tokenizer = trainer.model, trainer.processing_class
+        sequences, training = [], model.training
+        model.eval()
+        with model.disable_adapter():
+            for row in eval_set:
+                prompt = tokenizer(row["prompt"], return_tensors="pt", truncation=True, max_length=config.max_length)
+                ids = model.generate(**prompt.to(model.device), do_sample=False, max_new_tokens=config.max_new_tokens,
+                                     pad_token_id=tokenizer.pad_token_id)[0]
+                if ids.numel() > prompt["input_ids"].shape[1]:
+                    sequences.append((ids, prompt["input_ids"].shape[1]))
+        model.train(training)
+        return {"policy_kl": policy_kl(model, sequences)}
+
+    @staticmethod
     def summary(trainer) -> dict[str, Any]:
         """The mean sampled reward per logged step, and the held-out greedy reward every ``eval_steps``."""
         return {"reward_curve": [{"step": h["step"], "reward": h["reward"]}

@@ -178,6 +178,16 @@ def train_on_placement(
     peft_model = wrap(model, run_lora_config(layout, config, placement, task_type), config.seed)
     check_built(peft_model, planned(layout, placement))  # before the Trainer spends a step
     trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress, method)
+    trainer.plop_step_size = None
+    if config.step_size_steps and eval_set:
+        from .hf_trainer import EveryNSteps
+
+        def measure() -> None:
+            if trainer.state.global_step == config.step_size_steps:
+                trainer.plop_step_size = {"steps": config.step_size_steps,
+                                          **method.step_size(trainer, eval_set, config)}
+
+        trainer.add_callback(EveryNSteps(config.step_size_steps, measure))
     if config.overwrite:
         if trainer.is_world_process_zero():
             _clear_previous_run(run)
@@ -203,7 +213,8 @@ def train_on_placement(
     summary = {**_summary(trainer, placement, config, seconds, resume_from, (train_set, eval_set)),
                **method.summary(trainer),
                "eval_before": eval_before, "eval_after": eval_after, "model": info, "data": dict(data_info or {}),
-               "config": config.record(), "versions": _versions(), "nfn_change": change}
+               "config": config.record(), "versions": _versions(), "nfn_change": change,
+               "step_size": trainer.plop_step_size}
     if trainer.is_world_process_zero():
         atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier()  # the summary is whole before any process returns
@@ -332,6 +343,15 @@ class _SFT:
     @staticmethod
     def evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
         return _evaluate(trainer)
+
+    @staticmethod
+    def step_size(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
+        """The adapters' share of the adapted modules' outputs on the held-out rows."""
+        from .step_size import relative_output_change
+
+        collate = SFTCollator(trainer.processing_class.pad_token_id)
+        batches = (collate(eval_set[i:i + config.batch_size]) for i in range(0, len(eval_set), config.batch_size))
+        return {"relative_output_change": relative_output_change(trainer.model, batches)}
 
     @staticmethod
     def summary(trainer) -> dict[str, Any]:
