@@ -48,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plop.finetune.evidence import sign_flip_p
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RUNS = RESULTS / "placement_study_runs.jsonl"
@@ -166,13 +168,6 @@ def loss_quarters(curves: list[list[dict]]) -> list[float]:
         bounds = np.linspace(0, len(losses), 5).astype(int)
         means.append([losses[a:b].mean() for a, b in zip(bounds, bounds[1:])])
     return [float(v) for v in np.mean(means, axis=0)]
-
-
-def sign_flip_p(diffs: np.ndarray) -> float:
-    """Exact two-sided p-value of the mean paired difference under random sign flips."""
-    observed = abs(diffs.mean())
-    flips = np.array(list(itertools.product((1, -1), repeat=len(diffs))))
-    return float((np.abs((flips * diffs).mean(1)) >= observed - 1e-12).mean())
 
 
 def summary(runs: list[dict]) -> dict:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from placement_study import sign_flip_p
+from plop.finetune.evidence import sign_flip_p
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from plop.finetune.evidence import sign_flip_p
+
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "placement_study.py"
 
 
@@ -63,15 +65,9 @@ def test_finished_runs_are_read_back_and_skipped(study, args, tmp_path):
     assert study.done(tmp_path / "absent.jsonl") == []
 
 
-def test_sign_flip_p_is_exact(study):
-    assert study.sign_flip_p(np.array([-0.01, -0.02, -0.01, -0.03, -0.02])) == pytest.approx(2 / 32)
-    assert study.sign_flip_p(np.array([-0.01, 0.01])) == 1.0
-    # one positive difference of five: patterns with |mean| at least as large as observed
-    diffs = np.array([-0.03, -0.02, -0.02, -0.01, 0.01])
-    flips = np.array([[1 - 2 * ((k >> i) & 1) for i in range(5)] for k in range(32)])
-    expected = np.mean(np.abs((flips * diffs).mean(1)) >= abs(diffs.mean()) - 1e-12)
-    assert study.sign_flip_p(diffs) == pytest.approx(expected)
-    assert 2 / 32 < expected < 1
+def test_the_study_takes_its_sign_flip_test_from_plop(study):
+    """One home for the exact test (tested in tests/test_evidence.py), and the study uses it."""
+    assert study.sign_flip_p is sign_flip_p
 
 
 def test_summary_pairs_each_placement_with_each_baseline_by_seed(study):
@@ -103,7 +99,7 @@ def test_the_pooled_cell_pairs_over_task_and_seed(study):
     diffs = np.array([-0.01, -0.01, -0.01, -0.01, 0.01, -0.02])
     assert pooled["seeds"] == 6 and pooled["wins"] == 5
     assert pooled["mean_diff"] == pytest.approx(diffs.mean())
-    assert pooled["p"] == pytest.approx(study.sign_flip_p(diffs)) and pooled["p"] > 1 / 32
+    assert pooled["p"] == pytest.approx(sign_flip_p(diffs)) and pooled["p"] > 1 / 32
     assert result["pooled/matched"]["all-linear"] == {}  # a baseline is not paired with itself
     one_task = study.summary([r for r in runs if r["task"] == "code"])
     assert "pooled/matched" not in one_task

@@ -14,7 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.fixture(scope="module")
 def study():
-    sys.path.insert(0, str(BENCHMARKS))  # the study imports its SFT sibling's sign-flip test
+    sys.path.insert(0, str(BENCHMARKS))
     try:
         import placement_study_rl
     finally:
