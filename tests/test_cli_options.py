@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 from plop.cli import build_parser, main
-from plop.cli.options import Parser, add_options, build
+from plop.cli.options import Options, Parser, build
 from plop.config import DiagnoseConfig, ModelConfig, option
 from plop.errors import ConfigError
 from plop.files.data import DataSource, TextFormat
@@ -29,9 +29,7 @@ class Toy:
 
 
 def _parser(**kwargs) -> Parser:
-    parser = Parser(prog="toy")
-    add_options(parser, Toy, **kwargs)
-    return parser
+    return Options(Parser(prog="toy")).add(Toy, **kwargs).parser
 
 
 def test_a_field_becomes_its_option_and_builds_the_config_back():
@@ -61,6 +59,20 @@ def test_only_skip_and_per_command_defaults():
     parser = _parser(only=("count", "scope", "hidden"), defaults={"count": 9})
     assert vars(parser.parse_args([])) == {"count": 9, "scope": "a"}
     assert "names" not in vars(_parser(skip=("names",)).parse_args([]))
+
+
+@dataclass
+class Other:
+    count: int = option(9, "the same field as Toy's", parse="positive", group="g")
+    extra: int = option(1, "one more", group="g")
+
+
+def test_configs_added_to_one_command_share_groups_and_flags_and_the_parser_keeps_no_state():
+    parser = Options(Parser(prog="toy")).add(Toy).add(Other).parser
+    assert [g.title for g in parser._action_groups].count("g") == 1
+    args = parser.parse_args(["--count", "4", "--extra", "2"])
+    assert build(Toy, args).count == build(Other, args).count == 4  # one flag feeds both configs
+    assert vars(parser).keys() == vars(Parser(prog="toy")).keys()  # the adder's state is its own
 
 
 @pytest.mark.parametrize("command,configs", [

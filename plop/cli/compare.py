@@ -32,7 +32,7 @@ def register(sub) -> None:
                       "Each placement gets the rank that matches the recommendation's trainable parameters at "
                       "--rank (within 10%); same data, steps, seed and learning rate.", EXAMPLES,
                       train_config=TrainConfig,
-                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to"))
+                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to")).parser
     p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
     p.add_argument("--placements", type=names, default=None, metavar="A,B",
                    help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})")

@@ -8,7 +8,7 @@ from ..config import DiagnoseConfig, StrategyFlags
 from ..files.fsio import check_destination
 from ..files.untrusted import terminal_safe
 from .inputs import is_main, load_model_and_data, model_command
-from .options import add_options, values
+from .options import values
 
 EXAMPLES = """examples:
   plop diagnose                                   # embedded SmolLM2-135M on the demo data
@@ -23,8 +23,7 @@ EXAMPLES = """examples:
 def register(sub) -> None:
     p = model_command(sub, "diagnose", "rank module types by NFN and recommend target_modules",
                       "One no-grad pass over a data sample: NFN per linear module, ranked by type.", EXAMPLES,
-                      big_models=True)
-    add_options(p, DiagnoseConfig, StrategyFlags)
+                      big_models=True).add(DiagnoseConfig, StrategyFlags).parser
     o = p.add_argument_group("output")
     o.add_argument("--out", default="report.json", metavar="FILE", help="where to write the JSON report ('' to skip)")
     o.add_argument("--json", action="store_true", help="print the report JSON to stdout (table goes to stderr)")

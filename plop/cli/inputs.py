@@ -8,23 +8,24 @@ import argparse
 from ..config import AutoSampling, DiagnoseConfig, ModelConfig, check_shard_options
 from ..errors import ConfigError
 from ..files.data import DataSource, TaskRows, TextFormat
-from .options import add_options, build, command
+from .options import Options, build, command
 
 
 def model_command(sub, name: str, help: str, description: str, epilog: str, *, train_config: type | None = None,
-                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> argparse.ArgumentParser:
+                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> Options:
     """A subcommand that loads a model and reads data: the model and data options (``train_config``
-    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help."""
-    p = command(sub, name, help, description, epilog)
-    add_options(p, ModelConfig, skip=() if big_models else ("max_memory", "offload_dir"))
-    add_options(p, DataSource, TextFormat)
+    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help.
+    The command adds its own options through the returned :class:`Options`."""
+    options = Options(command(sub, name, help, description, epilog))
+    options.add(ModelConfig, skip=() if big_models else ("max_memory", "offload_dir"))
+    options.add(DataSource, TextFormat)
     if train_config is None:
-        add_options(p, DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
+        options.add(DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
     else:  # a fine-tune reads all the rows unless told otherwise
-        add_options(p, DiagnoseConfig, only=("samples",), defaults={"samples": None},
+        options.add(DiagnoseConfig, only=("samples",), defaults={"samples": None},
                     helps={"samples": "rows to sample (default: all)"})
-        add_options(p, train_config, skip=train_skip)
-    return p
+        options.add(train_config, skip=train_skip)
+    return options
 
 
 def training_rows(args: argparse.Namespace) -> int | None:

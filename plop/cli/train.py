@@ -28,7 +28,7 @@ REMEASURE_ROWS = 100  # rows re-diagnosed after a run placed without a report (p
 def register(sub) -> None:
     p = model_command(sub, "train", "fine-tune LoRA / LoRA+ / DoRA where the diagnosis says",
                       "Fine-tune adapters with transformers' Trainer. Without --report, --target-modules or "
-                      "--placement, the model is diagnosed on the same data first.", EXAMPLES, train_config=TrainConfig)
+                      "--placement, the model is diagnosed on the same data first.", EXAMPLES, train_config=TrainConfig).parser
     where = p.add_argument_group("where the adapters go").add_mutually_exclusive_group()
     where.add_argument("--report", help="a report from plop diagnose: train on its recommendation")
     where.add_argument("--target-modules", type=names, metavar="A,B", help="module types or names, e.g. q_proj,v_proj")
