@@ -30,6 +30,18 @@ def option(default: Any = None, help: str = "", **cli: Any) -> Any:
     return field(default=default, metadata={"help": help, **cli})
 
 
+def names(text: str) -> list[str]:
+    """``a,b, c`` -> ``["a", "b", "c"]``: a list as the command line writes it."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def targets(text: str) -> list[str] | str:
+    """``target_modules`` written as text: ``a,b`` are names that PEFT matches whole or as suffixes;
+    one value with regex characters, or PEFT's ``all-linear``, stays one string, as PEFT takes a
+    string (a regex it full-matches against every module name)."""
+    return text if text == "all-linear" or any(c in text for c in "^$*+?()[]|\\") else names(text)
+
+
 def default_alpha(rank: float) -> float:
     """``lora_alpha`` when none is given: twice the rank, the LoRA+ paper's and PEFT examples' choice,
     so that ``alpha / rank`` stays 2 whatever the rank."""

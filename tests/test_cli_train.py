@@ -100,7 +100,7 @@ def test_compare_writes_matched_budget_results(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--rank", "0"], "argument --rank: must be a positive whole number, got 0"),  # as every --rank
     (["--lr", "5"], "lr must be in (0, 1]"),
     (["--resume"], "has no checkpoint to resume from"),
     (["--target-modules", "c_attn,c_proj"], "match no linear module of this model (its module types: down_proj"),

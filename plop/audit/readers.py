@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import default_alpha
+from ..config import targets as parse_targets
 from ..errors import ConfigError
 from ..files.fsio import read_text_capped
 from .spec import AdapterSpec
@@ -330,14 +331,11 @@ def read_config(path: str | Path, flavour: str | None = None) -> AdapterSpec:
     return READERS[flavour](data, str(path))
 
 
-def inline_spec(target_modules: str | None, target_parameters: str | None = None,
-                rank_pattern: str | None = None, rank: int = 8) -> AdapterSpec:
-    """``--target-modules a,b`` (one value with regex characters is a PEFT regex),
-    ``--target-parameters``, ``--rank-pattern key=r,key=r``."""
-    targets: list[str] | str | None = None
-    if target_modules is not None:
-        regexy = any(c in target_modules for c in "^$*+?()[]|\\") or target_modules == "all-linear"
-        targets = target_modules if regexy else _list(target_modules, "--target-modules")
+def inline_spec(target_modules: list[str] | str | None, target_parameters: list[str] | str | None = None,
+                rank_pattern: list[str] | str | None = None, rank: int = 8) -> AdapterSpec:
+    """``--target-modules a,b`` (text as :func:`plop.config.targets` reads it), ``--target-parameters``,
+    ``--rank-pattern key=r,key=r``: as typed, or as the command line parsed them."""
+    targets = parse_targets(target_modules) if isinstance(target_modules, str) else target_modules
     pattern = {}
     for item in _list(rank_pattern, "--rank-pattern") or []:
         key, sep, value = item.rpartition("=")

@@ -14,6 +14,8 @@ import typing
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ..config import names
+
 EXIT_USAGE = 2
 
 
@@ -49,11 +51,6 @@ def positive_float(value: str) -> float:
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
     return number
-
-
-def names(value: str) -> list[str]:
-    """``a,b, c`` -> ``["a", "b", "c"]``."""
-    return [v.strip() for v in value.split(",") if v.strip()]
 
 
 def samples(value: str) -> int | str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from ..config import DiagnoseConfig
+from ..config import DiagnoseConfig, targets
 from ..files.untrusted import plain_safe, terminal_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import TRAIN_PLACEMENTS
 from .inputs import is_main, load_model_and_data, model_command, training_rows
-from .options import build, names
+from .options import build
 
 EXAMPLES = """examples:
   plop train --steps 100                          # embedded SmolLM2-135M, demo data: diagnose, then train there
@@ -31,7 +31,8 @@ def register(sub) -> None:
                       "--placement, the model is diagnosed on the same data first.", EXAMPLES, train_config=TrainConfig).parser
     where = p.add_argument_group("where the adapters go").add_mutually_exclusive_group()
     where.add_argument("--report", help="a report from plop diagnose: train on its recommendation")
-    where.add_argument("--target-modules", type=names, metavar="A,B", help="module types or names, e.g. q_proj,v_proj")
+    where.add_argument("--target-modules", type=targets, metavar="A,B",
+                       help="module types or names, e.g. q_proj,v_proj, or one PEFT regex")
     where.add_argument("--placement", choices=TRAIN_PLACEMENTS, help="a named placement")
     p.set_defaults(func=run)
 
