@@ -1,4 +1,4 @@
-"""What plop can be asked for: :class:`ModelConfig` (which model, how loaded) and
+"""What plop can be asked for: :class:`ModelConfig` (which model, how loaded: sharded too) and
 :class:`DiagnoseConfig` (how it is measured and what is recommended).
 
 Each field carries its default, type, choices and help (PEFT's ``field(metadata={"help": ...})``
@@ -102,11 +102,15 @@ class ModelConfig:
     offload_dir: str | None = option(None, "where weights that do not fit go (safetensors checkpoints are read in "
                                            "place without it)", metavar="DIR",
                                      group="models bigger than memory (one process)")
+    shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
+                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
+                         group="models bigger than one device")
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
         check_choice("quantize", self.quantize, QUANTIZATIONS)
+        check_shard_options(self.shard, self.quantize, self.max_memory, self.offload_dir)
 
 
 _RECOMMEND = "recommendation"
@@ -151,9 +155,9 @@ class DiagnoseConfig:
     include_head: bool = option(False, "also diagnose the output head", group="measurement")
     weight_scores: bool = option(False, "also score every weight without data (KappaTune condition number, "
                                         "Spectrum SNR)", group="measurement")
-    shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
-                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
-                         group="models bigger than one device")
+    # set on the command line by ModelConfig's --shard, which also loads only each process's shards
+    shard: bool = option(False, "measure on weights split across the processes (FSDP2, plop.measure.sharded); a "
+                                "model not sharded yet is sharded in place", cli=False)
 
     def __post_init__(self) -> None:
         for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):

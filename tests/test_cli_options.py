@@ -10,6 +10,7 @@ from typing import Literal
 import pytest
 
 from plop.cli import build_parser, main
+from plop.cli.inputs import BIG_MODELS
 from plop.cli.options import Options, Parser, build
 from plop.config import DiagnoseConfig, ModelConfig, option
 from plop.errors import ConfigError
@@ -82,7 +83,7 @@ def test_configs_added_to_one_command_share_groups_and_flags_and_the_parser_keep
 def test_every_cli_field_of_a_command_is_an_option(command, configs):
     """Each config field meant for the command line reaches it (a new field needs nothing more)."""
     args = vars(build_parser().parse_args([command]))
-    skipped = {"max_memory", "offload_dir"} if command == "train" else set()
+    skipped = set(BIG_MODELS) if command == "train" else set()
     for cls in configs:
         for f in dataclasses.fields(cls):
             if f.metadata.get("cli", True) and f.name not in skipped:

@@ -38,3 +38,17 @@ def test_train_config_alpha_follows_the_rank_unless_set():
     assert replace(TrainConfig(alpha=10), rank=8).lora_alpha == 10
     with pytest.raises(ConfigError, match="alpha"):
         TrainConfig(alpha=-1)
+
+
+def test_shard_is_a_loading_option_that_feeds_the_diagnosis_too(tmp_path, capsys):
+    from plop.cli import build_parser, main
+    from plop.cli.options import build, values
+    from plop.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="--shard combines with neither --quantize"):
+        ModelConfig(shard=True, quantize="bnb-4bit")
+    args = build_parser().parse_args(["diagnose", "--shard"])
+    assert build(ModelConfig, args).shard and DiagnoseConfig(**values(DiagnoseConfig, args)).shard
+    assert not hasattr(build_parser().parse_args(["train"]), "shard")  # train loads whole copies
+    assert main(["diagnose", str(tmp_path / "no-model"), "--shard", "--max-memory", "2GiB"]) == 2
+    assert "--shard combines with neither" in capsys.readouterr().err  # before any model is looked for

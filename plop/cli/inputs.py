@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import AutoSampling, DiagnoseConfig, ModelConfig, check_shard_options
+from ..config import AutoSampling, DiagnoseConfig, ModelConfig
 from ..errors import ConfigError
 from ..files.data import DataSource, TaskRows, TextFormat
 from .options import Options, build, command
+
+BIG_MODELS = ("max_memory", "offload_dir", "shard")  # the loading options of plop diagnose alone
 
 
 def model_command(sub, name: str, help: str, description: str, epilog: str, *, train_config: type | None = None,
@@ -17,7 +19,7 @@ def model_command(sub, name: str, help: str, description: str, epilog: str, *, t
     adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help.
     The command adds its own options through the returned :class:`Options`."""
     options = Options(command(sub, name, help, description, epilog))
-    options.add(ModelConfig, skip=() if big_models else ("max_memory", "offload_dir"))
+    options.add(ModelConfig, skip=() if big_models else BIG_MODELS)
     options.add(DataSource, TextFormat)
     if train_config is None:
         options.add(DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
@@ -48,9 +50,7 @@ def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
 def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
     """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
     sampling gives all of them the same rows)."""
-    model_config = build(ModelConfig, args)
-    check_shard_options(getattr(args, "shard", False), model_config.quantize, model_config.max_memory,
-                        model_config.offload_dir)
+    model_config = build(ModelConfig, args)  # loading options that do not combine fail here
     rows = read_data(args, samples)  # then the data: a bad file fails before torch is even imported
     from rich.console import Console
     from transformers.utils import logging as hf_logging
@@ -65,8 +65,7 @@ def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
             model, tokenizer, model_id = load_model(
                 model_config.model, dtype=model_config.dtype, device=model_config.device,
                 trust_remote_code=model_config.trust_remote_code, max_memory=model_config.max_memory,
-                offload_dir=model_config.offload_dir, quantize=model_config.quantize,
-                shard=getattr(args, "shard", False))  # diagnose --shard loads 1/N of the weights per process
+                offload_dir=model_config.offload_dir, quantize=model_config.quantize, shard=model_config.shard)
     finally:
         hf_logging.enable_progress_bar()
     examples, info = rows.examples(tokenizer)
