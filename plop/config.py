@@ -8,6 +8,7 @@ new field here and the code that uses it. Torch-free, so ``plop --help`` pays fo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 TOKEN_SCOPES = ("all", "prompt", "response")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")  # bitsandbytes, as QLoRA trains on the base
-DEFAULT_SAMPLES = 100  # rows a diagnosis reads from a data file unless told otherwise
+STABLE_MIN_ROWS = 16  # until_stable never stops on fewer rows: the bootstrap needs rows to resample
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
@@ -59,24 +60,6 @@ def check_positive(name: str, value: object, optional: bool = False) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-
-
-class AutoSampling:
-    """``samples="auto"``: read rows in growing windows and stop at the first window after which
-    the bootstrap calls the recommendation stable. The one home of that policy."""
-
-    MIN = 16  # never stop on fewer rows: the bootstrap needs some rows to resample
-    CAP = 1024  # rows read from a data file at most; a stable answer comes far sooner in practice
-
-    @classmethod
-    def rows(cls, samples: int | str | None) -> int | None:
-        """Rows to read from the data for ``samples``: the cap for ``"auto"``."""
-        return cls.CAP if samples == "auto" else samples  # type: ignore[return-value]
-
-    @classmethod
-    def stops(cls, samples: int | str | None, seen: int) -> bool:
-        """Whether a stable recommendation after ``seen`` rows ends the pass."""
-        return samples == "auto" and seen >= cls.MIN
 
 
 def check_shard_options(shard: bool, quantize: str, max_memory, offload_dir) -> None:
@@ -121,9 +104,11 @@ class DiagnoseConfig:
     """Settings of a diagnosis; all of them are recorded in the report, and all are checked here,
     before any model is touched."""
 
-    samples: int | Literal["auto"] | None = option(
-        None, "rows to sample ('auto': stop once the recommendation is stable; API default: all rows given)",
-        group="data", cli_default=DEFAULT_SAMPLES)
+    samples: int | None = option(100, "rows to sample (API: None for all the rows given)", group="data",
+                                 parse="positive")
+    until_stable: bool = option(False, "read the rows in windows of 16, 16, 32, 64, ... and stop at the first after "
+                                       "which the bootstrap calls the recommendation stable: --samples is then the "
+                                       "most rows read", group="data")
     max_length: int = option(256, "tokens per sample", group="data", parse="positive")
     batch_size: int = option(8, "rows per batch (with --max-length, the default token budget of a batch)",
                              group="data", parse="positive")
@@ -165,10 +150,10 @@ class DiagnoseConfig:
         check_positive("batch_tokens", self.batch_tokens, optional=True)
         check_positive("generate", self.generate, optional=True)
         check_positive("max_new_tokens", self.max_new_tokens)
-        if self.generate and self.samples == "auto":  # auto may read 1024 rows: K samples of each is no quick pass
-            raise ConfigError("generate needs a number of samples, not 'auto'", "give --samples N")
-        if self.samples != "auto":
-            check_positive("samples", self.samples, optional=True)
+        if self.generate and self.until_stable:
+            raise ConfigError("generate with until_stable: the completions of every sampled prompt are generated "
+                              "before the pass, so stopping early would waste them", "drop --until-stable")
+        check_positive("samples", self.samples, optional=True)
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("tokens", self.tokens, TOKEN_SCOPES)
@@ -180,6 +165,10 @@ class DiagnoseConfig:
         if self.shard and self.weight_scores:
             raise ConfigError("weight_scores with shard: the scores need one SVD of each whole weight, which no "
                               "process holds", "score the weights without sharding")
+
+    def stops(self, seen: int) -> bool:
+        """Whether a stable recommendation after ``seen`` rows ends the pass: the until_stable policy."""
+        return self.until_stable and seen >= STABLE_MIN_ROWS
 
 
 @dataclass
@@ -201,6 +190,14 @@ class StrategyFlags:
         if values.get("budget") is not None:
             return {**values, "strategy": "budget"}
         return {**values, "strategy": "per_layer"} if self.per_layer else values
+
+
+def recorded_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's recorded diagnosis settings in today's fields. Before ``until_stable``,
+    ``samples="auto"`` asked for it, with no limit on the rows given."""
+    if settings.get("samples") == "auto":
+        return {**settings, "samples": None, "until_stable": True}
+    return dict(settings)
 
 
 def check_budget(strategy: str, budget: int | None) -> None:

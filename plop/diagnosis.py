@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AutoSampling, DiagnoseConfig
+from .config import DiagnoseConfig
 from .errors import ConfigError, DataError, ModelError
 from .files.data import take_sample
 from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
@@ -73,7 +73,7 @@ def _batches(data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokeniz
     token budget (:mod:`plop.measure.batching`); token batches (``input_ids`` and ideally
     ``attention_mask``) pass through."""
     if not (_is_texts(data) or _is_examples(data)):
-        return token_batches(data, config.samples if isinstance(config.samples, int) else None)
+        return token_batches(data, config.samples)
     if tokenizer is None:
         raise ConfigError("diagnosing text needs a tokenizer")
     ensure_pad_token(tokenizer)
@@ -205,7 +205,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
             selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, top_k=config.top_k,
                                 budget=config.budget, rank=config.rank, power=config.allocate_power)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
-            if AutoSampling.stops(config.samples, state.samples):
+            if config.stops(state.samples):
                 if selector.recommend(_replicates(state, selector.records))[0].stable:
                     break
         if selector is None:
@@ -253,7 +253,7 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     total = None
     examples = _is_examples(data)
     if _is_texts(data) or examples:
-        data = take_sample(data, config.samples if isinstance(config.samples, int) else None, config.seed)
+        data = take_sample(data, config.samples, config.seed)
         if config.generate:  # the sampled prompts, each with K completions of the model's own
             data = generated_examples(model, _prompted(data), tokenizer, k=config.generate,
                                       max_new_tokens=config.max_new_tokens, max_length=config.max_length,
@@ -277,8 +277,7 @@ def _dataset_rows(model: nn.Module, data, tokenizer, config: DiagnoseConfig, dat
     if not is_dataset(data):
         return data, tokenizer, data_info
     tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
-    data, info = dataset_examples(data, tokenizer, samples=config.samples if isinstance(config.samples, int) else None,
-                                  seed=config.seed, tokens=config.tokens)
+    data, info = dataset_examples(data, tokenizer, samples=config.samples, seed=config.seed, tokens=config.tokens)
     return data, tokenizer, {**info, **(data_info or {})}
 
 

@@ -227,7 +227,7 @@ RULES = {
     "the default lora_alpha": (r"\b2 \* (r|rank|self\.rank)\b", {"config.py"}),
     "PEFT's target matching": (r"re\.fullmatch\(target|\.endswith\('\.' \+", {"model/roles.py"}),
     "NFN's random baseline": (r"math\.sqrt\([^)]*(shape\[|d_in)", {"measure/nfn.py"}),
-    "the samples='auto' policy": (r"samples == 'auto' and|AUTO_(MIN|SAMPLE)|CAP if", {"config.py"}),
+    "the until_stable policy": (r"until_stable and|STABLE_MIN_ROWS =", {"config.py"}),
     "row sampling": (r"permutation\(n_rows\)|\[: *config\.samples\]", {"files/data.py"}),
     "building a LoraConfig": (r"\bLoraConfig\((target|\*\*\w*lora_\w*kwargs)", {"ranking/peft_config.py"}),
     "the per-layer selection": (r"key=lambda m: m\.nfn", set()),

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import make_batches, pad_batches
 from plop import diagnose
-from plop.config import AutoSampling
+from plop.config import STABLE_MIN_ROWS
 from plop.model.placement import placement_costs, placement_types
 from plop.ranking.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
 from plop.ranking.report import ModuleRecord
@@ -252,16 +252,25 @@ def test_bootstrap_stability_and_selection_probabilities(aligned_toy, top_k):
         assert all(p == 1.0 for p in chosen)
 
 
-def test_samples_auto_stops_early_when_stable(aligned_toy):
+def test_until_stable_stops_early_when_stable(aligned_toy):
     data = _toy_batches(160)
-    full = diagnose(aligned_toy, data, top_k=1, n_bootstrap=100)
-    auto = diagnose(aligned_toy, data, samples="auto", top_k=1, n_bootstrap=100)
+    full = diagnose(aligned_toy, data, samples=None, top_k=1, n_bootstrap=100)
+    auto = diagnose(aligned_toy, data, samples=None, until_stable=True, top_k=1, n_bootstrap=100)
     assert full.data["samples"] == 160
-    assert AutoSampling.MIN <= auto.data["samples"] < 160
-    assert auto.data["samples"] == AutoSampling.MIN  # stable at the first check
+    assert STABLE_MIN_ROWS <= auto.data["samples"] < 160
+    assert auto.data["samples"] == STABLE_MIN_ROWS  # stable at the first check
     assert auto.recommendation.stable
     assert auto.recommendation.types == full.recommendation.types == ["low"]
-    assert auto.settings["samples"] == "auto"
+    assert auto.settings["until_stable"] and auto.settings["samples"] is None
+
+
+def test_the_api_reads_as_many_rows_as_the_command_line_unless_told(aligned_toy):
+    from plop.cli import build_parser
+
+    data = _toy_batches(160)
+    assert diagnose(aligned_toy, data, top_k=1, n_bootstrap=10).data["samples"] == \
+        build_parser().parse_args(["diagnose"]).samples == 100
+    assert diagnose(aligned_toy, data, samples=None, top_k=1, n_bootstrap=10).data["samples"] == 160  # all
 
 
 class TwoTopics(nn.Module):
@@ -318,9 +327,11 @@ def test_bootstrap_flags_a_coin_flip_as_unstable():
     assert rec.types in (["pa"], ["pb"])
     assert rec.agreement == pytest.approx(probs[rec.types[0]])
     assert rec.agreement < STABLE_AGREEMENT and rec.stable is False
-    # never stable, so "auto" reads everything
-    auto = diagnose(model, data, samples="auto", top_k=1, n_bootstrap=200)
+    # never stable, so until_stable reads everything
+    auto = diagnose(model, data, until_stable=True, top_k=1, n_bootstrap=200)
     assert auto.data["samples"] == 64 and auto.recommendation.stable is False
+    capped = diagnose(model, data, samples=40, until_stable=True, top_k=1, n_bootstrap=200)
+    assert capped.data["samples"] == 40  # samples is the most rows until_stable reads
     # top_k=2 takes both tied types (bar a very lopsided resample): stable again
     both = diagnose(model, data, top_k=2, n_bootstrap=200).recommendation
     assert set(both.types) == {"pa", "pb"} and both.stable

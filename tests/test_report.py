@@ -278,6 +278,16 @@ def test_plot_writes_png(report, tmp_path):
     plt.close("all")
 
 
+def test_reports_that_asked_for_samples_auto_load_as_until_stable(report, tmp_path):
+    """Before until_stable, samples="auto" asked for the stop at a stable recommendation, with no limit
+    on the rows given: a report saying so reads in today's settings, and so does its config."""
+    raw = report.to_dict()
+    raw["settings"] = {**{k: v for k, v in raw["settings"].items() if k != "until_stable"}, "samples": "auto"}
+    loaded = Report.load(_write(tmp_path / "old.json", raw))
+    assert loaded.settings == {**report.settings, "samples": None, "until_stable": True}
+    assert loaded.modules == report.modules and loaded.recommendation == report.recommendation
+
+
 def test_version_1_reports_still_load():
     """The study's committed reports were written as version 1: their counts were 'tokens' and a
     type's place was 'rank'; they load into version 2's names with every value kept."""

@@ -8,7 +8,7 @@ from ..files.fsio import check_destination
 from ..files.untrusted import plain_safe
 from ..finetune.config import TrainConfig
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
-from .inputs import is_main, load_model_and_data, model_command, training_rows
+from .inputs import is_main, load_model_and_data, model_command
 from .options import names
 from .train import checked_config, diagnosed
 
@@ -55,7 +55,7 @@ def run(args) -> int:
     for path in (args.out, args.plot):
         check_destination(path)
     report = Report.load(args.report) if args.report else None
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
     report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
     result = compare(model, tokenizer, examples, report, placements=args.placements, seeds=args.seeds,
                      rank=args.rank, config=config, output_dir=args.output_dir, progress=True)

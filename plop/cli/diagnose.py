@@ -14,7 +14,7 @@ EXAMPLES = """examples:
   plop diagnose                                   # embedded SmolLM2-135M on the demo data
   plop diagnose ./my-model --data train.jsonl --template "Q: {question}\\nA: {answer}"
   plop diagnose meta-llama/Llama-3.1-8B --data chats.jsonl --chat --dtype bfloat16 --top-k 2
-  plop diagnose --samples auto --budget 2000000 --rank 8 --out report.json --plot nfn.png
+  plop diagnose --until-stable --samples 1000 --budget 2000000 --rank 8 --out report.json --plot nfn.png
   plop diagnose --allocate                        # ranks per type under the top-3 budget (rank_pattern)
   plop diagnose --json | jq .recommendation.target_modules
 """
@@ -35,7 +35,9 @@ def run(args) -> int:
     config = DiagnoseConfig(**build_strategy(args))  # bad values fail before the slow loading
     for path in (args.out, args.plot):
         check_destination(path)
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, config.samples)
+    # until_stable reads at most --samples rows: fewer in the file is no surprise worth a warning
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, config.samples,
+                                                                     warn_short=not config.until_stable)
     from rich.console import Console
 
     from ..diagnosis import diagnose

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import AutoSampling, DiagnoseConfig, ModelConfig
-from ..errors import ConfigError
+from ..config import DiagnoseConfig, ModelConfig
 from ..files.data import DataSource, TaskRows, TextFormat
 from .options import Options, build, command
 
@@ -30,28 +29,21 @@ def model_command(sub, name: str, help: str, description: str, epilog: str, *, t
     return options
 
 
-def training_rows(args: argparse.Namespace) -> int | None:
-    """``--samples`` of a command that trains: a number of rows, or all of them."""
-    if args.samples == "auto":
-        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
-    return args.samples
-
-
-def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
-    """The data file read, its rows sampled and its fields checked, before any model is loaded."""
+def read_data(args: argparse.Namespace, samples: int | None, warn_short: bool = True) -> TaskRows:
+    """The data file read, its rows sampled and its fields checked, before any model is loaded;
+    ``warn_short``: say so when the file has fewer rows than ``samples``."""
     from ..files.data import read_rows
 
     source = build(DataSource, args)
-    return read_rows(source.data, samples=AutoSampling.rows(samples), seed=args.seed,
-                     text_format=build(TextFormat, args), split=source.split, config=source.data_config,
-                     warn_short=samples != "auto")
+    return read_rows(source.data, samples=samples, seed=args.seed, text_format=build(TextFormat, args),
+                     split=source.split, config=source.data_config, warn_short=warn_short)
 
 
-def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
+def load_model_and_data(args: argparse.Namespace, samples: int | None, warn_short: bool = True):
     """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
-    sampling gives all of them the same rows)."""
+    sampling gives all of them the same rows); ``samples`` and ``warn_short`` as :func:`read_data`."""
     model_config = build(ModelConfig, args)  # loading options that do not combine fail here
-    rows = read_data(args, samples)  # then the data: a bad file fails before torch is even imported
+    rows = read_data(args, samples, warn_short)  # then the data: a bad file fails before torch is even imported
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 

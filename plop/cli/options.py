@@ -53,28 +53,19 @@ def positive_float(value: str) -> float:
     return number
 
 
-def samples(value: str) -> int | str:
-    return value if value == "auto" else positive(value)
-
-
 def escapes(value: str) -> str:
     r"""A template typed in a shell: ``\n`` means a newline."""
     return value.encode().decode("unicode_escape")
 
 
-_PARSERS = {"positive": positive, "names": names, "escapes": escapes, "samples": samples}
+_PARSERS = {"positive": positive, "names": names, "escapes": escapes}
 
 
 def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
     """``(python type, Literal choices)`` of a field's annotation, ``None`` stripped."""
     hint = annotation
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        literals = [a for a in args if typing.get_origin(a) is Literal]
-        plain = [a for a in args if typing.get_origin(a) is not Literal]
-        if literals and plain:  # int | Literal["auto"]: the parser reads both
-            return "samples", None
-        hint = args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint)
     if typing.get_origin(hint) in (list, tuple):
@@ -129,7 +120,7 @@ class Options:
                         or (only and f.name not in only):
                     continue
                 self._fields.add(f.name)
-                default = (defaults or {}).get(f.name, f.metadata.get("cli_default", f.default))
+                default = (defaults or {}).get(f.name, f.default)
                 flags, kwargs = _argument(f, hints[f.name], default)
                 if helps and f.name in helps:
                     kwargs["help"] = helps[f.name]

@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from ..config import STRATEGIES
+from ..config import STRATEGIES, recorded_settings
 from ..errors import FileError, ReportError, UnsafeRegexError
 from ..files.fsio import atomic_write, read_text_capped
 from ..files.untrusted import check_regex, plain_safe
@@ -272,7 +272,7 @@ class Report:
                 check_regex(target)
             except UnsafeRegexError as e:
                 raise ReportError(f"{source}: recommendation/target_modules: {e}") from None
-        fields = dict(raw)
+        fields = {**raw, "settings": recorded_settings(raw["settings"])}
         fields["modules"] = [_build(ModuleRecord, m) for m in raw["modules"]]
         fields["types"] = [_build(TypeRanking, t) for t in raw["types"]]
         fields["recommendation"] = _build(Recommendation, raw["recommendation"])
