@@ -202,8 +202,7 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                 continue  # within a window the rows seen are not a prefix of the sample
             records = _records(state, layout.role_map)
             # rebuilt per window: a module first called late must still be costed and ranked
-            selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, top_k=config.top_k,
-                                budget=config.budget, rank=config.rank, power=config.allocate_power)
+            selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, rank=config.rank)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
             if config.stops(state.samples):
                 if selector.recommend(_replicates(state, selector.records))[0].stable:
@@ -308,7 +307,7 @@ def diagnose(
             no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).
-        config: a :class:`DiagnoseConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`DiagnoseConfig`; ``overrides`` replace its fields (``strategy="allocate", top_k=2``).
         model_id, data_info: recorded in the report (``data_info`` merges into ``report.data``).
         progress: show a progress bar with tokens/s and ETA.
 
@@ -318,7 +317,7 @@ def diagnose(
     data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
     processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).
     """
-    config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
+    config = (config or DiagnoseConfig()).with_overrides(**overrides)
     if config.shard:  # FSDP2, 1/N of the weights per process; shards the model in place unless it is
         sharded.prepare(model, config.include_head)
     device = _input_device(model)
@@ -379,7 +378,7 @@ def _report(model, layout: ModelLayout, config: DiagnoseConfig, records, selecto
             "threshold": STABLE_AGREEMENT,
             "samples_to_stable": recommendation.samples_to_stable,
             # per-layer selections are module lists; the type-level history is what reads well
-            "checkpoints": [] if config.strategy == "per_layer" else [[n, sorted(s)] for n, s in checkpoints],
+            "checkpoints": [] if config.strategy.kind == "per_layer" else [[n, sorted(s)] for n, s in checkpoints],
         },
         coverage=coverage(model, [m.name for m in records], layout.params),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -174,3 +174,14 @@ def test_an_allocate_report_sets_the_budget_with_its_own_ranks(tokenizer):
     recommended, all_linear = result.rows
     assert result.budget == recommended.trainable_params == report.recommendation.trainable_params
     assert recommended.budget_ratio == 1.0 and abs(all_linear.trainable_params / result.budget - 1) <= 0.10
+
+
+def test_the_allocate_placement_spends_its_budget_with_the_reports_own_power(tokenizer):
+    from plop.finetune.compare import candidates
+
+    model = make_model()
+    texts = [e.text for e in examples(16)]
+    flat, steep = (diagnose(model, texts, tokenizer, allocate_power=p) for p in (0.1, 32.0))
+    budget = 16 * candidates(flat, model, ["recommended"])[0].params_per_rank
+    ranks = [candidates(r, model, ["allocate"], budget)[0].targets.rank_pattern for r in (flat, steep)]
+    assert max(ranks[1].values()) > max(ranks[0].values())  # a steeper rule puts more rank on the lowest NFN

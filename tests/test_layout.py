@@ -228,6 +228,7 @@ RULES = {
     "PEFT's target matching": (r"re\.fullmatch\(target|\.endswith\('\.' \+", {"model/roles.py"}),
     "NFN's random baseline": (r"math\.sqrt\([^)]*(shape\[|d_in)", {"measure/nfn.py"}),
     "the until_stable policy": (r"until_stable and|STABLE_MIN_ROWS =", {"config.py"}),
+    "reading a strategy from its shorthands": (r"'allocate' if allocate\b", {"config.py"}),
     "row sampling": (r"permutation\(n_rows\)|\[: *config\.samples\]", {"files/data.py"}),
     "building a LoraConfig": (r"\bLoraConfig\((target|\*\*\w*lora_\w*kwargs)", {"ranking/peft_config.py"}),
     "the per-layer selection": (r"key=lambda m: m\.nfn", set()),

@@ -8,7 +8,7 @@ from ..config import DiagnoseConfig, StrategyFlags
 from ..files.fsio import check_destination
 from ..files.untrusted import terminal_safe
 from .inputs import is_main, load_model_and_data, model_command
-from .options import values
+from .options import build, values
 
 EXAMPLES = """examples:
   plop diagnose                                   # embedded SmolLM2-135M on the demo data
@@ -32,7 +32,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    config = DiagnoseConfig(**build_strategy(args))  # bad values fail before the slow loading
+    # bad values fail before the slow loading
+    config = DiagnoseConfig(**values(DiagnoseConfig, args), strategy=build(StrategyFlags, args).strategy())
     for path in (args.out, args.plot):
         check_destination(path)
     # until_stable reads at most --samples rows: fewer in the file is no surprise worth a warning
@@ -54,9 +55,3 @@ def run(args) -> int:
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     return 0
-
-
-def build_strategy(args) -> dict:
-    """DiagnoseConfig's fields from the parsed options, the strategy decoded from its flags."""
-    flags = StrategyFlags(**values(StrategyFlags, args))
-    return flags.apply(values(DiagnoseConfig, args))

@@ -61,6 +61,20 @@ def escapes(value: str) -> str:
 _PARSERS = {"positive": positive, "names": names, "escapes": escapes}
 
 
+class SwitchWithValue(argparse.Action):
+    """A switch that may be given a value for another field: ``--allocate`` is the switch alone,
+    ``--allocate BUDGET`` the switch and ``budget`` (the two are one choice on the command line)."""
+
+    def __init__(self, option_strings: list[str], dest: str, into: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.into = into
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        if value is not None:
+            setattr(namespace, self.into, value)
+
+
 def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
     """``(python type, Literal choices)`` of a field's annotation, ``None`` stripped."""
     hint = annotation
@@ -82,12 +96,13 @@ def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str],
         return [f.name], {"nargs": "?", "default": default, "help": help_}
     flags = [meta.get("flag", "--" + f.name.replace("_", "-")), *meta.get("aliases", ())]
     kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
+    parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
+    if kind is bool and "value_into" in meta:  # --allocate alone, or --allocate BUDGET
+        return flags, {**kwargs, "action": SwitchWithValue, "into": meta["value_into"], "type": _PARSERS[parse],
+                       "metavar": meta["metavar"]}
     if kind is bool:
         return flags, {**kwargs, "action": "store_true"}
-    parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
     kwargs["type"] = _PARSERS.get(parse, kind)
-    if "optional_value" in meta:  # --allocate alone, or --allocate BUDGET
-        kwargs.update(nargs="?", const=meta["optional_value"])
     choices = meta.get("choices") or literal
     if choices:
         kwargs["choices"] = list(choices)

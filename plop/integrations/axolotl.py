@@ -33,7 +33,7 @@ from typing import Any, Literal
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
 
-from ..config import DiagnoseConfig
+from ..config import DiagnoseConfig, Strategy
 from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
@@ -42,7 +42,6 @@ from ..files.untrusted import plain_safe
 from ..measure.distributed import world
 from ..ranking.peft_config import rank_patterns
 from ..ranking.report import Report
-from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"
 
@@ -151,9 +150,8 @@ def diagnose_run(cfg, model, tokenizer) -> Report:
     settings: dict[str, Any] = {"tokens": cfg.plop_tokens or "all", "rank": cfg.lora_r or DiagnoseConfig.rank,
                                 "seed": seed, "max_length": cfg.sequence_len or DiagnoseConfig.max_length,
                                 "samples": samples, "until_stable": bool(cfg.plop_until_stable),
-                                **strategy_settings(cfg.plop_budget, bool(cfg.plop_allocate))}
-    if cfg.plop_top_k:
-        settings["top_k"] = cfg.plop_top_k
+                                "strategy": Strategy.decode(top_k=cfg.plop_top_k, budget=cfg.plop_budget,
+                                                            allocate=bool(cfg.plop_allocate))}
     examples = sample_examples(cfg, tokenizer, samples, seed)
     with unfused_attention(model):
         report = diagnose(model, examples, tokenizer, model_id=str(cfg.base_model), **settings)
