@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import STRATEGY_ARGUMENTS, DiagnoseConfig, Strategy
+from ..config import STRATEGY_ARGUMENTS, DiagnoseConfig
 from ..diagnosis import diagnose
 
 _DIAGNOSE_FIELDS = frozenset(f.name for f in dataclasses.fields(DiagnoseConfig)) | set(STRATEGY_ARGUMENTS)
@@ -32,8 +32,8 @@ def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None
         tokenizer: the tokenizer TRL trains with (default: the one saved with the model).
         budget: LoRA parameters to spend (greedy in ascending NFN at the config's rank).
         allocate: give each chosen type its own rank (``rank_pattern``/``alpha_pattern``), under
-            ``budget`` (default: what the top-k costs); both read as :meth:`plop.config.Strategy.decode`
-            reads the command line's ``--budget`` and ``--allocate``.
+            ``budget`` (default: what the top-k costs); both read by :meth:`plop.config.Strategy.decode`,
+            as the command line's ``--budget`` and ``--allocate`` are.
         kwargs: :class:`~plop.config.DiagnoseConfig` fields (``samples``, ``tokens``, ``seed``,
             ``top_k``, ``max_length``, ...) go to the diagnosis; everything else (``r``,
             ``lora_alpha``, ``lora_dropout``, ``use_dora``, ``task_type``, ...) to ``LoraConfig``.
@@ -42,7 +42,9 @@ def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None
     settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _DIAGNOSE_FIELDS}
     if "r" in kwargs and "rank" not in settings:
         settings["rank"] = kwargs["r"]  # the budget and the allocation are costed at the rank trained
-    strategy = Strategy.decode(**{k: settings.pop(k) for k in STRATEGY_ARGUMENTS if k in settings},
-                               budget=budget, allocate=allocate)
-    report = diagnose(model, dataset, tokenizer, strategy=strategy, **settings)
+    if budget is not None:
+        settings["budget"] = budget
+    if allocate:  # with the budget, read as the command line's --allocate BUDGET is (Strategy.decode)
+        settings["allocate"] = True
+    report = diagnose(model, dataset, tokenizer, **settings)
     return report.to_peft_config(kwargs.pop("r", None), kwargs.pop("lora_alpha", None), **kwargs)
