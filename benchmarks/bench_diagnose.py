@@ -24,10 +24,10 @@ on the same rows:
              padded batches of 8; per module and batch it normalises W and the tokens, takes a second
              matmul for ||W z||, a Gaussian direction per token and a third for the baseline, padding
              tokens counted, one host sync per hook
-  auto       plop.diagnose with samples="auto" on the same question list
+  auto       plop.diagnose with until_stable=True over all of the same question list
   gradient   a gradient-based importance score: forward + backward of the LM loss per padded batch,
              per-module weight-gradient norms
-  cli-auto   `plop diagnose --data train.jsonl --samples auto` in a fresh process (question and answer,
+  cli-auto   `plop diagnose --data train.jsonl --until-stable --samples 1024` in a fresh process (question and answer,
              as plop reads GSM8K), end to end (imports, cached model load, data, diagnosis, report),
              against the diagnosis seconds its report records
 
@@ -178,7 +178,7 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
 
     def plop_diagnose(data, **kw):
         def run() -> None:
-            report = diagnose(model, data, tokenizer, max_length=MAX_LENGTH, **kw)
+            report = diagnose(model, data, tokenizer, max_length=MAX_LENGTH, **{"samples": None, **kw})  # all given
             extra.update(samples=report.data["samples"], batch_tokens=report.settings["batch_tokens"],
                          type_nfn={t.type: t.nfn_mean for t in report.types},
                          recommendation=report.recommendation.types)
@@ -201,7 +201,7 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
         "diagnose": plop_diagnose(texts),
         "padded-diagnose": plop_diagnose(batches),
         "authors": lambda: authors_estimator(model, batches[:1] if warm else batches),
-        "auto": plop_diagnose(questions(1000)[0], samples="auto"),
+        "auto": plop_diagnose(questions(1000)[0], samples=None, until_stable=True),
         "gradient": gradient,
     }
     run = runs[variant]
@@ -225,15 +225,15 @@ def worker(variant: str, samples: int, repeats: int) -> dict:
 
 
 def cli_auto(repeats: int, env: dict) -> dict:
-    """``plop diagnose --samples auto`` end to end, against the diagnosis seconds it reports."""
+    """``plop diagnose --until-stable`` end to end, against the diagnosis seconds it reports."""
     path, _ = data_file()
     runs = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "report.json"
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "plop", "diagnose", "--data", str(path), "--samples", "auto",
-                            "--out", str(out)], env=env, check=True, capture_output=True)
+            subprocess.run([sys.executable, "-m", "plop", "diagnose", "--data", str(path), "--until-stable",
+                            "--samples", "1024", "--out", str(out)], env=env, check=True, capture_output=True)
             wall = time.perf_counter() - start
             data = json.loads(out.read_text())["data"]
         runs.append({"wall_seconds": wall, "diagnosis_seconds": data["seconds"], "samples": data["samples"]})

@@ -64,7 +64,7 @@ def child(args) -> None:
                                          offload_dir=where if offload else None)
         loaded = time.perf_counter() - start
         examples, _ = load_examples(None, samples=args.samples, seed=0, tokenizer=tokenizer)
-        report = plop.diagnose(model, [e.text for e in examples], tokenizer, max_length=args.max_length,
+        report = plop.diagnose(model, [e.text for e in examples], tokenizer, samples=None, max_length=args.max_length,
                                batch_size=args.samples)
         placement = sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()})
     print(json.dumps({

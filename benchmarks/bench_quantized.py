@@ -37,7 +37,7 @@ def diagnose(quantize: str, samples: int) -> tuple[plop.Report, float]:
     model, tokenizer, model_id = load_model(None, device="cpu", quantize=quantize)
     examples, info = load_examples(None, samples=samples, seed=0, tokenizer=tokenizer)
     start = time.perf_counter()
-    report = plop.diagnose(model, examples, tokenizer, model_id=model_id, data_info=info, top_k=3)
+    report = plop.diagnose(model, examples, tokenizer, samples=None, model_id=model_id, data_info=info, top_k=3)
     return report, time.perf_counter() - start
 
 

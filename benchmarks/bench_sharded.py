@@ -53,7 +53,7 @@ def child(args) -> None:
     model, tokenizer, _ = load_model(args.model, device="cpu", shard=shard)
     loaded = time.perf_counter() - start
     examples, _ = load_examples(None, samples=args.samples, seed=0, tokenizer=tokenizer)
-    report = plop.diagnose(model, [e.text for e in examples], tokenizer, max_length=args.max_length,
+    report = plop.diagnose(model, [e.text for e in examples], tokenizer, samples=None, max_length=args.max_length,
                            batch_size=args.batch_size, shard=shard)
     result = {
         "rank": world.rank, "held_bytes": held_bytes(model), "load_seconds": round(loaded, 2),

@@ -118,12 +118,13 @@ def prepare(task: str, args) -> tuple:
 
     model, tokenizer, model_id = load_model(None, device=args.device)
     train, test, info = task_data(task, tokenizer, args)
-    report = plop.diagnose(model, train[: args.diagnose_samples], tokenizer, model_id=model_id, max_length=256,
-                           rank=args.rank, progress=True)
+    report = plop.diagnose(model, train[: args.diagnose_samples], tokenizer, samples=None, model_id=model_id,
+                           max_length=256, rank=args.rank, progress=True)
     report.save(RESULTS / f"placement_study_{task}_report.json")
     print(f"{task}: recommended {report.recommendation.types} (stable: {report.recommendation.stable})")
     scope_advice(task, report, lambda scope: plop.diagnose(model, train[: args.diagnose_samples], tokenizer,
-                                                           max_length=256, rank=args.rank, tokens=scope))
+                                                           samples=None, max_length=256, rank=args.rank,
+                                                           tokens=scope))
     return model, tokenizer, train, test, info, report
 
 

@@ -134,9 +134,10 @@ def prepare(args) -> tuple:
     train = examples("train", tokenizer, args.steps * args.batch_size // args.num_generations)
     test = examples("test", tokenizer, args.eval_samples)
     rows = examples("train", tokenizer, args.diagnose_samples)
-    reports = {"recommended": plop.diagnose(model, rows, tokenizer, model_id=model_id, tokens="prompt",
+    reports = {"recommended": plop.diagnose(model, rows, tokenizer, samples=None, model_id=model_id, tokens="prompt",
                                             rank=args.rank, max_length=args.max_length),
-               "recommended-generate": plop.diagnose(model, rows, tokenizer, model_id=model_id, tokens="response",
+               "recommended-generate": plop.diagnose(model, rows, tokenizer, samples=None, model_id=model_id,
+                                                     tokens="response",
                                                      generate=args.generate, max_new_tokens=args.max_new_tokens,
                                                      rank=args.rank, max_length=args.max_length)}
     for name, report in reports.items():

@@ -14,6 +14,7 @@ from .version import __version__
 _EXPORTS = {
     "diagnose": "plop.diagnosis",
     "DiagnoseConfig": "plop.config",
+    "Strategy": "plop.config",
     "Report": "plop.ranking.report",
     "load_model": "plop.model.loading",
     "load_examples": "plop.files.data",
@@ -38,7 +39,7 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolves the same names
-    from .config import DiagnoseConfig
+    from .config import DiagnoseConfig, Strategy
     from .diagnosis import diagnose
     from .errors import (
         ConfigError,

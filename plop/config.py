@@ -1,4 +1,4 @@
-"""What plop can be asked for: :class:`ModelConfig` (which model, how loaded) and
+"""What plop can be asked for: :class:`ModelConfig` (which model, how loaded: sharded too) and
 :class:`DiagnoseConfig` (how it is measured and what is recommended).
 
 Each field carries its default, type, choices and help (PEFT's ``field(metadata={"help": ...})``
@@ -8,7 +8,8 @@ new field here and the code that uses it. Torch-free, so ``plop --help`` pays fo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from .errors import ConfigError
@@ -19,15 +20,28 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 TOKEN_SCOPES = ("all", "prompt", "response")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")  # bitsandbytes, as QLoRA trains on the base
-DEFAULT_SAMPLES = 100  # rows a diagnosis reads from a data file unless told otherwise
+STABLE_MIN_ROWS = 16  # until_stable never stops on fewer rows: the bootstrap needs rows to resample
 
 
 def option(default: Any = None, help: str = "", **cli: Any) -> Any:
     """A config field that documents itself. ``cli`` says what the command line needs beyond the
     field's type: ``flag`` (another name), ``metavar``, ``choices``, ``group``, ``exclusive`` (a
     mutually exclusive group's name), ``positional``, ``parse`` ("names": comma-separated,
-    "positive": a whole number >= 1), ``cli=False`` (API only)."""
+    "positive": a whole number >= 1), ``value_into`` (a switch's optional value sets that field),
+    ``cli=False`` (API only)."""
     return field(default=default, metadata={"help": help, **cli})
+
+
+def names(text: str) -> list[str]:
+    """``a,b, c`` -> ``["a", "b", "c"]``: a list as the command line writes it."""
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def targets(text: str) -> list[str] | str:
+    """``target_modules`` written as text: ``a,b`` are names that PEFT matches whole or as suffixes;
+    one value with regex characters, or PEFT's ``all-linear``, stays one string, as PEFT takes a
+    string (a regex it full-matches against every module name)."""
+    return text if text == "all-linear" or any(c in text for c in "^$*+?()[]|\\") else names(text)
 
 
 def default_alpha(rank: float) -> float:
@@ -49,22 +63,12 @@ def check_positive(name: str, value: object, optional: bool = False) -> None:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
-class AutoSampling:
-    """``samples="auto"``: read rows in growing windows and stop at the first window after which
-    the bootstrap calls the recommendation stable. The one home of that policy."""
-
-    MIN = 16  # never stop on fewer rows: the bootstrap needs some rows to resample
-    CAP = 1024  # rows read from a data file at most; a stable answer comes far sooner in practice
-
-    @classmethod
-    def rows(cls, samples: int | str | None) -> int | None:
-        """Rows to read from the data for ``samples``: the cap for ``"auto"``."""
-        return cls.CAP if samples == "auto" else samples  # type: ignore[return-value]
-
-    @classmethod
-    def stops(cls, samples: int | str | None, seen: int) -> bool:
-        """Whether a stable recommendation after ``seen`` rows ends the pass."""
-        return samples == "auto" and seen >= cls.MIN
+def check_budget(strategy: str, budget: int | None) -> None:
+    """A budget is a positive parameter count, and the budget strategy needs one."""
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise ConfigError(f"budget must be a positive parameter budget, got {budget!r}")
+    if strategy == "budget" and budget is None:
+        raise ConfigError("the budget strategy needs a positive parameter budget")
 
 
 def check_shard_options(shard: bool, quantize: str, max_memory, offload_dir) -> None:
@@ -90,14 +94,57 @@ class ModelConfig:
     offload_dir: str | None = option(None, "where weights that do not fit go (safetensors checkpoints are read in "
                                            "place without it)", metavar="DIR",
                                      group="models bigger than memory (one process)")
+    shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
+                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
+                         group="models bigger than one device")
 
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("device", self.device, DEVICES)
         check_choice("quantize", self.quantize, QUANTIZATIONS)
+        check_shard_options(self.shard, self.quantize, self.max_memory, self.offload_dir)
 
 
 _RECOMMEND = "recommendation"
+# the API's names of a strategy's parts (diagnose, lora_config), as Strategy.decode takes them
+STRATEGY_ARGUMENTS = ("strategy", "top_k", "budget", "allocate_power", "per_layer", "allocate")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How the recommendation is chosen from the ranking: one value, read by :meth:`decode` from the
+    command line's flags, the axolotl plugin's keys and the API's arguments alike.
+
+    ``kind``: ``top_k``, the paper's ``top_k`` lowest-NFN types; ``budget``, the lowest-NFN types
+    whose LoRA parameters at the rank fit ``budget``; ``per_layer``, single modules, ``top_k`` per
+    layer on average (within ``budget`` if given); ``allocate``, a rank per type, larger where NFN
+    is lower (rank ~ (min NFN / NFN)^``power``), under ``budget``: none spends what the top-k costs.
+    """
+
+    kind: Literal["top_k", "budget", "per_layer", "allocate"] = "top_k"
+    top_k: int = 3
+    budget: int | None = None
+    power: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_choice("strategy", self.kind, STRATEGIES)
+        check_positive("top_k", self.top_k)
+        check_budget(self.kind, self.budget)
+        if isinstance(self.power, bool) or not isinstance(self.power, (int, float)) or not self.power > 0:
+            raise ConfigError(f"allocate_power must be positive, got {self.power!r}")
+
+    @classmethod
+    def decode(cls, strategy: str | None = None, *, top_k: int | None = None, budget: int | None = None,
+               allocate_power: float | None = None, per_layer: bool = False, allocate: bool = False) -> Strategy:
+        """The one reading of a strategy as plop's front ends name it: its kind (the API's
+        ``strategy=``), else the shorthands of the command line, the plugin and :func:`plop.lora_config`:
+        ``allocate`` (ranks under ``budget``), ``per_layer``, or a ``budget`` alone; else the top-k."""
+        implied = "allocate" if allocate else "per_layer" if per_layer else None
+        if strategy is not None and implied not in (None, strategy):
+            raise ConfigError(f"strategy {strategy!r} and {implied} are two strategies", "choose one")
+        kind = strategy or implied or ("budget" if budget is not None else "top_k")
+        return cls(kind, cls.top_k if top_k is None else top_k, budget,
+                   cls.power if allocate_power is None else allocate_power)
 
 
 @dataclass
@@ -105,9 +152,11 @@ class DiagnoseConfig:
     """Settings of a diagnosis; all of them are recorded in the report, and all are checked here,
     before any model is touched."""
 
-    samples: int | Literal["auto"] | None = option(
-        None, "rows to sample ('auto': stop once the recommendation is stable; API default: all rows given)",
-        group="data", cli_default=DEFAULT_SAMPLES)
+    samples: int | None = option(100, "rows to sample (API: None for all the rows given)", group="data",
+                                 parse="positive")
+    until_stable: bool = option(False, "read the rows in windows of 16, 16, 32, 64, ... and stop at the first after "
+                                       "which the bootstrap calls the recommendation stable: --samples is then the "
+                                       "most rows read", group="data")
     max_length: int = option(256, "tokens per sample", group="data", parse="positive")
     batch_size: int = option(8, "rows per batch (with --max-length, the default token budget of a batch)",
                              group="data", parse="positive")
@@ -125,71 +174,105 @@ class DiagnoseConfig:
     estimator: Literal["closed_form", "monte_carlo"] = option(
         "closed_form", "NFN's denominator: the exact ||W||_F / sqrt(d_in), or the paper's Monte-Carlo estimate",
         choices=ESTIMATORS, group="measurement")
-    strategy: Literal["top_k", "budget", "per_layer", "allocate"] = option(
-        "top_k", "how the recommendation is chosen (the command line decodes it from --top-k, --budget, "
-                 "--per-layer and --allocate)", choices=STRATEGIES, cli=False)
-    top_k: int = option(3, "the k lowest-NFN types", group=_RECOMMEND, exclusive="strategy", parse="positive")
-    budget: int | None = option(None, "trainable LoRA parameters at --rank: the lowest-NFN types that fit",
-                                group=_RECOMMEND, exclusive="strategy", parse="positive")
+    strategy: Strategy = option(Strategy(), "how the recommendation is chosen (the command line decodes it from "
+                                            "--top-k, --budget, --per-layer and --allocate)", cli=False)
     rank: int = option(16, "LoRA rank the costs are computed at", group=_RECOMMEND, parse="positive")
     exclude: list[str] | None = option(None, "module types or full module names never recommended, whatever the "
                                              "strategy (routers, gates, lm_head)", metavar="A,B", group=_RECOMMEND)
-    allocate_power: float = option(2.0, "allocate's exponent: rank ~ (min NFN / NFN)^power", cli=False)
     n_bootstrap: int = option(200, "bootstrap resamples for the selection probabilities", cli=False)
     include_head: bool = option(False, "also diagnose the output head", group="measurement")
     weight_scores: bool = option(False, "also score every weight without data (KappaTune condition number, "
                                         "Spectrum SNR)", group="measurement")
-    shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
-                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
-                         group="models bigger than one device")
+    # set on the command line by ModelConfig's --shard, which also loads only each process's shards
+    shard: bool = option(False, "measure on weights split across the processes (FSDP2, plop.measure.sharded); a "
+                                "model not sharded yet is sharded in place", cli=False)
 
     def __post_init__(self) -> None:
-        for name in ("max_length", "batch_size", "top_k", "rank", "n_bootstrap"):
+        for name in ("max_length", "batch_size", "rank", "n_bootstrap"):
             check_positive(name, getattr(self, name))
         check_positive("batch_tokens", self.batch_tokens, optional=True)
         check_positive("generate", self.generate, optional=True)
         check_positive("max_new_tokens", self.max_new_tokens)
-        if self.generate and self.samples == "auto":  # auto may read 1024 rows: K samples of each is no quick pass
-            raise ConfigError("generate needs a number of samples, not 'auto'", "give --samples N")
-        if self.samples != "auto":
-            check_positive("samples", self.samples, optional=True)
-        check_choice("strategy", self.strategy, STRATEGIES)
+        if self.generate and self.until_stable:
+            raise ConfigError("generate with until_stable: the completions of every sampled prompt are generated "
+                              "before the pass, so stopping early would waste them", "drop --until-stable")
+        check_positive("samples", self.samples, optional=True)
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigError(f"strategy must be a Strategy, not {self.strategy!r}",
+                              "Strategy('allocate', top_k=2), or diagnose(..., strategy='allocate', top_k=2)")
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("tokens", self.tokens, TOKEN_SCOPES)
-        check_budget(self.strategy, self.budget)
         if self.exclude is not None and not all(isinstance(x, str) and x for x in self.exclude):
             raise ConfigError(f"exclude must be a list of module types or names, got {self.exclude!r}")
-        if not self.allocate_power > 0:
-            raise ConfigError(f"allocate_power must be positive, got {self.allocate_power!r}")
         if self.shard and self.weight_scores:
             raise ConfigError("weight_scores with shard: the scores need one SVD of each whole weight, which no "
                               "process holds", "score the weights without sharding")
 
+    def stops(self, seen: int) -> bool:
+        """Whether a stable recommendation after ``seen`` rows ends the pass: the until_stable policy."""
+        return self.until_stable and seen >= STABLE_MIN_ROWS
+
+    def with_overrides(self, **overrides: Any) -> DiagnoseConfig:
+        """This config with ``overrides``: its fields, and a strategy as the API names it, whole
+        (``strategy=Strategy(...)``) or by its parts (:meth:`Strategy.decode`'s arguments), which
+        replace those of this config's strategy; its kind stays, unless it is the plain top-k, so that
+        a budget alone asks for the budget strategy as it does on the command line."""
+        parts = {k: overrides.pop(k) for k in STRATEGY_ARGUMENTS if k in overrides}
+        if not parts:
+            return replace(self, **overrides)
+        strategy = parts["strategy"] if isinstance(parts.get("strategy"), Strategy) else None
+        if strategy is not None and len(parts) > 1:
+            raise ConfigError("give the strategy as a Strategy or by its parts, not both")
+        if strategy is None:
+            own = self.strategy
+            strategy = Strategy.decode(**{"strategy": None if own.kind == "top_k" else own.kind, "top_k": own.top_k,
+                                          "budget": own.budget, "allocate_power": own.power, **parts})
+        return replace(self, **overrides, strategy=strategy)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> DiagnoseConfig:
+        """The config a report's ``settings`` record, as any plop version wrote them
+        (:func:`recorded_settings`); settings this plop does not know are left out."""
+        values = _known(cls, recorded_settings(settings))
+        if isinstance(values.get("strategy"), Mapping):
+            values["strategy"] = Strategy(**_known(Strategy, values["strategy"]))
+        return cls(**values)
+
 
 @dataclass
 class StrategyFlags:
-    """The command line's shorthands for a strategy, decoded into :class:`DiagnoseConfig`'s
-    ``strategy`` and ``budget`` (the API sets those directly)."""
+    """The command line's words for a :class:`Strategy`, one exclusive choice, read by
+    :meth:`Strategy.decode` as the axolotl plugin's keys and the API's arguments are."""
 
+    top_k: int = option(Strategy.top_k, "the k lowest-NFN types", group=_RECOMMEND, exclusive="strategy",
+                        parse="positive")
+    budget: int | None = option(None, "trainable LoRA parameters at --rank: the lowest-NFN types that fit",
+                                group=_RECOMMEND, exclusive="strategy", parse="positive")
     per_layer: bool = option(False, "pick individual modules (k per layer on average) instead of whole types",
                              group=_RECOMMEND, exclusive="strategy")
-    allocate: int | None = option(
-        None, "a LoRA rank per type, larger where NFN is lower, under BUDGET parameters (default: what the top-k "
-              "placement costs at --rank); PEFT rank_pattern", metavar="BUDGET", group=_RECOMMEND,
-        exclusive="strategy", optional_value=0, parse="positive")
+    allocate: bool = option(
+        False, "a LoRA rank per type, larger where NFN is lower, under BUDGET parameters (default: what the top-k "
+               "placement costs at --rank); PEFT rank_pattern", metavar="BUDGET", group=_RECOMMEND,
+        exclusive="strategy", value_into="budget", parse="positive")
 
-    def apply(self, values: dict[str, Any]) -> dict[str, Any]:
-        """``values`` (DiagnoseConfig fields) with the strategy these flags and ``budget`` ask for."""
-        if self.allocate is not None:  # --allocate alone (0): spend what the top-k costs
-            return {**values, "strategy": "allocate", "budget": self.allocate or None}
-        if values.get("budget") is not None:
-            return {**values, "strategy": "budget"}
-        return {**values, "strategy": "per_layer"} if self.per_layer else values
+    def strategy(self) -> Strategy:
+        return Strategy.decode(top_k=self.top_k, budget=self.budget, per_layer=self.per_layer, allocate=self.allocate)
 
 
-def check_budget(strategy: str, budget: int | None) -> None:
-    """A budget is a positive parameter count, and the budget strategy needs one."""
-    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
-        raise ConfigError(f"budget must be a positive parameter budget, got {budget!r}")
-    if strategy == "budget" and budget is None:
-        raise ConfigError("the budget strategy needs a positive parameter budget")
+def recorded_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """A report's recorded diagnosis settings in today's fields. Before ``until_stable``,
+    ``samples="auto"`` asked for it, with no limit on the rows given; before :class:`Strategy`, its
+    parts stood beside the rest (``strategy`` its kind, ``top_k``, ``budget``, ``allocate_power``)."""
+    out = dict(settings)
+    if out.get("samples") == "auto":
+        out.update(samples=None, until_stable=True)
+    if isinstance(out.get("strategy"), str):
+        out["strategy"] = {"kind": out.pop("strategy"), "top_k": out.pop("top_k", Strategy.top_k),
+                           "budget": out.pop("budget", None), "power": out.pop("allocate_power", Strategy.power)}
+    return out
+
+
+def _known(cls: type, values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` less the keys that are no field of ``cls`` (fields a later plop may add)."""
+    known = {f.name for f in fields(cls)}
+    return {k: v for k, v in values.items() if k in known}

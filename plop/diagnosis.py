@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import AutoSampling, DiagnoseConfig
+from .config import DiagnoseConfig
 from .errors import ConfigError, DataError, ModelError
 from .files.data import take_sample
 from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
@@ -65,7 +65,7 @@ def _batches(data: Sequence[str] | Iterable[Mapping[str, torch.Tensor]], tokeniz
     token budget (:mod:`plop.measure.batching`); token batches (``input_ids`` and ideally
     ``attention_mask``) pass through."""
     if not (_is_texts(data) or _is_examples(data)):
-        return token_batches(data, config.samples if isinstance(config.samples, int) else None)
+        return token_batches(data, config.samples)
     if tokenizer is None:
         raise ConfigError("diagnosing text needs a tokenizer")
     ensure_pad_token(tokenizer)
@@ -194,10 +194,9 @@ def _collect(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: i
                 continue  # within a window the rows seen are not a prefix of the sample
             records = _records(state, layout.role_map)
             # rebuilt per window: a module first called late must still be costed and ranked
-            selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, top_k=config.top_k,
-                                budget=config.budget, rank=config.rank, power=config.allocate_power)
+            selector = Selector(_eligible(records, layout, config.exclude or ()), config.strategy, rank=config.rank)
             checkpoints.append((state.samples, selector(np.array([m.nfn for m in selector.records]))))
-            if AutoSampling.stops(config.samples, state.samples):
+            if config.stops(state.samples):
                 if selector.recommend(_replicates(state, selector.records))[0].stable:
                     break
         if selector is None:
@@ -245,7 +244,7 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
     total = None
     examples = _is_examples(data)
     if _is_texts(data) or examples:
-        data = take_sample(data, config.samples if isinstance(config.samples, int) else None, config.seed)
+        data = take_sample(data, config.samples, config.seed)
         if config.generate:  # the sampled prompts, each with K completions of the model's own
             data = generated_examples(model, _prompted(data), tokenizer, k=config.generate,
                                       max_new_tokens=config.max_new_tokens, max_length=config.max_length,
@@ -269,8 +268,7 @@ def _dataset_rows(model: nn.Module, data, tokenizer, config: DiagnoseConfig, dat
     if not is_dataset(data):
         return data, tokenizer, data_info
     tokenizer = tokenizer if tokenizer is not None else model_tokenizer(model)
-    data, info = dataset_examples(data, tokenizer, samples=config.samples if isinstance(config.samples, int) else None,
-                                  seed=config.seed, tokens=config.tokens)
+    data, info = dataset_examples(data, tokenizer, samples=config.samples, seed=config.seed, tokens=config.tokens)
     return data, tokenizer, {**info, **(data_info or {})}
 
 
@@ -301,7 +299,7 @@ def diagnose(
             no ``tokenizer``: the model's own, from its ``name_or_path``), or an iterable of
             token batches (``decoder_input_ids`` optional: an encoder-decoder without them decodes
             its shifted input).
-        config: a :class:`DiagnoseConfig`; keyword ``overrides`` replace its fields.
+        config: a :class:`DiagnoseConfig`; ``overrides`` replace its fields (``strategy="allocate", top_k=2``).
         model_id, data_info: recorded in the report (``data_info`` merges into ``report.data``).
         progress: show a progress bar with tokens/s and ETA.
 
@@ -311,7 +309,7 @@ def diagnose(
     data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
     processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).
     """
-    config = DiagnoseConfig(**{**asdict(config or DiagnoseConfig()), **overrides})
+    config = (config or DiagnoseConfig()).with_overrides(**overrides)
     if config.shard:  # FSDP2, 1/N of the weights per process; shards the model in place unless it is
         sharded.prepare(model, config.include_head)
     device = _input_device(model)
@@ -372,7 +370,7 @@ def _report(model, layout: ModelLayout, config: DiagnoseConfig, records, selecto
             "threshold": STABLE_AGREEMENT,
             "samples_to_stable": recommendation.samples_to_stable,
             # per-layer selections are module lists; the type-level history is what reads well
-            "checkpoints": [] if config.strategy == "per_layer" else [[n, sorted(s)] for n, s in checkpoints],
+            "checkpoints": [] if config.strategy.kind == "per_layer" else [[n, sorted(s)] for n, s in checkpoints],
         },
         coverage=coverage(model, [m.name for m in records], layout.params),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -69,8 +69,8 @@ def test_peft_loads_the_rank_pattern(tmp_path):
 def test_cli_allocate(tmp_path):
     from plop.cli import build_parser
 
-    assert build_parser().parse_args(["diagnose", "--allocate"]).allocate == 0
-    assert build_parser().parse_args(["diagnose", "--allocate", "5000"]).allocate == 5000
+    alone, spend = (build_parser().parse_args(["diagnose", *a]) for a in (["--allocate"], ["--allocate", "5000"]))
+    assert (alone.allocate, alone.budget) == (True, None) and (spend.allocate, spend.budget) == (True, 5000)
     report = diagnose(AlignedToy(), make_batches(8, 8), strategy="allocate", n_bootstrap=10)
     path = report.save(tmp_path / "r.json")
     shown = run("show", str(path)).stdout

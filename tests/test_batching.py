@@ -138,9 +138,10 @@ def test_sorted_batches_give_the_sampled_order_diagnosis():
     assert [n for n, _ in ours.stability["checkpoints"]] == [16, 32, 40]  # window ends only
 
 
-def test_auto_stops_only_where_a_window_closes():
+def test_until_stable_stops_only_where_a_window_closes():
     model, tokenizer = make_model(), make_tokenizer()
-    report = diagnose(model, _texts(200, seed=2), tokenizer, samples="auto", max_length=32, n_bootstrap=50)
+    report = diagnose(model, _texts(200, seed=2), tokenizer, samples=None, until_stable=True, max_length=32,
+                      n_bootstrap=50)
     assert report.data["samples"] in {16, 32, 64, 128, 200}
     assert all(n in {16, 32, 64, 128, 200} for n, _ in report.stability["checkpoints"])
 

@@ -316,13 +316,13 @@ def test_report_weighs_the_budget_by_nfn(tmp_path):
     model.config.save_pretrained(tmp_path / "model")
     ranked = sorted(report.types, key=lambda t: t.position)
     worst = ranked[-1].type  # the highest-NFN type: all of the budget lands off plop's choice
-    result = check(inline_spec(worst), tmp_path / "model", report=report)
+    result = check(inline_spec(worst, rank=8), tmp_path / "model", report=report)
     b = result.by_nfn
     assert b["budget"] == ranked[-1].lora_params_per_rank * 8 == result.adapter_params
     assert b["share_on_recommended"] == 0.0 and b["share_on_low_nfn_half"] == 0.0
     affordable = [t.type for t in ranked if t.lora_params_per_rank * 8 <= b["budget"]]
     assert b["same_budget_types"][0] == affordable[0]  # the lowest-NFN type the budget buys
-    best = check(inline_spec(",".join(report.recommendation.types)), tmp_path / "model", report=report)
+    best = check(inline_spec(",".join(report.recommendation.types), rank=8), tmp_path / "model", report=report)
     assert best.by_nfn["share_on_recommended"] == 1.0
 
 

@@ -92,13 +92,13 @@ def test_same_seed_same_rows_and_json_to_stdout(model_dir, report_path, tmp_path
     assert "target_modules=" in proc.stderr  # the table went to stderr, stdout is pure JSON
 
 
-def test_samples_auto_stops_at_a_stable_recommendation(model_dir, tmp_path):
+def test_until_stable_stops_at_a_stable_recommendation(model_dir, tmp_path):
     out = tmp_path / "auto.json"
-    run("diagnose", str(model_dir), "--samples", "auto", "--max-length", "32", "--out", str(out))
+    run("diagnose", str(model_dir), "--until-stable", "--max-length", "32", "--out", str(out))
     report = Report.load(out)
-    assert report.settings["samples"] == "auto"
+    assert report.settings["until_stable"] and report.settings["samples"] == 100  # at most the default rows
     assert report.data["samples"] >= 16
-    assert report.recommendation.stable or report.data["samples"] == 200  # stopped only once stable, or at the end
+    assert report.recommendation.stable or report.data["samples"] == 100  # stopped only once stable, or at the end
 
 
 def test_export_writes_a_peft_config(report_path, tmp_path):

@@ -10,7 +10,8 @@ from typing import Literal
 import pytest
 
 from plop.cli import build_parser, main
-from plop.cli.options import Parser, add_options, build
+from plop.cli.inputs import BIG_MODELS
+from plop.cli.options import Options, Parser, build
 from plop.config import DiagnoseConfig, ModelConfig, option
 from plop.errors import ConfigError
 from plop.files.data import DataSource, TextFormat
@@ -29,9 +30,7 @@ class Toy:
 
 
 def _parser(**kwargs) -> Parser:
-    parser = Parser(prog="toy")
-    add_options(parser, Toy, **kwargs)
-    return parser
+    return Options(Parser(prog="toy")).add(Toy, **kwargs).parser
 
 
 def test_a_field_becomes_its_option_and_builds_the_config_back():
@@ -63,6 +62,20 @@ def test_only_skip_and_per_command_defaults():
     assert "names" not in vars(_parser(skip=("names",)).parse_args([]))
 
 
+@dataclass
+class Other:
+    count: int = option(9, "the same field as Toy's", parse="positive", group="g")
+    extra: int = option(1, "one more", group="g")
+
+
+def test_configs_added_to_one_command_share_groups_and_flags_and_the_parser_keeps_no_state():
+    parser = Options(Parser(prog="toy")).add(Toy).add(Other).parser
+    assert [g.title for g in parser._action_groups].count("g") == 1
+    args = parser.parse_args(["--count", "4", "--extra", "2"])
+    assert build(Toy, args).count == build(Other, args).count == 4  # one flag feeds both configs
+    assert vars(parser).keys() == vars(Parser(prog="toy")).keys()  # the adder's state is its own
+
+
 @pytest.mark.parametrize("command,configs", [
     ("diagnose", (ModelConfig, DataSource, TextFormat, DiagnoseConfig)),
     ("train", (ModelConfig, DataSource, TextFormat, TrainConfig)),
@@ -70,7 +83,7 @@ def test_only_skip_and_per_command_defaults():
 def test_every_cli_field_of_a_command_is_an_option(command, configs):
     """Each config field meant for the command line reaches it (a new field needs nothing more)."""
     args = vars(build_parser().parse_args([command]))
-    skipped = {"max_memory", "offload_dir"} if command == "train" else set()
+    skipped = set(BIG_MODELS) if command == "train" else set()
     for cls in configs:
         for f in dataclasses.fields(cls):
             if f.metadata.get("cli", True) and f.name not in skipped:
@@ -100,3 +113,57 @@ def test_out_names_a_file_and_output_dir_a_folder_in_every_command():
                     assert action.metavar in ("FILE", "PATH"), (command, action.metavar)
                 if "--output-dir" in action.option_strings:
                     assert action.dest == "output_dir"
+
+
+def _commands(parser):
+    """Every (sub)command's parser, by its path of names."""
+    sub = parser._subparsers
+    if sub is None:
+        return [((), parser)]
+    return [((name, *path), p) for name, child in sub._group_actions[0].choices.items()
+            for path, p in _commands(child)]
+
+
+def test_every_list_valued_flag_splits_the_same_way():
+    """A flag whose metavar shows a list takes "a, b" as two items, whatever the command."""
+    seen = 0
+    for path, parser in _commands(build_parser()):
+        for action in parser._actions:
+            if action.option_strings and "," in str(action.metavar or ""):
+                value = build_parser().parse_args([*path, action.option_strings[0], "1, 2"])
+                assert len(getattr(value, action.dest)) == 2, (path, action.dest)
+                seen += 1
+    assert seen == 7  # exclude, placements, seeds, train's targets, check's three inline lists
+
+
+@pytest.mark.parametrize("command", ["train", "check"])
+def test_target_modules_are_names_or_one_peft_regex_in_every_command(command):
+    parser = build_parser()
+    assert parser.parse_args([command, "--target-modules", "q_proj, v_proj"]).target_modules == ["q_proj", "v_proj"]
+    regex = r".*\.(q|v)_proj"  # a string: PEFT full-matches it against every module name
+    assert parser.parse_args([command, "--target-modules", regex]).target_modules == regex
+    assert parser.parse_args([command, "--target-modules", r"layers\.[0-3]\.\w{1,2}_proj"]).target_modules == \
+        r"layers\.[0-3]\.\w{1,2}_proj"  # the comma of a quantifier does not split a regex
+
+
+def test_a_regex_given_to_train_places_the_adapters_where_peft_matches_it():
+    from plop.model.loading import model_layout
+    from plop.model.placement import resolve_placement
+    from tiny_lm import make_model
+
+    regex = build_parser().parse_args(["train", "--target-modules", r".*\.(q|v)_proj"]).target_modules
+    placed = resolve_placement(model_layout(make_model()), target_modules=regex)
+    assert placed.target_modules == regex and sorted(placed.types) == ["q_proj", "v_proj"]
+
+
+def test_every_rank_is_a_positive_whole_number(capsys):
+    commands = [path for path, p in _commands(build_parser())
+                if any("--rank" in a.option_strings for a in p._actions)]
+    assert {c[0] for c in commands} == {"diagnose", "export", "check", "train", "compare"}
+    for path in commands:
+        with pytest.raises(SystemExit) as stop:
+            build_parser().parse_args([*path, *(["r.json"] if path == ("export",) else []), "--rank", "0"])
+        assert stop.value.code == 2 and "must be a positive whole number" in capsys.readouterr().err
+    defaults = {path[0]: build_parser().parse_args([*path, *(["r.json"] if path == ("export",) else [])]).rank
+                for path in commands}
+    assert defaults == {"diagnose": 16, "check": 16, "train": 16, "compare": 16, "export": None}  # None: the report's

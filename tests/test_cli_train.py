@@ -64,6 +64,20 @@ def test_train_diagnoses_first_then_adapters_list_and_merge(tiny, tmp_path):
     assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "merged" / "tokenizer.json").is_file()
 
 
+def test_train_diagnoses_the_default_sample_and_remeasures_those_rows(tiny, tmp_path):
+    """plop train reads as many rows for its diagnosis as plop diagnose does, and measures NFN again
+    after training on those very rows: the frozen side of the change is the report's NFN."""
+    out = tmp_path / "run"
+    data = write_jsonl(tmp_path / "many.jsonl", 150)
+    result = plop("train", tiny["model"], "--data", data, "--steps", 1, "--output-dir", out)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((out / "plop_report.json").read_text())
+    assert report["data"]["samples"] == report["settings"]["samples"] == 100  # of the 150 rows trained on
+    frozen = json.loads((out / "plop_train_summary.json").read_text())["nfn_change"]
+    assert {t: c["frozen"] for t, c in frozen.items()} == pytest.approx(
+        {t["type"]: t["nfn_mean"] for t in report["types"]}, rel=1e-9)
+
+
 def test_interrupt_leaves_a_checkpoint_that_resume_continues(tiny, tmp_path):
     out = tmp_path / "run"
     args = ["train", tiny["model"], "--data", tiny["data"], "--placement", "qv", "--batch-size", 4,
@@ -100,7 +114,7 @@ def test_compare_writes_matched_budget_results(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--rank", "0"], "rank must be an integer >= 1"),
+    (["--rank", "0"], "argument --rank: must be a positive whole number, got 0"),  # as every --rank
     (["--lr", "5"], "lr must be in (0, 1]"),
     (["--resume"], "has no checkpoint to resume from"),
     (["--target-modules", "c_attn,c_proj"], "match no linear module of this model (its module types: down_proj"),

@@ -184,3 +184,14 @@ def test_one_seed_gives_every_placement_the_same_first_batch(tokenizer, report, 
                      placements=["recommended", "mlp", "all-linear", "attention"])
     assert len({r.loss_curve[0]["loss"] for r in result.rows}) == 1
     assert len({r.loss_curve[1]["loss"] for r in result.rows}) == 4  # from step 2 on they learn apart
+
+
+def test_the_allocate_placement_spends_its_budget_with_the_reports_own_power(tokenizer):
+    from plop.finetune.compare import candidates
+
+    model = make_model()
+    texts = [e.text for e in examples(16)]
+    flat, steep = (diagnose(model, texts, tokenizer, allocate_power=p) for p in (0.1, 32.0))
+    budget = 16 * candidates(flat, model, ["recommended"])[0].params_per_rank
+    ranks = [candidates(r, model, ["allocate"], budget)[0].placement.rank_pattern for r in (flat, steep)]
+    assert max(ranks[1].values()) > max(ranks[0].values())  # a steeper rule puts more rank on the lowest NFN

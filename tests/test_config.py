@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from plop import ConfigError, DiagnoseConfig, TrainConfig, diagnose
+from plop import ConfigError, DiagnoseConfig, Strategy, TrainConfig, diagnose
 from conftest import make_batches
 
 
@@ -17,7 +17,7 @@ from conftest import make_batches
     ({"rank": 2.5}, "rank must be a positive integer")])
 def test_diagnose_config_refuses_at_construction(fields, message):
     with pytest.raises(ConfigError, match=message):
-        DiagnoseConfig(**fields)
+        DiagnoseConfig().with_overrides(**fields)  # a strategy's parts named as plop.diagnose takes them
 
 
 def test_a_bad_strategy_fails_before_the_first_forward():
@@ -38,3 +38,50 @@ def test_train_config_alpha_follows_the_rank_unless_set():
     assert replace(TrainConfig(alpha=10), rank=8).lora_alpha == 10
     with pytest.raises(ConfigError, match="alpha"):
         TrainConfig(alpha=-1)
+
+
+def test_shard_is_a_loading_option_that_feeds_the_diagnosis_too(tmp_path, capsys):
+    from plop.cli import build_parser, main
+    from plop.cli.options import build, values
+    from plop.config import ModelConfig
+
+    with pytest.raises(ConfigError, match="--shard combines with neither --quantize"):
+        ModelConfig(shard=True, quantize="bnb-4bit")
+    args = build_parser().parse_args(["diagnose", "--shard"])
+    assert build(ModelConfig, args).shard and DiagnoseConfig(**values(DiagnoseConfig, args)).shard
+    assert not hasattr(build_parser().parse_args(["train"]), "shard")  # train loads whole copies
+    assert main(["diagnose", str(tmp_path / "no-model"), "--shard", "--max-memory", "2GiB"]) == 2
+    assert "--shard combines with neither" in capsys.readouterr().err  # before any model is looked for
+
+
+@pytest.mark.parametrize("argv, api, expected", [
+    ([], {}, Strategy()),
+    (["--top-k", "2"], {"top_k": 2}, Strategy("top_k", top_k=2)),
+    (["--budget", "1000"], {"budget": 1000}, Strategy("budget", budget=1000)),
+    (["--per-layer"], {"strategy": "per_layer"}, Strategy("per_layer")),
+    (["--allocate"], {"strategy": "allocate"}, Strategy("allocate")),  # no budget: what the top-k costs
+    (["--allocate", "5000"], {"strategy": "allocate", "budget": 5000}, Strategy("allocate", budget=5000)),
+])
+def test_the_command_line_the_plugin_and_the_api_decode_one_strategy(argv, api, expected):
+    from plop.cli import build_parser
+    from plop.cli.options import build
+    from plop.config import StrategyFlags
+
+    flags = build(StrategyFlags, build_parser().parse_args(["diagnose", *argv])).strategy()
+    keys = Strategy.decode(top_k=api.get("top_k"), budget=api.get("budget"),  # the axolotl plugin's plop_* keys
+                           allocate=api.get("strategy") == "allocate", per_layer=api.get("strategy") == "per_layer")
+    assert flags == keys == DiagnoseConfig().with_overrides(**api).strategy == expected
+
+
+def test_named_parts_replace_those_of_the_config_strategy():
+    allocating = DiagnoseConfig(strategy=Strategy("allocate", budget=9000))
+    assert allocating.with_overrides(top_k=2).strategy == Strategy("allocate", top_k=2, budget=9000)
+    assert allocating.with_overrides(strategy=Strategy()).strategy == Strategy()
+    with pytest.raises(ConfigError, match="two strategies"):
+        Strategy.decode("top_k", allocate=True)
+    with pytest.raises(ConfigError, match="not both"):
+        DiagnoseConfig().with_overrides(strategy=Strategy(), top_k=2)
+    with pytest.raises(ConfigError, match="allocate_power must be positive"):
+        DiagnoseConfig().with_overrides(allocate_power=0)
+    with pytest.raises(ConfigError, match="strategy must be a Strategy"):
+        DiagnoseConfig(strategy="allocate")

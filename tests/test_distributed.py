@@ -60,7 +60,7 @@ def tiny(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("processes, options", [
     (2, ["--samples", "40", "--batch-size", "4"]),
-    (3, ["--samples", "auto", "--batch-size", "2", "--per-layer"]),  # uneven shares, the "auto" stop
+    (3, ["--until-stable", "--batch-size", "2", "--per-layer"]),  # uneven shares, the until_stable stop
 ])
 def test_a_data_parallel_diagnosis_equals_one_process(tiny, tmp_path, processes, options):
     args = ["diagnose", tiny["model"], "--data", tiny["data"], *options, "--out"]

@@ -57,12 +57,12 @@ def test_fields_templates_and_outputs_are_checked_before_the_model(tmp_path, arg
     assert result == "RESULT 2 []" and expected in stderr
 
 
-def test_samples_auto_on_a_short_file_does_not_warn_about_what_was_not_asked(tmp_path, recwarn):
+def test_until_stable_on_a_short_file_does_not_warn_about_what_was_not_asked(tmp_path, recwarn):
     model, data = save_tiny(tmp_path / "m"), write_jsonl(tmp_path / "d.jsonl", 40)
-    assert main(["diagnose", str(model), "--data", str(data), "--samples", "auto", "--out", str(tmp_path / "r.json"),
+    assert main(["diagnose", str(model), "--data", str(data), "--until-stable", "--out", str(tmp_path / "r.json"),
                  "--max-length", "32"]) == 0
     assert not [w for w in recwarn if "asked for" in str(w.message)]
-    assert json.loads((tmp_path / "r.json").read_text())["settings"]["samples"] == "auto"
+    assert json.loads((tmp_path / "r.json").read_text())["settings"]["until_stable"] is True
     assert main(["diagnose", str(model), "--data", str(data), "--samples", "60", "--out", "",
                  "--max-length", "32"]) == 0  # asked for more than there is: that is worth a word
     assert [str(w.message) for w in recwarn if "asked for" in str(w.message)] == [

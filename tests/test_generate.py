@@ -55,8 +55,8 @@ def test_same_seed_same_report_other_seed_other_samples():
 def test_generate_needs_prompts_and_a_number_of_samples():
     with pytest.raises(ConfigError, match="generate needs prompts to complete"):
         diagnose(make_model(), [e.text for e in examples(4)], make_tokenizer(), generate=2)
-    with pytest.raises(ConfigError, match="generate needs a number of samples, not 'auto'"):
-        diagnose(make_model(), examples(4), make_tokenizer(), generate=2, samples="auto")
+    with pytest.raises(ConfigError, match="generate with until_stable"):
+        diagnose(make_model(), examples(4), make_tokenizer(), generate=2, until_stable=True)
     with pytest.raises(ConfigError, match="generating completions needs a prompt in every row"):
         diagnose(make_model(), [Example("", "1")] * 4, make_tokenizer(), generate=2)
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from conftest import make_batches, pad_batches
 from plop import diagnose
-from plop.config import AutoSampling
+from plop.config import STABLE_MIN_ROWS, Strategy
 from plop.model.placement import placement_costs, placement_types
 from plop.ranking.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
 from plop.ranking.report import ModuleRecord
@@ -65,7 +65,7 @@ def test_rank_types_ties_broken_by_name():
 @pytest.mark.parametrize("k", [1, 2, 3, 7])
 def test_top_k_picks_the_k_lowest_types(k):
     records = llama_records(3, seed=2)
-    rec, _ = Selector(records, "top_k", top_k=k, rank=8).recommend()
+    rec, _ = Selector(records, Strategy("top_k", top_k=k), rank=8).recommend()
     lowest = [t.type for t in rank_types(records)[:k]]
     assert rec.types == lowest  # in ascending NFN order
     assert rec.target_modules == lowest
@@ -93,7 +93,7 @@ def test_budget_never_exceeded_and_greedy_ascending(seed):
     rank = 8
     for budget in rng.integers(3 * rank * 96, 3 * rank * 1200, size=20):
         budget = int(budget)
-        rec, _ = Selector(records, "budget", budget=budget, rank=rank).recommend()
+        rec, _ = Selector(records, Strategy("budget", budget=budget), rank=rank).recommend()
         chosen, spent, cost = _greedy(records, rank, budget)
         assert set(rec.types) == set(chosen)
         assert rec.trainable_params == spent <= budget
@@ -109,11 +109,11 @@ def test_budget_never_exceeded_and_greedy_ascending(seed):
 def test_budget_too_small_raises_and_zero_budget_rejected():
     records = llama_records(2)
     with pytest.raises(ValueError, match="no module type fits"):
-        Selector(records, "budget", budget=10, rank=8).recommend()
+        Selector(records, Strategy("budget", budget=10), rank=8).recommend()
     with pytest.raises(ValueError, match="positive parameter budget"):
-        Selector(records, "budget", budget=0)
+        Selector(records, Strategy("budget", budget=0))
     with pytest.raises(ValueError, match="strategy"):
-        Selector(records, "best")
+        Selector(records, Strategy("best"))
 
 
 def test_budget_strategy_through_diagnose(tiny_llama):
@@ -183,7 +183,7 @@ def test_placement_types_for_real_gpt2_and_bert_are_role_true(tiny_gpt2, tiny_be
 
 def test_placement_costs_are_adapter_costs():
     records = llama_records(2)
-    rec, _ = Selector(records, "top_k", top_k=2, rank=4).recommend()
+    rec, _ = Selector(records, Strategy("top_k", top_k=2), rank=4).recommend()
     costs = placement_costs(records, 4, rec)
     assert costs["recommended"]["trainable_params"] == rec.trainable_params
     for placement in ("qv", "attention", "mlp", "all-linear"):
@@ -252,16 +252,25 @@ def test_bootstrap_stability_and_selection_probabilities(aligned_toy, top_k):
         assert all(p == 1.0 for p in chosen)
 
 
-def test_samples_auto_stops_early_when_stable(aligned_toy):
+def test_until_stable_stops_early_when_stable(aligned_toy):
     data = _toy_batches(160)
-    full = diagnose(aligned_toy, data, top_k=1, n_bootstrap=100)
-    auto = diagnose(aligned_toy, data, samples="auto", top_k=1, n_bootstrap=100)
+    full = diagnose(aligned_toy, data, samples=None, top_k=1, n_bootstrap=100)
+    auto = diagnose(aligned_toy, data, samples=None, until_stable=True, top_k=1, n_bootstrap=100)
     assert full.data["samples"] == 160
-    assert AutoSampling.MIN <= auto.data["samples"] < 160
-    assert auto.data["samples"] == AutoSampling.MIN  # stable at the first check
+    assert STABLE_MIN_ROWS <= auto.data["samples"] < 160
+    assert auto.data["samples"] == STABLE_MIN_ROWS  # stable at the first check
     assert auto.recommendation.stable
     assert auto.recommendation.types == full.recommendation.types == ["low"]
-    assert auto.settings["samples"] == "auto"
+    assert auto.settings["until_stable"] and auto.settings["samples"] is None
+
+
+def test_the_api_reads_as_many_rows_as_the_command_line_unless_told(aligned_toy):
+    from plop.cli import build_parser
+
+    data = _toy_batches(160)
+    assert diagnose(aligned_toy, data, top_k=1, n_bootstrap=10).data["samples"] == \
+        build_parser().parse_args(["diagnose"]).samples == 100
+    assert diagnose(aligned_toy, data, samples=None, top_k=1, n_bootstrap=10).data["samples"] == 160  # all
 
 
 class TwoTopics(nn.Module):
@@ -318,9 +327,11 @@ def test_bootstrap_flags_a_coin_flip_as_unstable():
     assert rec.types in (["pa"], ["pb"])
     assert rec.agreement == pytest.approx(probs[rec.types[0]])
     assert rec.agreement < STABLE_AGREEMENT and rec.stable is False
-    # never stable, so "auto" reads everything
-    auto = diagnose(model, data, samples="auto", top_k=1, n_bootstrap=200)
+    # never stable, so until_stable reads everything
+    auto = diagnose(model, data, until_stable=True, top_k=1, n_bootstrap=200)
     assert auto.data["samples"] == 64 and auto.recommendation.stable is False
+    capped = diagnose(model, data, samples=40, until_stable=True, top_k=1, n_bootstrap=200)
+    assert capped.data["samples"] == 40  # samples is the most rows until_stable reads
     # top_k=2 takes both tied types (bar a very lopsided resample): stable again
     both = diagnose(model, data, top_k=2, n_bootstrap=200).recommendation
     assert set(both.types) == {"pa", "pb"} and both.stable
@@ -367,11 +378,11 @@ def test_selector_is_reproducible_under_identical_inputs():
     records = llama_records(3, seed=4)
     nfn = np.array([m.nfn for m in records])
     replicates = nfn[:, None] * np.random.default_rng(0).lognormal(0, 0.05, size=(len(records), 50))
-    a = Selector(records, "top_k", top_k=3).recommend(replicates)
-    b = Selector(records, "top_k", top_k=3).recommend(replicates)
+    a = Selector(records, Strategy("top_k", top_k=3)).recommend(replicates)
+    b = Selector(records, Strategy("top_k", top_k=3)).recommend(replicates)
     assert a == b
     # NaN replicates (a resample that drew no tokens) are skipped, not counted as disagreement
     replicates[:, :10] = np.nan
-    rec, probs = Selector(records, "top_k", top_k=3).recommend(replicates)
+    rec, probs = Selector(records, Strategy("top_k", top_k=3)).recommend(replicates)
     assert sum(probs.values()) == pytest.approx(3)
     assert 0.0 <= rec.agreement <= 1.0

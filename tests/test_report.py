@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 import os
 import re
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from conftest import make_batches, make_llama
-from plop import FileError, Report, ReportError, diagnose
+from plop import DiagnoseConfig, FileError, Report, ReportError, Strategy, diagnose
 from plop.ranking.report import SCHEMA_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -276,6 +277,23 @@ def test_plot_writes_png(report, tmp_path):
     assert path.stat().st_size > 5_000
     assert fig is not None
     plt.close("all")
+
+
+def test_reports_in_older_settings_load_in_todays(report, tmp_path):
+    """Before until_stable, samples="auto" asked for the stop at a stable recommendation, with no limit
+    on the rows given; before Strategy, its parts stood beside the other settings. A report saying so
+    reads in today's settings, and its config builds."""
+    raw = report.to_dict()
+    old = {k: v for k, v in raw["settings"].items() if k not in ("until_stable", "strategy")}
+    raw["settings"] = {**old, "samples": "auto", "strategy": "allocate", "top_k": 2, "budget": None,
+                       "allocate_power": 1.5}
+    loaded = Report.load(_write(tmp_path / "old.json", raw))
+    strategy = Strategy("allocate", top_k=2, power=1.5)
+    assert loaded.settings == {**report.settings, "samples": None, "until_stable": True, "strategy": asdict(strategy)}
+    assert loaded.modules == report.modules and loaded.recommendation == report.recommendation
+    config = DiagnoseConfig.from_settings(loaded.settings)
+    assert config == DiagnoseConfig.from_settings(raw["settings"])
+    assert (config.samples, config.until_stable, config.strategy, config.rank) == (None, True, strategy, 8)
 
 
 def test_version_1_reports_still_load():

@@ -43,7 +43,7 @@ def assert_same_report(one: dict, par: dict) -> None:
 
 @pytest.mark.parametrize("processes, options", [
     (2, ["--samples", "40", "--batch-size", "4"]),
-    (3, ["--samples", "auto", "--batch-size", "2", "--per-layer"]),  # uneven shares, the "auto" stop
+    (3, ["--until-stable", "--batch-size", "2", "--per-layer"]),  # uneven shares, the until_stable stop
     (2, ["--samples", "16", "--batch-size", "4", "--dtype", "bfloat16"]),  # float32 file read into bfloat16 shards
 ])
 def test_a_sharded_diagnosis_equals_one_process(tiny, tmp_path, processes, options):

@@ -164,6 +164,8 @@ def test_streams_budgets_allocation_and_lora_settings(model_dir):
     budget = plop.lora_config(model, stream, samples=24, budget=1000, r=4)
     spent = plop.diagnose(model, stream, samples=24, strategy="budget", budget=1000, rank=4)
     assert sorted(budget.target_modules) == sorted(spent.recommendation.target_modules)
+    whole = plop.lora_config(model, stream, samples=24, strategy=plop.Strategy("budget", budget=1000), r=4)
+    assert sorted(whole.target_modules) == sorted(budget.target_modules)  # the strategy as one value, too
     assert 0 < spent.recommendation.trainable_params <= 1000 < spent.costs["all-linear"]["trainable_params"]
     sampled = plop.diagnose(model, datasets.Dataset.from_list(_rows("text")), samples=5, seed=3, n_bootstrap=10)
     assert len(sampled.data["indices"]) == 5 and sampled.data["indices"] != [0, 1, 2, 3, 4]

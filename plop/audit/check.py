@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..config import default_alpha
+from ..config import default_alpha, targets
 from ..errors import ConfigError
 from ..placement import LoraSettings, Placement
 from ..stacks import StackConfig, read_config
@@ -19,23 +19,21 @@ from .resolve import Build, lora_kwargs, wrap
 from .result import CheckResult, RoleRow
 
 
-def inline_spec(target_modules: str | None, target_parameters: str | None = None,
-                rank_pattern: str | None = None, rank: int = 8) -> StackConfig:
-    """``--target-modules a,b`` (one value with regex characters is a PEFT regex),
-    ``--target-parameters``, ``--rank-pattern key=r,key=r``."""
-    targets: list[str] | str | None = None
-    if target_modules is not None:
-        regexy = any(c in target_modules for c in "^$*+?()[]|\\") or target_modules == "all-linear"
-        targets = target_modules if regexy else names(target_modules, "--target-modules")
+def inline_spec(target_modules: list[str] | str | None, target_parameters: list[str] | str | None = None,
+                rank_pattern: list[str] | str | None = None, rank: int = 16) -> StackConfig:
+    """``--target-modules a,b`` (text as :func:`plop.config.targets` reads it), ``--target-parameters``,
+    ``--rank-pattern key=r,key=r``: as typed, or as the command line parsed them; ``rank`` and the
+    default alpha as ``plop train`` would use them."""
+    wanted = targets(target_modules) if isinstance(target_modules, str) else target_modules
     pattern = {}
     for item in names(rank_pattern, "--rank-pattern") or []:
         key, sep, value = item.rpartition("=")
         if not sep or not key or not value.isdigit():
             raise ConfigError(f"--rank-pattern takes KEY=RANK pairs, not {item!r}")
         pattern[key] = int(value)
-    if targets is None and target_parameters is None:
+    if wanted is None and target_parameters is None:
         raise ConfigError("give a CONFIG file, or --target-modules / --target-parameters")
-    placement = Placement(target_modules=targets, target_parameters=names(target_parameters, "--target-parameters"),
+    placement = Placement(target_modules=wanted, target_parameters=names(target_parameters, "--target-parameters"),
                           rank_pattern=pattern, alpha_pattern={})
     return StackConfig("inline", "command line", placement, LoraSettings(rank, default_alpha(rank), 0.0))
 

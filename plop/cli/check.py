@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+from ..config import names, targets
+from ..finetune.config import TrainConfig
 from ..stacks import READABLE
 from ..utils.untrusted import plain_safe
-from .options import command
+from .options import Options, command
 
 EPILOG = """\
 CONFIG is a PEFT adapter folder or adapter_config.json, an axolotl, LLaMA-Factory, TRL, torchtune
@@ -30,10 +32,12 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", help="model folder, config.json or .gguf")
     p.add_argument("--flavour", choices=READABLE,
                    help="the stack that reads CONFIG (default: detected from its keys)")
-    p.add_argument("--target-modules", help="inline: comma-separated suffixes, or one PEFT regex")
-    p.add_argument("--target-parameters", help="inline: comma-separated 3-D expert weights (PEFT target_parameters)")
-    p.add_argument("--rank-pattern", help="inline: KEY=RANK,KEY=RANK (PEFT rank_pattern)")
-    p.add_argument("--rank", type=int, default=8, help="inline: LoRA rank")
+    p.add_argument("--target-modules", type=targets, metavar="A,B",
+                   help="inline: comma-separated suffixes, or one PEFT regex")
+    p.add_argument("--target-parameters", type=names, metavar="A,B",
+                   help="inline: comma-separated 3-D expert weights (PEFT target_parameters)")
+    p.add_argument("--rank-pattern", type=names, metavar="KEY=RANK,KEY=RANK", help="inline: PEFT rank_pattern")
+    Options(p).add(TrainConfig, only=("rank",), helps={"rank": "inline: LoRA rank"})
     p.add_argument("--report", help="a plop report of this model: weigh the placement by NFN")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--html", metavar="OUT.html", help="write one self-contained HTML page")

@@ -8,7 +8,7 @@ from ..finetune.config import TrainConfig
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from ..utils.fsio import check_destination
 from ..utils.untrusted import plain_safe
-from .inputs import is_main, load_model_and_data, model_command, training_rows
+from .inputs import is_main, load_model_and_data, model_command
 from .options import names
 from .train import checked_config, diagnosed
 
@@ -32,7 +32,7 @@ def register(sub) -> None:
                       "Each placement gets the rank that matches the recommendation's trainable parameters at "
                       "--rank (within 10%); same data, steps, seed and learning rate.", EXAMPLES,
                       train_config=TrainConfig,
-                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to"))
+                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to")).parser
     p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
     p.add_argument("--placements", type=names, default=None, metavar="A,B",
                    help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})")
@@ -55,7 +55,7 @@ def run(args) -> int:
     for path in (args.out, args.plot):
         check_destination(path)
     report = Report.load(args.report) if args.report else None
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
     report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
     result = compare(model, tokenizer, examples, report, placements=args.placements, seeds=args.seeds,
                      rank=args.rank, config=config, output_dir=args.output_dir, progress=True)

@@ -8,13 +8,13 @@ from ..config import DiagnoseConfig, StrategyFlags
 from ..utils.fsio import check_destination
 from ..utils.untrusted import terminal_safe
 from .inputs import is_main, load_model_and_data, model_command
-from .options import add_options, values
+from .options import build, values
 
 EXAMPLES = """examples:
   plop diagnose                                   # embedded SmolLM2-135M on the demo data
   plop diagnose ./my-model --data train.jsonl --template "Q: {question}\\nA: {answer}"
   plop diagnose meta-llama/Llama-3.1-8B --data chats.jsonl --chat --dtype bfloat16 --top-k 2
-  plop diagnose --samples auto --budget 2000000 --rank 8 --out report.json --plot nfn.png
+  plop diagnose --until-stable --samples 1000 --budget 2000000 --rank 8 --out report.json --plot nfn.png
   plop diagnose --allocate                        # ranks per type under the top-3 budget (rank_pattern)
   plop diagnose --json | jq .recommendation.target_modules
 """
@@ -23,8 +23,7 @@ EXAMPLES = """examples:
 def register(sub) -> None:
     p = model_command(sub, "diagnose", "rank module types by NFN and recommend target_modules",
                       "One no-grad pass over a data sample: NFN per linear module, ranked by type.", EXAMPLES,
-                      big_models=True)
-    add_options(p, DiagnoseConfig, StrategyFlags)
+                      big_models=True).add(DiagnoseConfig, StrategyFlags).parser
     o = p.add_argument_group("output")
     o.add_argument("--out", default="report.json", metavar="FILE", help="where to write the JSON report ('' to skip)")
     o.add_argument("--json", action="store_true", help="print the report JSON to stdout (table goes to stderr)")
@@ -33,10 +32,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    config = DiagnoseConfig(**build_strategy(args))  # bad values fail before the slow loading
+    # bad values fail before the slow loading
+    config = DiagnoseConfig(**values(DiagnoseConfig, args), strategy=build(StrategyFlags, args).strategy())
     for path in (args.out, args.plot):
         check_destination(path)
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, config.samples)
+    # until_stable reads at most --samples rows: fewer in the file is no surprise worth a warning
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, config.samples,
+                                                                     warn_short=not config.until_stable)
     from rich.console import Console
 
     from ..diagnosis import diagnose
@@ -53,9 +55,3 @@ def run(args) -> int:
     if args.json:
         sys.stdout.write(report.to_json() + "\n")
     return 0
-
-
-def build_strategy(args) -> dict:
-    """DiagnoseConfig's fields from the parsed options, the strategy decoded from its flags."""
-    flags = StrategyFlags(**values(StrategyFlags, args))
-    return flags.apply(values(DiagnoseConfig, args))

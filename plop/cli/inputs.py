@@ -5,52 +5,45 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import AutoSampling, DiagnoseConfig, ModelConfig, check_shard_options
-from ..errors import ConfigError
+from ..config import DiagnoseConfig, ModelConfig
 from ..files.data import DataSource, TaskRows, TextFormat
-from .options import add_options, build, command
+from .options import Options, build, command
+
+BIG_MODELS = ("max_memory", "offload_dir", "shard")  # the loading options of plop diagnose alone
 
 
 def model_command(sub, name: str, help: str, description: str, epilog: str, *, train_config: type | None = None,
-                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> argparse.ArgumentParser:
+                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> Options:
     """A subcommand that loads a model and reads data: the model and data options (``train_config``
-    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help."""
-    p = command(sub, name, help, description, epilog)
-    add_options(p, ModelConfig, skip=() if big_models else ("max_memory", "offload_dir"))
-    add_options(p, DataSource, TextFormat)
+    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help.
+    The command adds its own options through the returned :class:`Options`."""
+    options = Options(command(sub, name, help, description, epilog))
+    options.add(ModelConfig, skip=() if big_models else BIG_MODELS)
+    options.add(DataSource, TextFormat)
     if train_config is None:
-        add_options(p, DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
+        options.add(DiagnoseConfig, only=("samples", "max_length", "batch_size", "seed"))
     else:  # a fine-tune reads all the rows unless told otherwise
-        add_options(p, DiagnoseConfig, only=("samples",), defaults={"samples": None},
+        options.add(DiagnoseConfig, only=("samples",), defaults={"samples": None},
                     helps={"samples": "rows to sample (default: all)"})
-        add_options(p, train_config, skip=train_skip)
-    return p
+        options.add(train_config, skip=train_skip)
+    return options
 
 
-def training_rows(args: argparse.Namespace) -> int | None:
-    """``--samples`` of a command that trains: a number of rows, or all of them."""
-    if args.samples == "auto":
-        raise ConfigError("--samples auto is for plop diagnose", "give a number of rows, or none for all")
-    return args.samples
-
-
-def read_data(args: argparse.Namespace, samples: int | str | None) -> TaskRows:
-    """The data file read, its rows sampled and its fields checked, before any model is loaded."""
+def read_data(args: argparse.Namespace, samples: int | None, warn_short: bool = True) -> TaskRows:
+    """The data file read, its rows sampled and its fields checked, before any model is loaded;
+    ``warn_short``: say so when the file has fewer rows than ``samples``."""
     from ..files.data import read_rows
 
     source = build(DataSource, args)
-    return read_rows(source.data, samples=AutoSampling.rows(samples), seed=args.seed,
-                     text_format=build(TextFormat, args), split=source.split, config=source.data_config,
-                     warn_short=samples != "auto")
+    return read_rows(source.data, samples=samples, seed=args.seed, text_format=build(TextFormat, args),
+                     split=source.split, config=source.data_config, warn_short=warn_short)
 
 
-def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
+def load_model_and_data(args: argparse.Namespace, samples: int | None, warn_short: bool = True):
     """``(model, tokenizer, model_id, examples, info)`` on every process of a launched job (the seeded
-    sampling gives all of them the same rows)."""
-    model_config = build(ModelConfig, args)
-    check_shard_options(getattr(args, "shard", False), model_config.quantize, model_config.max_memory,
-                        model_config.offload_dir)
-    rows = read_data(args, samples)  # then the data: a bad file fails before torch is even imported
+    sampling gives all of them the same rows); ``samples`` and ``warn_short`` as :func:`read_data`."""
+    model_config = build(ModelConfig, args)  # loading options that do not combine fail here
+    rows = read_data(args, samples, warn_short)  # then the data: a bad file fails before torch is even imported
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
@@ -64,8 +57,7 @@ def load_model_and_data(args: argparse.Namespace, samples: int | str | None):
             model, tokenizer, model_id = load_model(
                 model_config.model, dtype=model_config.dtype, device=model_config.device,
                 trust_remote_code=model_config.trust_remote_code, max_memory=model_config.max_memory,
-                offload_dir=model_config.offload_dir, quantize=model_config.quantize,
-                shard=getattr(args, "shard", False))  # diagnose --shard loads 1/N of the weights per process
+                offload_dir=model_config.offload_dir, quantize=model_config.quantize, shard=model_config.shard)
     finally:
         hf_logging.enable_progress_bar()
     examples, info = rows.examples(tokenizer)

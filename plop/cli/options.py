@@ -11,7 +11,10 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any, Literal
+
+from ..config import names
 
 EXIT_USAGE = 2
 
@@ -50,33 +53,33 @@ def positive_float(value: str) -> float:
     return number
 
 
-def names(value: str) -> list[str]:
-    """``a,b, c`` -> ``["a", "b", "c"]``."""
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-def samples(value: str) -> int | str:
-    return value if value == "auto" else positive(value)
-
-
 def escapes(value: str) -> str:
     r"""A template typed in a shell: ``\n`` means a newline."""
     return value.encode().decode("unicode_escape")
 
 
-_PARSERS = {"positive": positive, "names": names, "escapes": escapes, "samples": samples}
+_PARSERS = {"positive": positive, "names": names, "escapes": escapes}
+
+
+class SwitchWithValue(argparse.Action):
+    """A switch that may be given a value for another field: ``--allocate`` is the switch alone,
+    ``--allocate BUDGET`` the switch and ``budget`` (the two are one choice on the command line)."""
+
+    def __init__(self, option_strings: list[str], dest: str, into: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+        self.into = into
+
+    def __call__(self, parser, namespace, value, option_string=None) -> None:
+        setattr(namespace, self.dest, True)
+        if value is not None:
+            setattr(namespace, self.into, value)
 
 
 def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
     """``(python type, Literal choices)`` of a field's annotation, ``None`` stripped."""
     hint = annotation
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        literals = [a for a in args if typing.get_origin(a) is Literal]
-        plain = [a for a in args if typing.get_origin(a) is not Literal]
-        if literals and plain:  # int | Literal["auto"]: the parser reads both
-            return "samples", None
-        hint = args[0]
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint)
     if typing.get_origin(hint) in (list, tuple):
@@ -93,12 +96,13 @@ def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str],
         return [f.name], {"nargs": "?", "default": default, "help": help_}
     flags = [meta.get("flag", "--" + f.name.replace("_", "-")), *meta.get("aliases", ())]
     kwargs: dict[str, Any] = {"dest": f.name, "default": default, "help": help_}
+    parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
+    if kind is bool and "value_into" in meta:  # --allocate alone, or --allocate BUDGET
+        return flags, {**kwargs, "action": SwitchWithValue, "into": meta["value_into"], "type": _PARSERS[parse],
+                       "metavar": meta["metavar"]}
     if kind is bool:
         return flags, {**kwargs, "action": "store_true"}
-    parse = meta.get("parse") or (kind if isinstance(kind, str) else None)
     kwargs["type"] = _PARSERS.get(parse, kind)
-    if "optional_value" in meta:  # --allocate alone, or --allocate BUDGET
-        kwargs.update(nargs="?", const=meta["optional_value"])
     choices = meta.get("choices") or literal
     if choices:
         kwargs["choices"] = list(choices)
@@ -109,35 +113,49 @@ def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str],
     return flags, kwargs
 
 
-def add_options(parser: argparse.ArgumentParser, *configs: type, only: tuple[str, ...] | None = None,
-                skip: tuple[str, ...] = (), defaults: dict[str, Any] | None = None,
-                helps: dict[str, str] | None = None) -> None:
-    """Add the options of ``configs``' fields to ``parser``: all of them, or ``only`` those, less
-    ``skip``; ``defaults``/``helps`` change a field's default or help for this command alone."""
-    # kept on the parser: a command adding options from several configs shares their groups
-    groups: dict[str, Any] = parser.__dict__.setdefault("_plop_groups", {})
-    exclusive: dict[str, Any] = parser.__dict__.setdefault("_plop_exclusive", {})
-    seen: set[str] = parser.__dict__.setdefault("_plop_fields", set())
-    for cls in configs:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.name in seen or f.name in skip or not f.metadata.get("cli", True) or (only and f.name not in only):
-                continue
-            seen.add(f.name)
-            default = (defaults or {}).get(f.name, f.metadata.get("cli_default", f.default))
-            flags, kwargs = _argument(f, hints[f.name], default)
-            if helps and f.name in helps:
-                kwargs["help"] = helps[f.name]
-            target = parser
-            if "group" in f.metadata:
-                title = f.metadata["group"]
-                target = groups[title] if title in groups else groups.setdefault(title, parser.add_argument_group(title))
-            if "exclusive" in f.metadata:
-                key = f.metadata["exclusive"]
-                if key not in exclusive:
-                    exclusive[key] = target.add_mutually_exclusive_group()
-                target = exclusive[key]
-            target.add_argument(*flags, **kwargs)
+class Options:
+    """Adds the options of config fields to one parser. Its state is what several configs of one
+    command share: argument groups by title, mutually exclusive groups by name, and the fields
+    already added (a field of several configs is one flag)."""
+
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+        self._groups: dict[str, Any] = {}
+        self._exclusive: dict[str, Any] = {}
+        self._fields: set[str] = set()
+
+    def add(self, *configs: type, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
+            defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> Options:
+        """Add the options of ``configs``' fields: all of them, or ``only`` those, less ``skip``;
+        ``defaults``/``helps`` change a field's default or help for this command alone."""
+        for cls in configs:
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                if f.name in self._fields or f.name in skip or not f.metadata.get("cli", True) \
+                        or (only and f.name not in only):
+                    continue
+                self._fields.add(f.name)
+                default = (defaults or {}).get(f.name, f.default)
+                flags, kwargs = _argument(f, hints[f.name], default)
+                if helps and f.name in helps:
+                    kwargs["help"] = helps[f.name]
+                self._target(f.metadata).add_argument(*flags, **kwargs)
+        return self
+
+    def _target(self, meta: Mapping[str, Any]):
+        """The parser, argument group or mutually exclusive group a field's option goes into."""
+        target: Any = self.parser
+        if "group" in meta:
+            title = meta["group"]
+            if title not in self._groups:
+                self._groups[title] = self.parser.add_argument_group(title)
+            target = self._groups[title]
+        if "exclusive" in meta:
+            key = meta["exclusive"]
+            if key not in self._exclusive:
+                self._exclusive[key] = target.add_mutually_exclusive_group()
+            target = self._exclusive[key]
+        return target
 
 
 def values(cls: type, args: argparse.Namespace) -> dict[str, Any]:

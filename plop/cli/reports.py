@@ -12,7 +12,7 @@ from ..placement import LoraSettings
 from ..stacks import FORMATS
 from ..utils.fsio import check_destination
 from ..utils.untrusted import plain_safe, terminal_safe
-from .options import add_options, command
+from .options import Options, command
 
 SHOW_EXAMPLES = """examples:
   plop show report.json
@@ -58,10 +58,10 @@ def register(sub) -> None:
                    help="write the LoRA keys into this existing config, keeping every other key "
                         "(in place unless --out is given)")
     p.add_argument("--peft", default=None, metavar="DIR", help="same as --to peft --out DIR")
-    add_options(p, TrainConfig, only=("rank", "alpha", "dropout", "dora", "loraplus_ratio"),
-                defaults={"rank": None, "loraplus_ratio": None},
-                helps={"rank": "LoRA rank (default: the report's)",
-                       "loraplus_ratio": "LoRA+ learning-rate ratio of B over A, for stacks with a key for it"})
+    Options(p).add(TrainConfig, only=("rank", "alpha", "dropout", "dora", "loraplus_ratio"),
+                   defaults={"rank": None, "loraplus_ratio": None},
+                   helps={"rank": "LoRA rank (default: the report's)",
+                          "loraplus_ratio": "LoRA+ learning-rate ratio of B over A, for stacks with a key for it"})
     p.set_defaults(func=export)
 
 

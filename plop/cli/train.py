@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from ..config import DiagnoseConfig
+from ..config import DiagnoseConfig, targets
 from ..finetune.config import TrainConfig
 from ..model.placement import TRAIN_PLACEMENTS
 from ..utils.untrusted import plain_safe, terminal_safe
-from .inputs import is_main, load_model_and_data, model_command, training_rows
-from .options import build, names
+from .inputs import is_main, load_model_and_data, model_command
+from .options import build
 
 EXAMPLES = """examples:
   plop train --steps 100                          # embedded SmolLM2-135M, demo data: diagnose, then train there
@@ -22,16 +22,17 @@ EXAMPLES = """examples:
   accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (see the README)
 """
 TRAIN_REPORT = "plop_report.json"  # the diagnosis a train run made for itself, reused by --resume
-REMEASURE_ROWS = 100  # rows re-diagnosed after a run placed without a report (plop diagnose's default)
 
 
 def register(sub) -> None:
     p = model_command(sub, "train", "fine-tune LoRA / LoRA+ / DoRA where the diagnosis says",
                       "Fine-tune adapters with transformers' Trainer. Without --report, --target-modules or "
-                      "--placement, the model is diagnosed on the same data first.", EXAMPLES, train_config=TrainConfig)
+                      "--placement, the model is diagnosed on the same data first.", EXAMPLES,
+                      train_config=TrainConfig).parser
     where = p.add_argument_group("where the adapters go").add_mutually_exclusive_group()
     where.add_argument("--report", help="a report from plop diagnose: train on its recommendation")
-    where.add_argument("--target-modules", type=names, metavar="A,B", help="module types or names, e.g. q_proj,v_proj")
+    where.add_argument("--target-modules", type=targets, metavar="A,B",
+                       help="module types or names, e.g. q_proj,v_proj, or one PEFT regex")
     where.add_argument("--placement", choices=TRAIN_PLACEMENTS, help="a named placement")
     p.set_defaults(func=run)
 
@@ -65,6 +66,7 @@ def checked_config(args) -> TrainConfig:
 def run(args) -> int:
     from rich.console import Console
 
+    from ..files.data import take_sample
     from ..finetune.trainer import TrainingInterrupted, check_output_dir, needs_diagnosis, train
     from ..ranking.render import nfn_change_table, train_summary_text
     from ..ranking.report import Report
@@ -72,19 +74,20 @@ def run(args) -> int:
     config = checked_config(args)  # bad values fail before the slow loading
     run_dir = check_output_dir(config)  # so does an occupied directory
     report = Report.load(args.report) if args.report else None
-    model, tokenizer, model_id, examples, info = load_model_and_data(args, training_rows(args))
+    model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
     if needs_diagnosis(report, args.target_modules, args.placement):
         saved = run_dir / TRAIN_REPORT
         resumed = args.resume and saved.is_file()  # the run being resumed must keep its placement
         report = Report.load(saved) if resumed else diagnosed(args, model, tokenizer, model_id, examples, info)
         if not resumed and is_main():
             report.save(saved)
-    # re-measured after training on the rows the placement came from: what the fine-tune changed, where
-    rows = report.data["samples"] if report is not None else REMEASURE_ROWS
+    # re-measured after training on the rows the placement came from (the diagnosis' seeded sample of
+    # these rows; a run placed without one: as many as plop diagnose reads): what the fine-tune changed, where
+    rows = report.data["samples"] if report is not None else DiagnoseConfig.samples
     try:
         result = train(model, tokenizer, examples, config, report=report, target_modules=args.target_modules,
                        placement=args.placement, model_id=model_id, data_info=info, progress=True,
-                       remeasure=[e.text for e in examples[:rows]])
+                       remeasure=[e.text for e in take_sample(examples, rows, config.seed)])
     except TrainingInterrupted as stop:
         print(plain_safe(f"plop: {stop}"), file=sys.stderr)
         return 130

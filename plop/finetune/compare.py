@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from ..config import DiagnoseConfig
 from ..errors import PlopError
 from ..files.data import Example
 from ..measure.layers import dense_weight
@@ -181,8 +182,8 @@ def _allocation(report: Report, layout, budget: int | None) -> Candidate:
     if budget is None:
         raise PlopError("placement 'allocate' needs the parameter budget to allocate")
     eligible = [m for m in report.modules if m.type not in layout.refused]
-    power = report.settings.get("allocate_power", 2.0)
-    rec, _ = Selector(eligible, "allocate", budget=budget, power=power).recommend()
+    own = DiagnoseConfig.from_settings(report.settings).strategy
+    rec, _ = Selector(eligible, replace(own, kind="allocate", budget=budget)).recommend()
     placement = replace(layout.placement("allocate", list(rec.types)), rank_pattern=dict(rec.rank_pattern))
     return Candidate(placement, _params_per_rank([m for m in eligible if m.type in rec.types]), rec.trainable_params)
 

@@ -42,7 +42,7 @@ class TrainConfig:
     num_generations: int = option(8, "completions sampled per prompt; --batch-size x --grad-accum must be a "
                                      "multiple of it", group=_RL, parse="positive")
     max_new_tokens: int = option(128, "longest completion sampled or scored", group=_RL, parse="positive")
-    rank: int = option(16, "LoRA rank", group=_LORA)
+    rank: int = option(16, "LoRA rank", group=_LORA, parse="positive")
     alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
     dropout: float = option(0.05, "LoRA dropout", group=_LORA)
     lr: float = option(2e-4, "learning rate (of the A matrices under LoRA+)", group=_LORA)

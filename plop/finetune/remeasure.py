@@ -18,7 +18,7 @@ def nfn_change(peft_model, texts: Sequence[str], tokenizer, *, max_length: int, 
                adapted_types: Sequence[str]) -> dict[str, dict]:
     """Per module type: mean NFN of the frozen and the adapted model on ``texts``, the change,
     and whether the type carries an adapter."""
-    config = DiagnoseConfig(max_length=max_length, batch_size=batch_size, n_bootstrap=1)
+    config = DiagnoseConfig(samples=None, max_length=max_length, batch_size=batch_size, n_bootstrap=1)  # every text
     with peft_model.disable_adapter():
         frozen = diagnose(peft_model.get_base_model(), list(texts), tokenizer, config)
     merged = copy.deepcopy(peft_model).merge_and_unload()

@@ -178,16 +178,7 @@ def train_on_placement(
     peft_model = wrap(model, run_lora_config(layout, config, placement, task_type), config.seed)
     check_built(peft_model, planned(layout, placement))  # before the Trainer spends a step
     trainer, stop = _trainer(peft_model, tokenizer, config, run, (train_set, eval_set), progress, method)
-    trainer.plop_step_size = None
-    if config.step_size_steps and eval_set:
-        from .hf_trainer import EveryNSteps
-
-        def measure() -> None:
-            if trainer.state.global_step == config.step_size_steps:
-                trainer.plop_step_size = {"steps": config.step_size_steps,
-                                          **method.step_size(trainer, eval_set, config)}
-
-        trainer.add_callback(EveryNSteps(config.step_size_steps, measure))
+    _measure_step_size(trainer, method, eval_set, config)
     if config.overwrite:
         if trainer.is_world_process_zero():
             _clear_previous_run(run)
@@ -219,6 +210,21 @@ def train_on_placement(
         atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier()  # the summary is whole before any process returns
     return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer)
+
+
+def _measure_step_size(trainer, method, eval_set: list, config: TrainConfig) -> None:
+    """After ``config.step_size_steps`` steps, how far the model moved from its base on the held-out
+    set (:mod:`plop.finetune.step_size`), into ``trainer.plop_step_size`` (None when not asked)."""
+    trainer.plop_step_size = None
+    if not (config.step_size_steps and eval_set):
+        return
+    from .hf_trainer import EveryNSteps
+
+    def measure() -> None:
+        if trainer.state.global_step == config.step_size_steps:
+            trainer.plop_step_size = {"steps": config.step_size_steps, **method.step_size(trainer, eval_set, config)}
+
+    trainer.add_callback(EveryNSteps(config.step_size_steps, measure))
 
 
 def _summary(trainer, placement: Placement, config: TrainConfig, seconds: float, resume_from: str | None,

@@ -33,7 +33,7 @@ from typing import Any, Literal
 from axolotl.integrations.base import BasePlugin
 from pydantic import BaseModel
 
-from ..config import DiagnoseConfig
+from ..config import DiagnoseConfig, Strategy
 from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
@@ -44,7 +44,6 @@ from ..stacks import axolotl as axolotl_stack
 from ..stacks.target import Target
 from ..utils.distributed import world
 from ..utils.untrusted import plain_safe
-from .peft import strategy_settings
 
 REPORT_NAME = "plop_report.json"
 
@@ -54,7 +53,8 @@ class PlopArgs(BaseModel):
 
     plop_diagnose: bool | None = None  # diagnose the base model on the run's datasets
     plop_report: str | None = None  # or use this saved report
-    plop_samples: int | None = 64  # rows sampled over all datasets
+    plop_samples: int | None = None  # rows sampled over all datasets (default: plop diagnose's)
+    plop_until_stable: bool | None = None  # stop reading them once the recommendation is stable
     plop_tokens: Literal["all", "prompt", "response"] | None = None  # default: all
     plop_top_k: int | None = None
     plop_budget: int | None = None
@@ -131,12 +131,13 @@ def unfused_attention(model) -> Iterator[None]:
 def diagnose_run(cfg, model, tokenizer) -> Report:
     """Diagnose ``model`` on the run's data with the ``plop_*`` settings; save the report."""
     seed = cfg.plop_seed if cfg.plop_seed is not None else 0
+    samples = cfg.plop_samples or DiagnoseConfig.samples
     settings: dict[str, Any] = {"tokens": cfg.plop_tokens or "all", "rank": cfg.lora_r or DiagnoseConfig.rank,
                                 "seed": seed, "max_length": cfg.sequence_len or DiagnoseConfig.max_length,
-                                **strategy_settings(cfg.plop_budget, bool(cfg.plop_allocate))}
-    if cfg.plop_top_k:
-        settings["top_k"] = cfg.plop_top_k
-    examples = sample_examples(cfg, tokenizer, cfg.plop_samples or 64, seed)
+                                "samples": samples, "until_stable": bool(cfg.plop_until_stable),
+                                "strategy": Strategy.decode(top_k=cfg.plop_top_k, budget=cfg.plop_budget,
+                                                            allocate=bool(cfg.plop_allocate))}
+    examples = sample_examples(cfg, tokenizer, samples, seed)
     with unfused_attention(model):
         report = diagnose(model, examples, tokenizer, model_id=str(cfg.base_model), **settings)
     if world().is_main:  # every process of a multi-GPU run gets the same report; one writes it

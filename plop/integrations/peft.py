@@ -15,18 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from ..config import DiagnoseConfig, StrategyFlags
+from ..config import STRATEGY_ARGUMENTS, DiagnoseConfig
 from ..diagnosis import diagnose
 
-_DIAGNOSE_FIELDS = frozenset(f.name for f in dataclasses.fields(DiagnoseConfig))
-
-
-def strategy_settings(budget: int | None, allocate: bool) -> dict[str, Any]:
-    """The diagnosis settings for ``budget`` / ``allocate``, decoded by the rule the CLI's
-    ``--allocate``/``--budget`` use (:class:`~plop.config.StrategyFlags`): a rank per type under the
-    budget (default: what the top-3 costs) when allocating, else the greedy placement under the
-    budget, else the paper's top-3."""
-    return StrategyFlags(allocate=(budget or 0) if allocate else None).apply({"budget": budget})
+_DIAGNOSE_FIELDS = frozenset(f.name for f in dataclasses.fields(DiagnoseConfig)) | set(STRATEGY_ARGUMENTS)
 
 
 def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None = None, allocate: bool = False,
@@ -39,7 +31,9 @@ def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None
             standard formats (:mod:`plop.files.trl_formats`), or plop's own texts/examples.
         tokenizer: the tokenizer TRL trains with (default: the one saved with the model).
         budget: LoRA parameters to spend (greedy in ascending NFN at the config's rank).
-        allocate: give each chosen type its own rank (``rank_pattern``/``alpha_pattern``).
+        allocate: give each chosen type its own rank (``rank_pattern``/``alpha_pattern``), under
+            ``budget`` (default: what the top-k costs); both read by :meth:`plop.config.Strategy.decode`,
+            as the command line's ``--budget`` and ``--allocate`` are.
         kwargs: :class:`~plop.config.DiagnoseConfig` fields (``samples``, ``tokens``, ``seed``,
             ``top_k``, ``max_length``, ...) go to the diagnosis; everything else (``r``,
             ``lora_alpha``, ``lora_dropout``, ``use_dora``, ``task_type``, ...) to ``LoraConfig``.
@@ -48,5 +42,9 @@ def lora_config(model: nn.Module, dataset, tokenizer=None, *, budget: int | None
     settings = {k: kwargs.pop(k) for k in list(kwargs) if k in _DIAGNOSE_FIELDS}
     if "r" in kwargs and "rank" not in settings:
         settings["rank"] = kwargs["r"]  # the budget and the allocation are costed at the rank trained
-    report = diagnose(model, dataset, tokenizer, **{**strategy_settings(budget, allocate), **settings})
+    if budget is not None:
+        settings["budget"] = budget
+    if allocate:  # with the budget, read as the command line's --allocate BUDGET is (Strategy.decode)
+        settings["allocate"] = True
+    report = diagnose(model, dataset, tokenizer, **settings)
     return report.to_peft_config(kwargs.pop("r", None), kwargs.pop("lora_alpha", None), **kwargs)

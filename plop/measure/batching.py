@@ -14,7 +14,7 @@ What stays exactly as in sampled order:
   (:attr:`Batch.rows`, see :class:`plop.measure.collector.BootstrapWeights`), not its batch;
 * the checkpoints: rows are sorted only inside windows of the sampled order of 16, 16, 32, 64, ...
   rows (each as long as all before it, up to 1024), and a diagnosis records its selection (and
-  ``samples="auto"`` may stop) only where a window closes, when the rows seen are exactly the
+  ``until_stable`` may stop) only where a window closes, when the rows seen are exactly the
   first rows of the sample.
 """
 
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..config import AutoSampling
+from ..config import STABLE_MIN_ROWS
 from ..errors import DataError
 
 MAX_WINDOW = 1024
@@ -51,7 +51,7 @@ class Batch:
         return len(self.rows)
 
 
-def windows(n: int, first: int = AutoSampling.MIN, largest: int = MAX_WINDOW) -> Iterator[range]:
+def windows(n: int, first: int = STABLE_MIN_ROWS, largest: int = MAX_WINDOW) -> Iterator[range]:
     """``range(0, n)`` cut into windows of ``first``, ``first``, then each as long as all before it,
     up to ``largest`` rows (which bounds what is tokenized ahead and the packing's work)."""
     start, size = 0, first
@@ -101,7 +101,7 @@ def pad_right(encodings: Mapping[str, Sequence[Sequence[int]]], pad_id: int) -> 
 
 
 def text_batches(texts: Sequence[str], tokenizer, *, max_length: int, batch_tokens: int) -> Iterator[Batch]:
-    """The batches of ``texts``, tokenized a window at a time (``samples="auto"`` tokenizes only
+    """The batches of ``texts``, tokenized a window at a time (``until_stable`` tokenizes only
     the windows it reaches)."""
     def encode(window: range):
         encodings = tokenizer([texts[i] for i in window], truncation=True, max_length=max_length)

@@ -7,7 +7,7 @@ the report a single process would give on the same rows, not an approximation of
   process that runs it;
 * after each step every process gathers every process's per-batch accumulators and adds them in
   global batch order, so the sums, maxima, calls, bootstrap totals, checkpoints and the
-  ``samples="auto"`` stop are the single-process ones on every process, which all stop together;
+  ``until_stable`` stop are the single-process ones on every process, which all stop together;
 * a process out of batches still takes part in the collectives (an empty step) until none has any;
 * an exception in one process is gathered with the accumulators, and every process raises
   (:func:`plop.utils.distributed.raise_if_any_failed`).
@@ -82,7 +82,7 @@ def data_parallel_passes(
     """``(global state, batch)`` after each global batch, the same sequence on every process.
 
     ``forward(batch)`` runs one batch through the hooked model. Stopping the iteration early
-    (``samples="auto"``) is safe: every process sees the same states, so all stop at once.
+    (``until_stable``) is safe: every process sees the same states, so all stop at once.
     ``lockstep``: every process runs a forward in every step (see :func:`_local_step`).
     """
     world_, state, batches = world(), GlobalState.like(collector, experts), iter(batches)

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ..config import STRATEGIES, check_budget, check_choice, check_positive
+from ..config import Strategy, check_positive
 from ..errors import ConfigError
 from .report import ModuleRecord, Recommendation, TypeRanking
 
@@ -175,32 +175,22 @@ def modules_regex(names: Sequence[str]) -> str:
 
 
 class Selector:
-    """A placement strategy with its parameters; callable on any vector of module NFNs."""
+    """A :class:`~plop.config.Strategy` on ``records``, its costs at ``rank``; callable on any vector
+    of module NFNs."""
 
-    def __init__(
-        self,
-        records: Sequence[ModuleRecord],
-        strategy: str = "top_k",
-        *,
-        top_k: int = 3,
-        budget: int | None = None,
-        rank: int = 16,
-        power: float = 2.0,
-    ) -> None:
-        check_choice("strategy", strategy, STRATEGIES)
-        check_positive("top_k", top_k)
+    def __init__(self, records: Sequence[ModuleRecord], strategy: Strategy = Strategy(), *, rank: int = 16) -> None:
         check_positive("rank", rank)
-        check_budget(strategy, budget)
         self.records = list(records)
-        self.strategy, self.top_k, self.budget, self.rank, self.power = strategy, top_k, budget, rank, power
+        self.strategy, self.top_k, self.budget = strategy.kind, strategy.top_k, strategy.budget
+        self.rank, self.power = rank, strategy.power
         self.per_rank: dict[str, int] = defaultdict(int)
         for m in self.records:
             self.per_rank[m.type] += m.lora_params_per_rank
         self.type_cost = {t: rank * c for t, c in self.per_rank.items()}
-        if strategy == "allocate" and budget is None:  # what the paper's top-k placement costs at this rank
-            self.budget = sum(self.type_cost[t] for t in _select_top_k(type_means(self.records), top_k))
+        if self.strategy == "allocate" and self.budget is None:  # what the paper's top-k placement costs here
+            self.budget = sum(self.type_cost[t] for t in _select_top_k(type_means(self.records), self.top_k))
         layers = {m.layer for m in self.records if m.layer is not None}
-        self.per_layer_count = top_k * max(len(layers), 1)
+        self.per_layer_count = self.top_k * max(len(layers), 1)
 
     def __call__(self, nfn: np.ndarray) -> frozenset[str]:
         """The selected types (or module names, for ``per_layer``)."""

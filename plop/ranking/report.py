@@ -16,7 +16,7 @@ from typing import Any
 
 import jsonschema
 
-from ..config import STRATEGIES
+from ..config import STRATEGIES, recorded_settings
 from ..errors import FileError, ReportError, UnsafeRegexError
 from ..placement import LoraSettings, Placement, lora_config
 from ..utils.fsio import atomic_write, read_text_capped
@@ -100,6 +100,7 @@ _pos = {"type": "integer", "minimum": 1}
 _count = {"type": "integer", "minimum": 0}
 _str = {"type": "string"}
 _opt_int = {"type": ["integer", "null"]}
+_opt_budget = {"type": ["integer", "null"], "minimum": 1}
 _opt_ranks = {"type": ["object", "null"], "additionalProperties": {"type": "integer", "minimum": 1}}
 _opt_strs = {"type": ["array", "null"], "items": _str}
 
@@ -119,8 +120,12 @@ REPORT_SCHEMA = _obj(
         "plop_version": _str,
         "model": _obj({"id": _str, "architecture": _str}),
         "data": _obj({"source": _str, "samples": _count, "token_count": _count}),
-        "settings": {"type": "object", "properties": {"rank": _pos, "top_k": _pos,
-                                                      "budget": {"type": ["integer", "null"], "minimum": 1}}},
+        # the strategy is one object; before it, its kind stood beside top_k, budget and allocate_power
+        "settings": {"type": "object", "properties": {
+            "rank": _pos, "top_k": _pos, "budget": _opt_budget,
+            "strategy": {"anyOf": [{"enum": list(STRATEGIES)}, _obj(
+                {"kind": {"enum": list(STRATEGIES)}},
+                {"top_k": _pos, "budget": _opt_budget, "power": {"type": "number", "exclusiveMinimum": 0}})]}}},
         "modules": {
             "type": "array",
             "minItems": 1,
@@ -289,7 +294,7 @@ class Report:
                 check_regex(target)
             except UnsafeRegexError as e:
                 raise ReportError(f"{source}: recommendation/target_modules: {e}") from None
-        fields = dict(raw)
+        fields = {**raw, "settings": recorded_settings(raw["settings"])}
         fields["modules"] = [_build(ModuleRecord, m) for m in raw["modules"]]
         fields["types"] = [_build(TypeRanking, t) for t in raw["types"]]
         fields["recommendation"] = _build(Recommendation, raw["recommendation"])
