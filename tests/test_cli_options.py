@@ -15,7 +15,7 @@ from plop.cli.options import Options, Parser, build
 from plop.config import DiagnoseConfig, ModelConfig, option
 from plop.errors import ConfigError
 from plop.files.data import DataSource, TextFormat
-from plop.finetune.config import TrainConfig
+from plop.finetune.config import CompareConfig, TrainConfig
 
 
 @dataclass
@@ -79,6 +79,7 @@ def test_configs_added_to_one_command_share_groups_and_flags_and_the_parser_keep
 @pytest.mark.parametrize("command,configs", [
     ("diagnose", (ModelConfig, DataSource, TextFormat, DiagnoseConfig)),
     ("train", (ModelConfig, DataSource, TextFormat, TrainConfig)),
+    ("compare", (CompareConfig,)),
 ])
 def test_every_cli_field_of_a_command_is_an_option(command, configs):
     """Each config field meant for the command line reaches it (a new field needs nothing more)."""
@@ -133,7 +134,22 @@ def test_every_list_valued_flag_splits_the_same_way():
                 value = build_parser().parse_args([*path, action.option_strings[0], "1, 2"])
                 assert len(getattr(value, action.dest)) == 2, (path, action.dest)
                 seen += 1
-    assert seen == 7  # exclude, placements, seeds, train's targets, check's three inline lists
+    assert seen == 9  # exclude, placements, seeds, lr grid, selection seeds, train's targets, check's three lists
+
+
+def test_compare_reads_its_protocol_with_numbers_typed_and_checked(capsys):
+    """plop compare's protocol comes from CompareConfig: numbers parsed as numbers, dropout 0 by
+    default (nothing an adapter draws may shift a seed's data or samples)."""
+    from plop.cli.options import build as build_config
+
+    args = build_parser().parse_args(["compare", "--lr-grid", "0.5,1,2,4", "--seeds", "0,1,2"])
+    protocol = build_config(CompareConfig, args)
+    assert protocol.lr_grid == (0.5, 1.0, 2.0, 4.0) and protocol.seeds == (0, 1, 2)
+    assert protocol.select_seeds == (100, 101) and args.dropout == 0.0
+    assert build_parser().parse_args(["train"]).dropout == TrainConfig.dropout
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--lr-grid", "half"])
+    assert "expected comma-separated numbers, got 'half'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["train", "check"])

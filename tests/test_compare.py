@@ -195,3 +195,25 @@ def test_the_allocate_placement_spends_its_budget_with_the_reports_own_power(tok
     budget = 16 * candidates(flat, model, ["recommended"])[0].params_per_rank
     ranks = [candidates(r, model, ["allocate"], budget)[0].placement.rank_pattern for r in (flat, steep)]
     assert max(ranks[1].values()) > max(ranks[0].values())  # a steeper rule puts more rank on the lowest NFN
+
+
+def test_the_lr_grid_chooses_each_placement_s_rate_on_the_validation_split(tokenizer, report, tmp_path):
+    """Every placement is tried at every multiplier and selection seed on a validation split, the
+    reported runs use the rate with the lowest mean validation loss, and the held-out items are each
+    scored once per reported run (their per-item losses kept for paired statistics)."""
+    rows, held_out = examples(24), examples(30)[24:]
+    result = compare(make_model(), tokenizer, rows, report, seeds=[0, 1], rank=2, steps=2, lr=1e-2, batch_size=8,
+                     placements=["recommended", "mlp"], eval_examples=held_out, lr_grid=[0.5, 4.0],
+                     select_seeds=[7, 8])
+    chosen, selection = result.settings["lr_chosen"], result.settings["lr_selection"]
+    assert len(selection) == 2 * 2 * 2 and result.settings["lr_grid"] == [0.5, 4.0]
+    for placement in ("recommended", "mlp"):
+        mean = {m: np.mean([s["validation"] for s in selection if s["placement"] == placement and s["multiplier"] == m])
+                for m in (0.5, 4.0)}
+        assert chosen[placement] == pytest.approx(1e-2 * min(mean, key=mean.get))
+        assert {r.lr for r in result.rows if r.placement == placement} == {chosen[placement]}
+    for row in result.rows:  # one loss per held-out row, around the token-weighted mean
+        assert len(row.eval_items_after) == len(held_out)
+        assert min(row.eval_items_after) <= row.eval_loss_after <= max(row.eval_items_after)
+    # a comparison's defaults: no LoRA dropout, one alpha (2 x 16, the default rank's) for every rank
+    assert result.settings["dropout"] == 0.0 and result.settings["alpha"] == 32

@@ -206,3 +206,26 @@ def test_one_seed_pairs_every_placement_by_its_samples(tmp_path):
                      config=grpo_config(tmp_path, steps=1, dropout=0.05))
     first = {(r.reward_curve[0]["reward"], r.loss_curve[0]["loss"]) for r in result.rows}
     assert len(result.rows) == 4 and len(first) == 1, first
+
+
+def test_the_lr_choice_never_scores_the_held_out_prompts(tmp_path):
+    """Under an lr_grid the held-out prompts are scored only by the reported runs, before and after
+    each; the choice is made on a validation split of the training rows."""
+    from plop import compare, diagnose
+
+    held_out = examples(28)[24:]
+    seen: list[list[str]] = []
+
+    def counting(prompts, completions, response, **kwargs) -> list[float]:
+        seen.append(list(prompts))
+        return digits(completions, response)
+
+    tokenizer = make_tokenizer()
+    report = diagnose(make_model(), examples(16), tokenizer, n_bootstrap=10)
+    result = compare(make_model(), tokenizer, examples(24), report, seeds=[0], rank=2, placements=["mlp", "qv"],
+                     config=grpo_config(tmp_path, steps=1, reward=counting), eval_examples=held_out,
+                     lr_grid=[1.0, 2.0], select_seeds=[5])
+    held = [e.prompt for e in held_out]  # scored in one call, in this order
+    assert sum(p == held for p in seen) == 2 * len(result.rows)  # before and after each reported run
+    assert len(result.settings["lr_selection"]) == 4
+    assert all(len(r.eval_items_after) == len(held_out) for r in result.rows)

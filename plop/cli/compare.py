@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
-
-from ..finetune.config import TrainConfig
-from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
+from ..finetune.config import CompareConfig, TrainConfig
 from ..utils.fsio import check_destination
 from ..utils.untrusted import plain_safe
 from .inputs import is_main, load_model_and_data, model_command
-from .options import names
+from .options import values
 from .train import checked_config, diagnosed
 
 EXAMPLES = """examples:
@@ -20,23 +17,16 @@ EXAMPLES = """examples:
 """
 
 
-def seeds(value: str) -> list[int]:
-    try:
-        return [int(v) for v in names(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {value!r}") from None
-
-
 def register(sub) -> None:
-    p = model_command(sub, "compare", "fine-tune several placements at one parameter budget",
-                      "Each placement gets the rank that matches the recommendation's trainable parameters at "
-                      "--rank (within 10%); same data, steps, seed and learning rate.", EXAMPLES,
-                      train_config=TrainConfig,
-                      train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to")).parser
+    options = model_command(sub, "compare", "fine-tune several placements at one parameter budget",
+                            "Each placement gets the rank that matches the recommendation's trainable parameters at "
+                            "--rank (within 10%) and the same lora_alpha; same data, steps and seeds, and with "
+                            "--lr-grid each its own best learning rate.", EXAMPLES, train_config=TrainConfig,
+                            train_skip=("epochs", "output_dir", "resume", "overwrite", "adapter_name", "report_to"),
+                            train_defaults={"dropout": 0.0})
+    options.add(CompareConfig)
+    p = options.parser
     p.add_argument("--report", help="report of this model (default: diagnose on the same data first)")
-    p.add_argument("--placements", type=names, default=None, metavar="A,B",
-                   help=f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})")
-    p.add_argument("--seeds", type=seeds, default=[0], metavar="0,1,2", help="one run per placement and seed")
     o = p.add_argument_group("output")
     o.add_argument("--out", default=None, metavar="FILE", help="write the results as JSON")
     o.add_argument("--plot", default=None, metavar="FILE",
@@ -57,8 +47,8 @@ def run(args) -> int:
     report = Report.load(args.report) if args.report else None
     model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
     report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
-    result = compare(model, tokenizer, examples, report, placements=args.placements, seeds=args.seeds,
-                     rank=args.rank, config=config, output_dir=args.output_dir, progress=True)
+    result = compare(model, tokenizer, examples, report, rank=args.rank, config=config, output_dir=args.output_dir,
+                     progress=True, **values(CompareConfig, args))
     if not is_main():
         return 0
     Console().print(result)

@@ -13,9 +13,11 @@ BIG_MODELS = ("max_memory", "offload_dir", "shard")  # the loading options of pl
 
 
 def model_command(sub, name: str, help: str, description: str, epilog: str, *, train_config: type | None = None,
-                  train_skip: tuple[str, ...] = (), big_models: bool = False) -> Options:
+                  train_skip: tuple[str, ...] = (), train_defaults: dict | None = None,
+                  big_models: bool = False) -> Options:
     """A subcommand that loads a model and reads data: the model and data options (``train_config``
-    adds a fine-tune's, less ``train_skip``; ``big_models`` the offload options), examples in --help.
+    adds a fine-tune's, less ``train_skip``, with this command's ``train_defaults``; ``big_models``
+    the offload options), examples in --help.
     The command adds its own options through the returned :class:`Options`."""
     options = Options(command(sub, name, help, description, epilog))
     options.add(ModelConfig, skip=() if big_models else BIG_MODELS)
@@ -25,7 +27,7 @@ def model_command(sub, name: str, help: str, description: str, epilog: str, *, t
     else:  # a fine-tune reads all the rows unless told otherwise
         options.add(DiagnoseConfig, only=("samples",), defaults={"samples": None},
                     helps={"samples": "rows to sample (default: all)"})
-        options.add(train_config, skip=train_skip)
+        options.add(train_config, skip=train_skip, defaults=train_defaults)
     return options
 
 

@@ -23,6 +23,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
     def _get_help_string(self, action: argparse.Action) -> str:
         # "(default: None)" says nothing: such options explain their absence in their own help
         silent = action.default is None or action.default is False
+        if isinstance(action.default, tuple) and action.default:  # a list option's default, as it is typed
+            return f"{action.help or ''} (default: {','.join(map(str, action.default))})"
         return (action.help or "") if silent else super()._get_help_string(action)
 
 
@@ -58,7 +60,17 @@ def escapes(value: str) -> str:
     return value.encode().decode("unicode_escape")
 
 
-_PARSERS = {"positive": positive, "names": names, "escapes": escapes}
+def numbers(kind: type):
+    def parse(value: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in names(value))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {'whole numbers' if kind is int else 'numbers'}, "
+                                             f"got {value!r}") from None
+    return parse
+
+
+_PARSERS = {"positive": positive, "names": names, "escapes": escapes, "ints": numbers(int), "floats": numbers(float)}
 
 
 class SwitchWithValue(argparse.Action):
@@ -82,8 +94,8 @@ def _base_type(annotation: Any) -> tuple[Any, tuple | None]:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     if typing.get_origin(hint) is Literal:
         return str, typing.get_args(hint)
-    if typing.get_origin(hint) in (list, tuple):
-        return "names", None
+    if typing.get_origin(hint) in (list, tuple):  # comma-separated: names, or whole numbers or numbers
+        return {int: "ints", float: "floats"}.get(typing.get_args(hint)[0], "names"), None
     return hint, None
 
 
@@ -108,8 +120,8 @@ def _argument(f: dataclasses.Field, hint: Any, default: Any) -> tuple[list[str],
         kwargs["choices"] = list(choices)
     if meta.get("metavar"):
         kwargs["metavar"] = meta["metavar"]
-    elif parse == "names":
-        kwargs["metavar"] = "A,B"
+    elif parse in ("names", "ints", "floats"):
+        kwargs["metavar"] = {"names": "A,B", "ints": "0,1,2", "floats": "0.5,1,2"}[parse]
     return flags, kwargs
 
 

@@ -36,12 +36,11 @@ from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modul
 from ..ranking.report import ModuleRecord, Report
 from ..utils.distributed import shared_tempdir
 from ..utils.fsio import atomic_write
-from .config import TrainConfig
+from .config import CompareConfig, TrainConfig
+from .sft import split_examples
 from .trainer import train_on_placement
 
 BUDGET_TOLERANCE = 0.10
-
-
 @dataclass
 class Candidate:
     """A placement before training, and the LoRA parameters it costs per unit of rank."""
@@ -84,6 +83,10 @@ class CompareRow:
     eval_reward_curve: list[dict[str, float]] = field(default_factory=list)
     reward_curve: list[dict[str, float]] = field(default_factory=list)  # the sampled completions' mean reward per step
     step_size: dict[str, float] | None = None  # how far the first steps moved the model (plop.finetune.step_size)
+    lr: float | None = None  # the run's learning rate (its placement's choice under an lr_grid)
+    # each held-out item's loss (GRPO: reward) after training, in the held-out set's order: the
+    # paired statistics of plop.finetune.evidence resample these
+    eval_items_after: list[float] | None = None
 
 
 @dataclass
@@ -221,29 +224,37 @@ def compare(
     examples: Sequence[Example],
     report: Report,
     *,
-    placements: Sequence[str] | None = None,
-    seeds: Sequence[int] = (0,),
+    placements: Sequence[str] | None = CompareConfig.placements,
+    seeds: Sequence[int] = CompareConfig.seeds,
     rank: int = 16,
     config: TrainConfig | None = None,
     output_dir: str | Path | None = None,
     eval_examples: Sequence[Example] | None = None,
+    lr_grid: Sequence[float] | None = CompareConfig.lr_grid,
+    select_seeds: Sequence[int] = CompareConfig.select_seeds,
+    validation_fraction: float = CompareConfig.validation_fraction,
     progress: bool = False,
     **overrides,
 ) -> Comparison:
-    """Fine-tune each placement once per seed at the recommendation's budget at ``rank``.
+    """Fine-tune each placement once per seed at the recommendation's budget at ``rank``; the
+    protocol's arguments are :class:`plop.finetune.config.CompareConfig`'s fields.
 
-    ``model``: the base model (deep-copied for every run, never trained itself) or a factory
-    returning a fresh one. ``config``: the shared training settings, ``overrides`` replace its
-    fields (``steps=``, ``lr=``, ...); ``alpha`` scales with each run's rank so that
-    ``alpha / rank`` (the LoRA scale) is the same everywhere. ``output_dir``: keep each run's
-    adapter in ``<output_dir>/<placement>-seed<seed>/`` (default: a temporary directory).
-    ``placements`` default to :data:`COMPARE_DEFAULT` (``kappatune`` when the installed peft
-    has it); ``per-layer``, ``spectrum`` and ``allocate`` are asked for by name. ``eval_examples``:
-    a fixed held-out set for every run (default: each seed's own ``eval_fraction`` split). Under
-    ``torchrun`` / ``accelerate launch`` every run is data-parallel over the job's processes,
-    which share one run directory.
+    ``model``: the base (deep-copied for every run) or a factory of fresh ones. ``config``: the
+    shared settings (default: LoRA dropout 0, so nothing an adapter draws shifts a seed's data or
+    samples); ``overrides`` replace its fields (``steps=``, ``lr=``, ``step_size_steps=``...).
+    Every placement gets one ``lora_alpha`` whatever its rank: with the scale ``alpha / r`` an Adam
+    step moves a module's output by about as much at any rank, so step sizes and best learning
+    rates do not follow the ranks (LoRA Without Regret, Thinking Machines 2025; muA, arXiv
+    2602.06204); with ``alpha = 2 x rank`` more rank directions simply moved further per step.
+
+    ``lr_grid``: each placement is trained at every multiplier of ``config.lr`` and each of
+    ``select_seeds`` on the training rows less a ``validation_fraction`` split, judged there (eval
+    loss; GRPO: reward), and reported at its best rate. The reported held-out set never takes part
+    in that choice: ``eval_examples``, or one ``eval_fraction`` split of ``examples`` for every seed
+    (default without ``lr_grid``: each seed's own split). ``output_dir`` keeps each run's adapter
+    (default: a temporary directory); under ``torchrun`` every run is data-parallel.
     """
-    config = replace(config or TrainConfig(), **overrides)
+    config = replace(config or TrainConfig(dropout=0.0), **overrides)
     if placements is None:
         placements = [p for p in COMPARE_DEFAULT if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
@@ -251,31 +262,80 @@ def compare(
     check_report_matches(report, layout)
     budget = candidates(report, base, ["recommended"], layout=layout)[0].params_at(rank)
     found = candidates(report, base, placements, budget, layout)
-    scale = config.lora_alpha / config.rank
+    alpha = config.lora_alpha
+    if lr_grid and eval_examples is None:  # one held-out set, kept out of the choice of learning rate
+        examples, eval_examples = split_examples(examples, config.eval_fraction, seeds[0])
 
-    rows = []
     keep = nullcontext(output_dir) if output_dir is not None else shared_tempdir("plop-compare-")
     with keep as where:
-        root = Path(where)
-        for seed in seeds:
-            for candidate in found:
-                r = candidate.rank_for(budget)
-                run_config = replace(config, rank=r, alpha=scale * r, seed=seed, adapter_name="default",
-                                     resume=False, output_dir=str(root / f"{candidate.placement.name}-seed{seed}"))
-                fresh = copy.deepcopy(base) if isinstance(model, nn.Module) else model()
-                result = train_on_placement(fresh, tokenizer, examples, run_config, candidate.placement,
-                                            report=report, eval_examples=eval_examples, progress=progress)
-                rows.append(_row(result.summary, candidate, r, budget, seed))
-                del fresh, result
-                gc.collect()  # one model copy at a time, however many runs
-    settings = {k: v for k, v in config.record().items() if k not in ("rank", "alpha", "seed", "adapter_name",
-                                                                     "resume", "output_dir")}
-    settings.update(placements=list(placements), seeds=list(seeds), alpha_over_rank=scale,
-                    model=report.model.get("id"))
-    return Comparison(budget, rank, rows, settings)
+        runs = _Runs(base, model, tokenizer, report, Path(where), budget, replace(config, alpha=alpha), progress)
+        lrs, selection = ({c.placement.name: config.lr for c in found}, []) if not lr_grid else \
+            runs.choose_lrs(found, examples, lr_grid, select_seeds, validation_fraction)
+        rows = [runs.run(candidate, seed, lrs[candidate.placement.name], examples, eval_examples)
+                for seed in seeds for candidate in found]
+    protocol = {"placements": list(placements), "seeds": list(seeds), "lr_chosen": lrs, "lr_selection": selection}
+    if lr_grid:
+        protocol.update(lr_grid=list(lr_grid), select_seeds=list(select_seeds), validation_fraction=validation_fraction)
+    return Comparison(budget, rank, rows, _settings(config, report, protocol))
 
 
-def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int) -> CompareRow:
+def _settings(config: TrainConfig, report: Report, protocol: dict[str, Any]) -> dict[str, Any]:
+    """What every run shared, and how the comparison was run."""
+    settings = {k: v for k, v in config.record().items() if k not in ("rank", "seed", "adapter_name", "resume",
+                                                                     "output_dir")}
+    return {**settings, "alpha": config.lora_alpha, "model": report.model.get("id"),
+            "scaling": "one lora_alpha for every rank: the LoRA scale alpha / r falls as the rank grows", **protocol}
+
+
+@dataclass
+class _Runs:
+    """The runs of one comparison: each from a fresh copy of the base, one at a time."""
+
+    base: nn.Module
+    model: nn.Module | Callable[[], nn.Module]
+    tokenizer: Any
+    report: Report
+    root: Path
+    budget: int
+    config: TrainConfig
+    progress: bool
+
+    def run(self, candidate: Candidate, seed: int, lr: float, examples, eval_examples, tag: str = "") -> CompareRow:
+        r = candidate.rank_for(self.budget)
+        config = replace(self.config, rank=r, lr=lr, seed=seed, adapter_name="default", resume=False,
+                         output_dir=str(self.root / f"{candidate.placement.name}{tag}-seed{seed}"))
+        fresh = copy.deepcopy(self.base) if isinstance(self.model, nn.Module) else self.model()
+        result = train_on_placement(fresh, self.tokenizer, examples, config, candidate.placement, report=self.report,
+                                    eval_examples=eval_examples, progress=self.progress)
+        row = _row(result.summary, candidate, r, self.budget, seed, lr)
+        del fresh, result
+        gc.collect()  # one model copy at a time, however many runs
+        return row
+
+    def choose_lrs(self, found: list[Candidate], examples, grid: Sequence[float], seeds: Sequence[int],
+                   fraction: float) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Each placement's best learning rate of ``grid`` (multipliers of the config's) on a
+        validation split of ``examples``, over ``seeds``: the lowest mean validation loss, or under
+        GRPO the highest mean validation reward."""
+        train, validation = split_examples(examples, fraction, seeds[0])
+        if not validation:
+            raise PlopError("choosing a learning rate needs a validation split", "raise validation_fraction above 0")
+        chosen, selection = {}, []
+        for candidate in found:
+            scores = {}
+            for m in grid:
+                lr = self.config.lr * m
+                runs = [self.run(candidate, s, lr, train, validation, tag=f"-lr{m:g}") for s in seeds]
+                values = [r.eval_reward_after if self.config.method == "grpo" else -r.eval_loss_after for r in runs]
+                scores[m] = float(np.mean(values))
+                selection += [{"placement": candidate.placement.name, "multiplier": m, "lr": lr, "seed": r.seed,
+                               "validation": (r.eval_reward_after if self.config.method == "grpo" else r.eval_loss_after)}
+                              for r in runs]
+            chosen[candidate.placement.name] = self.config.lr * max(scores, key=scores.get)
+        return chosen, selection
+
+
+def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int, lr: float) -> CompareRow:
     ratio = candidate.params_at(rank) / budget
     before, after = summary["eval_before"] or {}, summary["eval_after"] or {}
     return CompareRow(
@@ -287,7 +347,7 @@ def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int)
         loss_curve=summary["loss_curve"], rank_pattern=candidate.placement.rank_pattern,
         eval_reward_before=before.get("reward"), eval_reward_after=after.get("reward"),
         eval_reward_curve=summary.get("eval_reward_curve", []), reward_curve=summary.get("reward_curve", []),
-        step_size=summary.get("step_size"),
+        step_size=summary.get("step_size"), lr=lr, eval_items_after=after.get("items"),
     )
 
 

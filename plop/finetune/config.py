@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from ..config import default_alpha, option
 from ..errors import ConfigError
+from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from ..placement import LoraSettings
 
 SUMMARY_FILE = "plop_train_summary.json"
@@ -150,3 +151,29 @@ def reward_name(reward: str | Callable | None) -> str | None:
     if reward is None or isinstance(reward, str):
         return reward
     return f"{getattr(reward, '__module__', '?')}:{getattr(reward, '__qualname__', repr(reward))}"
+
+
+_HOW = "comparison"
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """How placements are compared (:func:`compare`'s protocol; ``plop compare``'s options)."""
+
+    placements: tuple[str, ...] | None = option(
+        None, f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})", group=_HOW)
+    seeds: tuple[int, ...] = option((0,), "one reported run per placement and seed", group=_HOW)
+    lr_grid: tuple[float, ...] | None = option(
+        None, "multipliers of --lr each placement is tried at on a validation split; each is then reported at "
+              "its best learning rate", group=_HOW)
+    select_seeds: tuple[int, ...] = option((100, 101), "seeds of the learning-rate choice's runs", group=_HOW)
+    validation_fraction: float = option(0.2, "share of the training rows the learning rate is chosen on (never "
+                                             "the held-out rows)", group=_HOW)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.lr_grid is not None and (not self.lr_grid or min(self.lr_grid) <= 0):
+            raise ConfigError(f"lr_grid takes positive multipliers of the learning rate, got {self.lr_grid}")
+        if not self.seeds or not self.select_seeds:
+            raise ConfigError("give at least one seed (and one learning-rate choice seed)")

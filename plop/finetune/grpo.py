@@ -74,10 +74,11 @@ class GRPO:
     def evaluate(trainer, eval_set: list[dict], config: TrainConfig) -> dict[str, float]:
         curve = trainer.plop_eval_curve
         if curve and curve[-1]["step"] == trainer.state.global_step:  # the curve ended on this step
-            return {"reward": curve[-1]["reward"]}  # greedy and unchanged since: no second measurement
-        return {"reward": held_out_reward(trainer.model, trainer.processing_class, eval_set, trainer.plop_reward,
-                                          max_new_tokens=config.max_new_tokens, max_length=config.max_length,
-                                          state=trainer.state)}
+            return dict(curve[-1]["measured"])  # greedy and unchanged since: no second measurement
+        items = held_out_rewards(trainer.model, trainer.processing_class, eval_set, trainer.plop_reward,
+                                 max_new_tokens=config.max_new_tokens, max_length=config.max_length, state=trainer.state)
+        scored = [v for v in items if v is not None]
+        return {"reward": sum(scored) / len(scored) if scored else float("nan"), "items": items}
 
     @staticmethod
     def step_size(trainer, eval_set: list[dict], config: TrainConfig) -> dict[str, float]:
@@ -102,24 +103,22 @@ class GRPO:
         """The mean sampled reward per logged step, and the held-out greedy reward every ``eval_steps``."""
         return {"reward_curve": [{"step": h["step"], "reward": h["reward"]}
                                  for h in trainer.state.log_history if "reward" in h],
-                "eval_reward_curve": list(trainer.plop_eval_curve)}
+                "eval_reward_curve": [{"step": p["step"], "reward": p["reward"]} for p in trainer.plop_eval_curve]}
 
 
-def held_out_reward(model, tokenizer, rows: list[dict], reward: Callable, *, max_new_tokens: int = 128,
-                    max_length: int = 256, state=None) -> float:
-    """Mean reward of the model's greedy completion of each row's prompt, the reward called as
-    TRL calls it (rows' other fields as keyword lists); ``None`` rewards are left out."""
+def held_out_rewards(model, tokenizer, rows: list[dict], reward: Callable, *, max_new_tokens: int = 128,
+                     max_length: int = 256, state=None) -> list[float | None]:
+    """The reward of the model's greedy completion of each row's prompt, the reward called as TRL
+    calls it (rows' other fields as keyword lists); ``None`` where the reward gives none."""
     prompts = [row["prompt"] for row in rows]
     completions = [group[0] for group in complete(model, tokenizer, prompts, sample=False,
                                                   max_new_tokens=max_new_tokens, max_length=max_length)]
     fields = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-    values = reward(prompts=prompts, completions=completions,
-                    completion_ids=[tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
-                    trainer_state=state, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **fields)
-    scored = [v for v in values if v is not None]
-    return sum(scored) / len(scored) if scored else float("nan")
+    return list(reward(prompts=prompts, completions=completions,
+                       completion_ids=[tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions],
+                       trainer_state=state, log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None, **fields))
 
 
 def _curve_point(trainer, eval_set: list[dict], config: TrainConfig) -> None:
-    point = {"step": trainer.state.global_step, **GRPO.evaluate(trainer, eval_set, config)}
-    trainer.plop_eval_curve.append(point)
+    measured = GRPO.evaluate(trainer, eval_set, config)
+    trainer.plop_eval_curve.append({"step": trainer.state.global_step, "reward": measured["reward"], "measured": measured})

@@ -39,7 +39,7 @@ from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, run_lora_config, planned, wrap
 from .remeasure import nfn_change
-from .sft import SFTCollator, split_examples, tokenize_examples, tokenize_pairs
+from .sft import IGNORE_INDEX, SFTCollator, split_examples, tokenize_examples, tokenize_pairs
 
 
 @dataclass
@@ -324,9 +324,35 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
-def _evaluate(trainer) -> dict[str, float]:
+def _evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, Any]:
+    """The Trainer's eval loss (over every held-out response token) and its perplexity, and each
+    held-out row's own mean token loss (``items``), which paired statistics resample."""
     loss = float(trainer.evaluate()["eval_loss"])
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf}
+    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
+            "items": _item_losses(trainer.model, eval_set, SFTCollator(trainer.processing_class.pad_token_id),
+                                  config.batch_size)}
+
+
+@torch.no_grad()
+def _item_losses(model, rows: list, collate, batch_size: int) -> list[float]:
+    """Each row's mean loss over its labelled tokens, in eval mode."""
+    training, losses = model.training, []
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+        labels = batch["labels"]
+        if getattr(model.config, "is_encoder_decoder", False):  # the decoder reads the labels shifted right
+            logits = model(**batch).logits
+        else:  # a causal LM predicts the next token
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = labels[:, 1:]
+        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none",
+                                                  ignore_index=IGNORE_INDEX)
+        counted = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+        losses += (token.sum(1) / counted).tolist()
+    model.train(training)
+    return losses
 
 
 class _SFT:
@@ -346,9 +372,7 @@ class _SFT:
                                data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                                callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
 
-    @staticmethod
-    def evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
-        return _evaluate(trainer)
+    evaluate = staticmethod(_evaluate)
 
     @staticmethod
     def step_size(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
