@@ -217,3 +217,17 @@ def test_the_lr_grid_chooses_each_placement_s_rate_on_the_validation_split(token
         assert min(row.eval_items_after) <= row.eval_loss_after <= max(row.eval_items_after)
     # a comparison's defaults: no LoRA dropout, one alpha (2 x 16, the default rank's) for every rank
     assert result.settings["dropout"] == 0.0 and result.settings["alpha"] == 32
+
+
+def test_a_named_set_of_types_is_a_placement(tokenizer, report):
+    """"vod=v_proj+o_proj+down_proj": those types, at the rank that matches the budget, under its name."""
+    from plop.errors import PlopError
+
+    model = make_model()
+    budget = candidates(report, model, ["recommended"])[0].params_at(4)
+    (vod,) = candidates(report, model, ["vod=v_proj+o_proj+down_proj"], budget)
+    assert vod.placement.name == "vod" and vod.placement.types == ["v_proj", "o_proj", "down_proj"]
+    assert vod.placement.target_modules == ["v_proj", "o_proj", "down_proj"]
+    assert abs(vod.params_at(vod.rank_for(budget)) - budget) <= vod.params_per_rank
+    with pytest.raises(PlopError, match="no such type 'w9'"):
+        candidates(report, model, ["x=v_proj+w9"], budget)

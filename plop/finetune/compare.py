@@ -142,9 +142,10 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
     its NFN falls (:func:`plop.ranking.ranker.allocate_ranks`), under ``budget`` parameters. A placement
     this model has no module for is skipped with a warning. ``layout``: the model's, when the
     caller already has it."""
-    unknown = [p for p in placements if p not in COMPARE_PLACEMENTS]
+    unknown = [p for p in placements if p not in COMPARE_PLACEMENTS and "=" not in p]
     if unknown:
-        raise PlopError(f"unknown placement {unknown[0]!r}", f"choose from {', '.join(COMPARE_PLACEMENTS)}")
+        raise PlopError(f"unknown placement {unknown[0]!r}",
+                        f"choose from {', '.join(COMPARE_PLACEMENTS)}, or name a set of types: NAME=TYPE+TYPE")
     rec = report.recommendation
     by_name = {m.name: m for m in report.modules}
     layout = model_layout(model) if layout is None else layout
@@ -159,6 +160,9 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
         elif placement == "allocate":
             out.append(_allocation(report, layout, budget))
             continue
+        elif "=" in placement:  # a named set of module types, e.g. "vod=v_proj+o_proj+down_proj"
+            chosen = _named_types(placement, report, layout)
+            modules = [m.name for m in report.modules if m.type in chosen.types]
         elif placement in ("kappatune", "per-layer", "spectrum"):
             modules = _chosen_modules(placement, model, report, layout, len(rec.modules))
             target = modules if placement == "kappatune" else modules_regex(modules)
@@ -174,6 +178,17 @@ def candidates(report: Report, model: nn.Module, placements: Sequence[str],
             continue
         out.append(Candidate(chosen, _params_per_rank([by_name[n] for n in modules])))
     return out
+
+
+def _named_types(spec: str, report: Report, layout: ModelLayout) -> Placement:
+    """``NAME=TYPE+TYPE``: those module types of the report, as one placement called NAME."""
+    name, _, listed = spec.partition("=")
+    types = [t for t in listed.split("+") if t]
+    missing = [t for t in types if t not in report.module_types]
+    if not name or not types or missing:
+        raise PlopError(f"placement {spec!r}: {'no such type ' + repr(missing[0]) if missing else 'give NAME=TYPE+TYPE'}",
+                        f"this model's types: {', '.join(report.module_types)}")
+    return layout.placement(name, types)
 
 
 def _params_per_rank(records: Sequence[ModuleRecord]) -> int:

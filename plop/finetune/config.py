@@ -161,7 +161,8 @@ class CompareConfig:
     """How placements are compared (:func:`compare`'s protocol; ``plop compare``'s options)."""
 
     placements: tuple[str, ...] | None = option(
-        None, f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)})", group=_HOW)
+        None, f"from {', '.join(COMPARE_PLACEMENTS)} (default: {', '.join(COMPARE_DEFAULT)}), or a named set "
+              "of types: vod=v_proj+o_proj+down_proj", group=_HOW)
     seeds: tuple[int, ...] = option((0,), "one reported run per placement and seed", group=_HOW)
     lr_grid: tuple[float, ...] | None = option(
         None, "multipliers of --lr each placement is tried at on a validation split; each is then reported at "
