@@ -66,8 +66,9 @@ class TrainConfig:
     save_steps: float = option(0.25, "checkpoint every N steps (below 1: that fraction of the run)", cli=False)
     save_total_limit: int = option(2, "checkpoints kept", cli=False)
     eval_steps: int | None = option(None, "also evaluate every N steps", cli=False)
-    step_size_steps: int | None = option(None, "measure how far the model moved from its base after N steps, on the "
-                                               "held-out set (plop compare: arms matched in step size)", cli=False)
+    step_size_steps: int | None = option(None, "after N steps, measure how far the model moved from its base on the "
+                                               "held-out set (into the summary's step_size)", group=_LORA,
+                                         parse="positive")
     report_to: str = option("none", "where the Trainer logs; tensorboard also gets the placement and NFN heatmap "
                                     "at step 0", choices=REPORT_TO, group=_LORA)
 
