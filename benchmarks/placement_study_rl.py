@@ -30,8 +30,8 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   (the Trainer's default), not constant after a warm-up as the issue asks; both phases share it.
 
 **Budget** (``--dry-run`` prints the plan and its CPU hours): at :data:`SECONDS_PER_STEP` a step and
-:data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 48 phase-A runs (2.8 h) and 30 phase-B runs
-(5.0 h): 7.7 CPU h, with benchmarks/placement_study.py's 2.3 h about the issue's 10 h for both. Cut
+:data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 48 phase-A runs (2.6 h) and 30 phase-B runs
+(4.7 h): 7.3 CPU h; with benchmarks/placement_study.py's 2.5 h, 9.8 h of the issue's 10. Cut
 to fit: phase A runs 6 steps (B: 16), on 2 seeds and 64 validation prompts, so it can only tell
 rates apart that differ early; phase B runs 16 steps (:func:`main` says why that is enough); the
 held-out curve has 2 points, not 4.
@@ -53,8 +53,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from study_protocol import (Protocol, Score, chosen_multiplier, done, final_runs, pending, per_arm, plot, print_plan,
-                            shard, verdicts)
+from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, verdicts)
 
 from plop.finetune.evidence import DecisionRule
 
@@ -296,10 +295,8 @@ def main() -> None:
         if arm not in PLACEMENTS:
             raise SystemExit(LATER.get(arm, f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}"))
     p = protocol(args)
-    print(f"decision rule: {RULE.text}", flush=True)
-    todo = shard(pending(p, done(RUNS)), args.shard)
-    if args.dry_run:
-        print_plan(p, todo, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
+    todo = begin(p, RULE, RUNS, args, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
+    if todo is None:
         return
     if args.make_data:  # held out means held out: no test question among the training prompts
         test = make_rows(200, seed=1)

@@ -180,3 +180,15 @@ def plot(runs: dict[str, dict[int, dict]], score: Score, title: str, path: Path)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def begin(p: Protocol, rule: DecisionRule, path: Path, args, seconds: Callable[[dict], float],
+          rates: str) -> list[dict] | None:
+    """A study's start: its rule printed before anything runs, then this worker's runs left, or
+    None after ``--dry-run`` printed the plan."""
+    print(f"decision rule: {rule.text}", flush=True)
+    todo = shard(pending(p, done(path)), args.shard)
+    if args.dry_run:
+        print_plan(p, todo, seconds, rates)
+        return None
+    return todo
