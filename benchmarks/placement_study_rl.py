@@ -1,30 +1,46 @@
-"""RL placement study: does NFN-guided placement matter for GRPO, where published work says it does?
+"""RL placement study v2 (issue 32): where should LoRA go for GRPO, once every arm takes its own best
+step and the runs pair exactly?
 
 SmolLM2-135M-Instruct (plop's embedded default) learns small-number arithmetic with GRPO
 (``plop.compare`` with ``method="grpo"``, TRL's GRPOTrainer) against a verifiable reward: 1 when the
 last integer of the completion is the answer, else 0 (:func:`correct`). The task
-(benchmarks/data/arithmetic_rl_{train,test}.jsonl, made by :func:`make_rows` with a seeded generator;
-``--make-data`` writes them again) mixes one-digit sums and products with two-digit sums, each asked
-with :data:`INSTRUCTION` so that the base model's greedy reward on the held-out prompts lies between
-10 and 60 % (``--base-only`` measures it into results/placement_study_rl_base.json).
+(benchmarks/data/arithmetic_rl_{train,test}.jsonl: 1,024 training and 200 held-out questions, made by
+:func:`make_rows` with a seeded generator; ``--make-data`` writes them again) mixes one-digit sums and
+products with two-digit sums (:data:`KINDS`), each asked with :data:`INSTRUCTION`; ``--base-only``
+measures the base model's greedy reward (results/placement_study_rl_v2_base.json).
 
-* **Placements**, all at one matched budget at a low rank (the top-3 recommendation's LoRA parameters
-  at ``--rank``, default 2): ``recommended`` (diagnosed on the prompts' tokens), ``recommended-generate``
-  (diagnosed on the base model's own sampled completions, ``--generate``; the tokens GRPO trains on),
-  ``allocate``, ``all-linear``, ``attention``, ``mlp`` and ``inverse``.
-* **Metric**: the mean reward of greedy completions of the held-out prompts after ``--steps`` steps, and
-  its curve every quarter of the run.
-* **Order**: seed by seed, most telling placements first (the recommendations and the two baselines),
-  so a study stopped early is still paired.
-  When the diagnosis on the model's samples recommends the prompts' types, ``recommended-generate``
-  would repeat the ``recommended`` runs exactly; they are trained once and the summary says so.
-* **Resumable**: each finished run is one JSON line in results/placement_study_rl_runs.jsonl; runs
-  already there (same steps) are skipped. ``--shard I/N`` splits the runs over N one-thread workers.
-* **Summary** (results/placement_study_rl_summary.json, a Markdown table, placement_study_rl.png):
-  per placement the reward mean ± std over seeds, and against all-linear and against MLP the mean
-  paired difference, the wins (higher reward) and the exact two-sided sign-flip p over shared seeds.
+v1 (results/placement_study_rl_{runs.jsonl,summary.json}, kept as they were) gave every arm one
+learning rate and ``alpha = 2 x rank``, and a seed paired only the prompt order; its "attention led"
+is withdrawn until this study says otherwise. v2 follows benchmarks/study_protocol.py:
 
-    python benchmarks/placement_study_rl.py [--shard 0/2] [--seeds 0,1,2,3,4] [--base-only | --summary-only]
+* **Arms** (:data:`PLACEMENTS`, most telling first), at the recommendation's budget at ``--rank``:
+  all-linear and mlp (the baselines), vod (v_proj + o_proj + down_proj, PLoP's GRPO pick), recommended
+  (plop's diagnosis of the prompts), attention (v1's leader) and inverse. :data:`LATER` holds the
+  arms still to come (issue 33's ``grad-sign``). One ``lora_alpha = 2 x --rank`` for every arm (the
+  recommendation keeps v1's scale of 2) and no dropout.
+* **Phase A**: each arm at ``--lr`` x each of ``--grid`` on 2 selection seeds, trained on the training
+  rows less a 64-prompt validation split and judged by its greedy reward there.
+* **Phase B**: 5 fresh seeds per arm at its chosen rate: 4 prompts x 8 completions a step, judged on
+  the 200 held-out prompts by greedy reward (overall, per kind, and each prompt's for the statistics),
+  the held-out curve at half-way, the policy KL to the base after ``--step-size-steps`` steps, and
+  the mean token length of the sampled and of the held-out greedy completions.
+* **Decision rule** (:data:`RULE`, printed at start, stored in the summary): see its ``text``; every
+  arm against all-linear and against mlp.
+* **Gap**: plop's TrainConfig has no scheduler option, so the rate decays linearly to 0 from step 1
+  (the Trainer's default), not constant after a warm-up as the issue asks; both phases share it.
+
+**Budget** (``--dry-run`` prints the plan and its CPU hours): at :data:`SECONDS_PER_STEP` a step and
+:data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 48 phase-A runs (2.6 h) and 30 phase-B runs
+(4.7 h): 7.3 CPU h; with benchmarks/placement_study.py's 2.5 h, 9.8 h of the issue's 10. Cut
+to fit: phase A runs 6 steps (B: 16), on 2 seeds and 64 validation prompts, so it can only tell
+rates apart that differ early; phase B runs 16 steps (:func:`main` says why that is enough); the
+held-out curve has 2 points, not 4.
+
+Results: results/placement_study_rl_v2_runs.jsonl (one line per run: resumable), _summary.json and
+.png. Run N one-thread workers with ``--shard I/N``; each stops at a phase-B run whose arm's phase A
+another worker has not finished (run it again then).
+
+    python benchmarks/placement_study_rl.py [--dry-run | --summary-only | --base-only | --make-data] [--shard 0/2]
 """
 
 from __future__ import annotations
@@ -37,16 +53,27 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, verdicts)
 
-from plop.finetune.evidence import sign_flip_p
+from plop.finetune.evidence import DecisionRule
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-RUNS = RESULTS / "placement_study_rl_runs.jsonl"
-BASE = RESULTS / "placement_study_rl_base.json"
+RUNS = RESULTS / "placement_study_rl_v2_runs.jsonl"
+SUMMARY = RESULTS / "placement_study_rl_v2_summary.json"
+BASE = RESULTS / "placement_study_rl_v2_base.json"
+REPORT = RESULTS / "placement_study_rl_v2_report.json"
 DATA = {split: HERE / "data" / f"arithmetic_rl_{split}.jsonl" for split in ("train", "test")}
-ORDER = ("recommended", "recommended-generate", "all-linear", "mlp", "allocate", "attention", "inverse")
+TASK = "arithmetic"
+PLACEMENTS = {"all-linear": "all-linear", "mlp": "mlp", "vod": "vod=v_proj+o_proj+down_proj",
+              "recommended": "recommended", "attention": "attention", "inverse": "inverse"}
+LATER = {"grad-sign": "the grad-sign arm waits for issue 33 (plop.compare cannot place it yet)"}
 BASELINES = ("all-linear", "mlp")
+# Written before any run (issue 32): what "A beats B" means for this study
+RULE = DecisionRule(min_wins=4, of_seeds=5, higher_is_better=True)
+SECONDS_PER_STEP = 30.0  # one thread, 32 completions: the probe's one-step runs took 35-39 s with 3 small evals
+SECONDS_PER_PROMPT = 0.134  # one greedy held-out completion (v1's base measurement: 13.4 s for 100)
+VALIDATION = 64  # phase A's validation prompts, taken from the training rows
 KINDS = ("a+b", "a*b", "ab+c", "ab+cd")  # one-digit sum and product; two digits plus one, plus two
 # What shapes the task into range: asked bare, the model explains instead of answering (greedy
 # reward 0.09 on the 100 held-out prompts at 16 new tokens); asked this way, 0.48
@@ -87,82 +114,91 @@ def examples(split: str, tokenizer, n: int | None = None):
     return [Example(prompt, r["answer"]) for prompt, r in zip(chat, rows)]
 
 
-def planned(args) -> list[dict]:
-    """Seed by seed, the most telling placements first: a stopped study stays paired."""
-    return [{"placement": p, "seed": s} for s in args.seeds for p in args.placements]
+def protocol(args) -> Protocol:
+    return Protocol(tasks=(TASK,), arms=tuple(args.arms), grid=tuple(args.grid), select_seeds=(100, 101),
+                    seeds=(0, 1, 2, 3, 4), select_steps=args.select_steps, steps=args.steps)
 
 
-def done(path: Path = RUNS) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+SCORE = Score("held-out greedy reward", "eval_reward_after", True, "policy_kl",
+              lambda r: [(0, r["eval_reward_before"])] + [(c["step"], c["reward"]) for c in r["eval_reward_curve"]])
 
 
-def pending(args, finished: list[dict], same: frozenset = frozenset()) -> list[dict]:
-    """The planned runs not yet finished (at these steps), less the placements ``same`` as another."""
-    keys = {(r["placement"], r["seed"]) for r in finished if r.get("steps") == args.steps}
-    return [r for r in planned(args) if (r["placement"], r["seed"]) not in keys and r["placement"] not in same]
+def seconds(run: dict) -> float:
+    """A run's estimated CPU seconds: its steps, and its greedy passes over the judged prompts
+    (phase A: before and after on the validation split; B: before, half-way, and the KL's pass)."""
+    passes, prompts = (2, VALIDATION) if run["phase"] == "A" else (3, 200)
+    return run["steps"] * SECONDS_PER_STEP + passes * prompts * SECONDS_PER_PROMPT
 
 
-def shard(runs: list[dict], spec: str) -> list[dict]:
-    """Worker ``I`` of ``N`` (``--shard I/N``) takes every N-th run in plan order: N one-thread
-    workers on N cores finish a study sooner than one N-thread worker (generation is small matmuls)
-    and still go seed by seed."""
-    index, count = (int(v) for v in spec.split("/"))
-    return runs[index::count]
+class Recorded:
+    """The study's reward, :func:`correct`, keeping the token lengths of what it scores: each
+    training step's sampled completions (their mean), and the judged prompts' greedy ones (the
+    last such call of a run is its final evaluation; judged prompts are never training prompts)."""
 
+    def __init__(self, judged) -> None:
+        self.judged = {e.prompt for e in judged}
+        self.sampled: list[float] = []
+        self.greedy: float | None = None
 
-def same_targets(reports: dict) -> frozenset:
-    """``{"recommended-generate"}`` when the diagnosis on the model's own samples recommends the
-    prompts' types: its runs would be the recommended runs again, so they are not trained twice."""
-    own, prompts = (reports[n].recommendation for n in ("recommended-generate", "recommended"))
-    return frozenset({"recommended-generate"}) if set(own.types) == set(prompts.types) else frozenset()
-
-
-def train_config(args):
-    from plop import TrainConfig
-
-    return TrainConfig(method="grpo", reward=correct, steps=args.steps, batch_size=args.batch_size,
-                       num_generations=args.num_generations, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                       max_length=args.max_length, logging_steps=1, eval_steps=max(1, args.steps // 4))
+    def __call__(self, completions, response, prompts, completion_ids, **kwargs) -> list[float]:
+        length = float(np.mean([len(ids) for ids in completion_ids]))
+        if prompts[0] in self.judged:
+            self.greedy = length
+        else:
+            self.sampled.append(length)
+        return correct(completions, response)
 
 
 def prepare(args) -> tuple:
-    """The model, the rows and both diagnoses (on the prompts, and on the model's own samples)."""
+    """The model, the training pool and its validation split, the held-out rows and their kinds, and
+    the diagnosis of the prompts (made once, then read back)."""
     import plop
+    from plop.finetune.sft import split_examples
     from plop.model.loading import load_model
 
     model, tokenizer, model_id = load_model(None, device=args.device)
-    train = examples("train", tokenizer, args.steps * args.batch_size // args.num_generations)
-    test = examples("test", tokenizer, args.eval_samples)
-    rows = examples("train", tokenizer, args.diagnose_samples)
-    reports = {"recommended": plop.diagnose(model, rows, tokenizer, samples=None, model_id=model_id, tokens="prompt",
-                                            rank=args.rank, max_length=args.max_length),
-               "recommended-generate": plop.diagnose(model, rows, tokenizer, samples=None, model_id=model_id,
-                                                     tokens="response",
-                                                     generate=args.generate, max_new_tokens=args.max_new_tokens,
-                                                     rank=args.rank, max_length=args.max_length)}
-    for name, report in reports.items():
-        report.save(RESULTS / f"placement_study_rl_{name}_report.json")
-        print(f"{name}: {report.recommendation.types} (stable: {report.recommendation.stable})", flush=True)
-    return model, tokenizer, train, test, reports
+    pool = examples("train", tokenizer)
+    rest, validation = split_examples(pool, VALIDATION / len(pool), seed=0)
+    held = examples("test", tokenizer)
+    kinds = [json.loads(line)["kind"] for line in DATA["test"].read_text().splitlines() if line.strip()]
+    if not REPORT.is_file():
+        plop.diagnose(model, pool[:64], tokenizer, samples=None, model_id=model_id, tokens="prompt", rank=args.rank,
+                      max_length=args.max_length).save(REPORT)
+    return model, tokenizer, pool, rest, validation, held, kinds, plop.Report.load(REPORT)
 
 
-def run_one(prepared: tuple, run: dict, args) -> dict:
-    """One placement and seed at the matched budget; ``recommended-generate`` gets the rank that
-    brings its own recommendation closest to the budget of the prompts' one."""
+def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
+    """One arm, seed and rate: phase A on the validation split, phase B on the held-out prompts."""
     import plop
+    from plop import TrainConfig
 
-    model, tokenizer, train, test, reports = prepared
-    report, placement, rank = reports["recommended"], run["placement"], args.rank
-    if placement == "recommended-generate":
-        budget = reports["recommended"].recommendation.trainable_params
-        own = reports[placement].recommendation
-        report, placement = reports[placement], "recommended"
-        rank = max(1, round(budget / (own.trainable_params / own.rank)))
-    comparison = plop.compare(model, tokenizer, train, report, placements=[placement], seeds=[run["seed"]],
-                              rank=rank, config=train_config(args), eval_examples=test, progress=True)
+    model, tokenizer, pool, rest, validation, held, kinds, report = prepared
+    select = run["phase"] == "A"
+    train, judged = (rest, validation) if select else (pool, held)
+    reward = Recorded(judged)
+    # 4 prompts x 8 completions: at the base's sampled accuracy a 2 x 4 step mostly has no correct
+    # completion in a group, hence no advantage and no step (v1: 28-53 % of its steps)
+    config = TrainConfig(method="grpo", reward=reward, steps=run["steps"], batch_size=32, num_generations=8,
+                         max_new_tokens=16, max_length=args.max_length, lr=lr, alpha=2.0 * args.rank, dropout=0.0,
+                         logging_steps=1, eval_steps=None if select else run["steps"] // 2,
+                         step_size_steps=None if select else args.step_size_steps)
+    comparison = plop.compare(model, tokenizer, train, report, placements=[PLACEMENTS[run["arm"]]],
+                              seeds=[run["seed"]], rank=args.rank, config=config, eval_examples=judged, lr_grid=None,
+                              progress=True)
     (row,) = comparison.to_dict()["rows"]
-    return {**run, **row, "placement": run["placement"], "steps": args.steps, "budget_params": comparison.budget,
-            "device": args.device, "threads": args.threads}
+    record = {**row, **run, "budget_params": comparison.budget, "alpha": config.alpha,
+              "completion_length": {"sampled": reward.sampled, "held_out": reward.greedy},
+              "device": args.device, "threads": args.threads}
+    if select:
+        return {**record, "validation": row["eval_reward_after"]}
+    items = row["eval_items_after"]
+    return {**record, "by_kind": {k: float(np.mean([v for v, kind in zip(items, kinds) if kind == k])) for k in KINDS}}
+
+
+def lr_for(run: dict, p: Protocol, args) -> float | None:
+    """Phase A's rate is its multiplier's; phase B's is its arm's choice (None until phase A is done)."""
+    multiplier = run["multiplier"] if run["phase"] == "A" else chosen_multiplier(done(RUNS), p, TASK, run["arm"], True)
+    return None if multiplier is None else args.lr * multiplier
 
 
 def base_reward(args) -> dict:
@@ -186,92 +222,82 @@ def base_reward(args) -> dict:
     return result
 
 
-def summary(runs: list[dict]) -> dict:
-    """Per placement the final held-out reward (mean, std, seeds) and its paired comparison with
-    each baseline over the seeds both have (a higher reward wins)."""
-    reward = {p: {r["seed"]: r["eval_reward_after"] for r in runs if r["placement"] == p}
-              for p in dict.fromkeys(r["placement"] for r in runs)}
-    ratio = {r["placement"]: r["budget_ratio"] for r in runs if "budget_ratio" in r}  # integer ranks: not always 1
-    out = {}
-    for p, by_seed in reward.items():
-        values = np.array(list(by_seed.values()))
-        entry = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                 "seeds": len(values), "budget_ratio": ratio.get(p)}
-        for base in BASELINES:
-            shared = sorted(set(by_seed) & set(reward.get(base, {})))
-            if p != base and len(shared) >= 2:
-                diffs = np.array([by_seed[s] - reward[base][s] for s in shared])
-                entry[f"vs_{base}"] = {"mean_diff": float(diffs.mean()), "wins": int((diffs > 0).sum()),
-                                       "seeds": len(shared), "p": sign_flip_p(diffs)}
-        out[p] = entry
-    return out
 
 
-def report_summary(result: dict, runs: list[dict]) -> None:
-    columns = ["placement", "budget", "held-out reward (mean ± std)", "seeds",
-               *(f"vs {b}: diff, wins, p" for b in BASELINES)]
-    print("\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|")
-    for p in sorted(result, key=lambda p: -result[p]["mean"]):
-        e = result[p]
-        versus = [f"{c['mean_diff']:+.3f}, {c['wins']}/{c['seeds']}, {c['p']:.3f}" if (c := e.get(f"vs_{b}")) else "–"
+def summary(finished: list[dict], p: Protocol) -> dict:
+    """Each arm's phase-A choice, its phase-B reward (mean ± std, by kind), step size and completion
+    lengths, and the rule's verdicts against each baseline."""
+    runs = final_runs(finished, p, TASK)
+    arms = per_arm(runs, SCORE)
+    for arm, entry in arms.items():
+        done_runs = runs[arm].values()
+        entry["by_kind"] = {k: float(np.mean([r["by_kind"][k] for r in done_runs])) for k in KINDS}
+        entry["completion_length"] = {
+            "sampled": float(np.mean([np.mean(r["completion_length"]["sampled"]) for r in done_runs])),
+            "held_out": float(np.mean([r["completion_length"]["held_out"] for r in done_runs]))}
+    selection = {a: {"validation_reward": {m: float(np.mean([r["validation"] for r in finished if r["phase"] == "A"
+                                                             and r["arm"] == a and r["multiplier"] == m
+                                                             and r["steps"] == p.select_steps] or [np.nan]))
+                                           for m in p.grid},
+                     "multiplier": chosen_multiplier(finished, p, TASK, a, True)} for a in p.arms}
+    return {"arms": arms, "selection": selection, "verdicts": verdicts(runs, p, RULE, BASELINES)}
+
+
+def write_summary(args, p: Protocol) -> None:
+    """The summary JSON (with the rule, every setting and the hours spent), a Markdown table and the plot."""
+    finished = done(RUNS)
+    result = summary(finished, p)
+    settings = {k: getattr(args, k) for k in ("steps", "select_steps", "grid", "rank", "lr", "step_size_steps",
+                                              "max_length")}
+    SUMMARY.write_text(json.dumps(
+        {"rule": RULE.text, **settings, "alpha": 2.0 * args.rank, "select_seeds": list(p.select_seeds),
+         "seeds": list(p.seeds), "validation_prompts": VALIDATION, **result,
+         "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
+         "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2),
+         "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
+    print("\n| arm | lr | held-out reward (mean ± std) | seeds | policy KL | "
+          + " | ".join(f"vs {b}: wins, CI, p (Holm)" for b in BASELINES) + " |\n" + "|---" * (5 + len(BASELINES)) + "|")
+    for arm, e in result["arms"].items():
+        versus = [f"{v['wins']}/5, [{v['interval']['low']:+.3f}, {v['interval']['high']:+.3f}], {v['p_adjusted']:.3f}"
+                  + (" **beats**" if v["beats"] else "") if (v := result["verdicts"][b]["verdicts"].get(arm)) else "–"
                   for b in BASELINES]
-        budget = f"{e['budget_ratio']:.2f}x" if e.get("budget_ratio") else "–"
-        print(f"| {p} | {budget} | {e['mean']:.3f} ± {e['std']:.3f} | {e['seeds']} | " + " | ".join(versus) + " |")
-    plot(result, runs)
-
-
-def plot(result: dict, runs: list[dict]) -> None:
-    """Left: final reward per placement (mean ± std). Right: mean held-out reward curve per placement."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    names = sorted(result, key=lambda p: -result[p]["mean"])
-    left.errorbar(range(len(names)), [result[p]["mean"] for p in names], yerr=[result[p]["std"] for p in names],
-                  fmt="o", capsize=3)
-    left.set_xticks(range(len(names)), names, rotation=45, ha="right")
-    left.set_ylabel("held-out greedy reward after training")
-    for p in names:
-        curves = [[(0, r["eval_reward_before"])] + [(c["step"], c["reward"]) for c in r["eval_reward_curve"]]
-                  for r in runs if r["placement"] == p]
-        steps = [s for s, _ in curves[0]]
-        right.plot(steps, np.mean([[v for _, v in c] for c in curves if len(c) == len(steps)], axis=0), label=p)
-    right.set_xlabel("step")
-    right.set_ylabel("held-out greedy reward (mean over seeds)")
-    right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "placement_study_rl.png", dpi=120)
+        kl = f"{e['policy_kl']:.3g}" if e["policy_kl"] is not None else "–"
+        print(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {kl} | "
+              + " | ".join(versus) + " |")
+    runs = final_runs(finished, p, TASK)
+    if any(runs.values()):
+        plot(runs, SCORE, f"GRPO arithmetic, {args.steps} steps, each arm at its own LR", SUMMARY.with_suffix(".png"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--seeds", type=lambda v: [int(s) for s in v.split(",")], default=[0, 1, 2, 3, 4])
-    parser.add_argument("--placements", type=lambda v: v.split(","), default=list(ORDER))
+    # 16 steps x 32 completions: twice v1's 32 x 8 sampled completions, each arm at its own rate
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--select-steps", type=int, default=6, help="phase A's steps (cut to fit the budget)")
+    parser.add_argument("--grid", type=lambda v: [float(m) for m in v.split(",")], default=[0.5, 1, 2, 4],
+                        help="multipliers of --lr tried in phase A")
+    parser.add_argument("--arms", type=lambda v: v.split(","), default=list(PLACEMENTS))
     parser.add_argument("--rank", type=int, default=2, help="the top-3 recommendation's rank: sets the budget")
-    parser.add_argument("--batch-size", type=int, default=8, help="completions per step")
-    parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--step-size-steps", type=int, default=4, help="the policy KL to the base after this many steps")
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-4, help="the A matrices' (LoRA+ ratio 16 for B)")
-    parser.add_argument("--generate", type=int, default=4, help="samples per prompt for recommended-generate")
-    parser.add_argument("--diagnose-samples", type=int, default=64)
-    parser.add_argument("--eval-samples", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=2e-4, help="the A matrices' (LoRA+ ratio 16 for B); v1's rate")
+    parser.add_argument("--eval-samples", type=int, default=200, help="--base-only's held-out prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="--base-only's completion length")
     parser.add_argument("--device", default=None, help="default: cuda when there is one")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shard", default="0/1", help="I/N: this worker's share of the runs (run N workers)")
     parser.add_argument("--make-data", action="store_true", help="write the task's data files again")
     parser.add_argument("--base-only", action="store_true", help="measure the base model's greedy reward only")
     parser.add_argument("--summary-only", action="store_true", help="summarise the runs already done, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its CPU hours, run nothing")
     args = parser.parse_args()
-
-    import torch
-
-    torch.set_num_threads(args.threads)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    RESULTS.mkdir(exist_ok=True)
+    for arm in args.arms:
+        if arm not in PLACEMENTS:
+            raise SystemExit(LATER.get(arm, f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}"))
+    p = protocol(args)
+    todo = begin(p, RULE, RUNS, args, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
+    if todo is None:
+        return
     if args.make_data:  # held out means held out: no test question among the training prompts
         test = make_rows(200, seed=1)
         asked = {r["question"] for r in test}
@@ -279,49 +305,26 @@ def main() -> None:
         for split, rows in (("train", train), ("test", test)):
             DATA[split].write_text("".join(json.dumps(r) + "\n" for r in rows))
         return
+    import torch
+
+    torch.set_num_threads(args.threads)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    RESULTS.mkdir(exist_ok=True)
     if args.base_only:
         print(json.dumps(base_reward(args), indent=2))
         return
-    prepared = None if args.summary_only or not pending(args, done()) else prepare(args)
-    same = same_targets(prepared[4]) if prepared else saved_same()
-    left = pending(args, done(), same)
-    todo = shard(left, args.shard) if prepared else []
-    trained = [r for r in planned(args) if r["placement"] not in same]
-    print(f"{len(trained) - len(left)} of {len(trained)} runs done, {len(todo)} to go here"
-          + "".join(f"; {p} recommends the same types as recommended: its runs are those" for p in same), flush=True)
-    for run in todo:
-        record = run_one(prepared, run, args)
+    prepared = prepare(args) if todo and not args.summary_only else None
+    for run in todo if prepared else []:
+        lr = lr_for(run, p, args)
+        if lr is None:
+            print(f"{run['arm']}: phase A not finished (another worker's runs): stopping here; run again later")
+            break
+        record = run_one(prepared, run, lr, args)
         with RUNS.open("a") as f:  # one line per finished run: what makes the study resumable
             f.write(json.dumps(record) + "\n")
-        print(f"{run}: held-out reward {record['eval_reward_before']:.3f} -> {record['eval_reward_after']:.3f}",
-              flush=True)
-    write_summary(args, same)
-
-
-def write_summary(args, same: frozenset) -> None:
-    """results/placement_study_rl_summary.json (with every setting, the base reward and the
-    hours spent training), the Markdown table and the plot, from the runs finished at ``args.steps``."""
-    runs = [r for r in done() if r.get("steps") == args.steps]
-    if not runs:
-        return
-    result = summary(runs)
-    settings = {k: getattr(args, k) for k in ("steps", "rank", "batch_size", "num_generations", "max_new_tokens",
-                                              "max_length", "lr", "generate", "diagnose_samples", "eval_samples")}
-    (RESULTS / "placement_study_rl_summary.json").write_text(json.dumps(
-        {**settings, "runs": len(runs), "placements": {**result, **{p: {"same_as": "recommended"} for p in same}},
-         "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
-         "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in runs) / 3600, 2),
-         "devices": dict(Counter(r.get("device", "unrecorded") for r in runs))}, indent=2) + "\n")
-    report_summary(result, runs)
-
-
-def saved_same() -> frozenset:
-    """:func:`same_targets` from the diagnoses a study saved (``--summary-only`` loads no model)."""
-    from plop import Report
-
-    paths = {n: RESULTS / f"placement_study_rl_{n}_report.json" for n in ("recommended", "recommended-generate")}
-    return same_targets({n: Report.load(p) for n, p in paths.items()}) if all(
-        p.is_file() for p in paths.values()) else frozenset()
+        print(f"{run['phase']} {run['arm']} seed {run['seed']} lr {lr:.2g}: reward "
+              f"{record['eval_reward_before']:.3f} -> {record['eval_reward_after']:.3f}", flush=True)
+    write_summary(args, p)
 
 
 if __name__ == "__main__":

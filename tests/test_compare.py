@@ -231,3 +231,13 @@ def test_a_named_set_of_types_is_a_placement(tokenizer, report):
     assert abs(vod.params_at(vod.rank_for(budget)) - budget) <= vod.params_per_rank
     with pytest.raises(PlopError, match="no such type 'w9'"):
         candidates(report, model, ["x=v_proj+w9"], budget)
+
+
+def test_best_multiplier_is_the_best_mean_validation_score():
+    """The one LR-choice rule, shared with the placement studies: best mean, first of a tie."""
+    from plop.finetune.compare import best_multiplier
+
+    scores = {0.5: [0.2, 0.4], 1.0: [0.5, 0.3], 2.0: [0.6, 0.1]}
+    assert best_multiplier(scores, higher_is_better=True) == 1.0  # means 0.3, 0.4, 0.35
+    assert best_multiplier(scores, higher_is_better=False) == 0.5  # a loss: the lowest
+    assert best_multiplier({1.0: [0.4], 2.0: [0.4]}, higher_is_better=True) == 1.0

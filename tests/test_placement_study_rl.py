@@ -1,12 +1,13 @@
 """The RL placement study's task, reward, plan, resumption and statistics
-(benchmarks/placement_study_rl.py): the study itself runs for hours, so what is tested here is what
-decides its data, which runs it makes and what it concludes from them."""
+(benchmarks/placement_study_rl.py, v2): the study itself runs for hours, so what is tested here is
+what decides its data, which runs it makes and what it concludes from them."""
 
 import argparse
 import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
@@ -34,43 +35,84 @@ def test_the_reward_reads_the_last_integer(study):
                          ["27", "27", "27", "27", "1027"]) == [1.0, 1.0, 0.0, 0.0, 1.0]
 
 
-def test_runs_go_seed_by_seed_and_resume(study):
-    args = argparse.Namespace(seeds=[0, 1], placements=list(study.ORDER), steps=64)
-    plan = study.planned(args)
-    assert [r["seed"] for r in plan] == [0] * 7 + [1] * 7  # a study stopped after seed 0 is still paired
-    assert plan[:4] == [{"placement": p, "seed": 0} for p in ("recommended", "recommended-generate", "all-linear",
-                                                               "mlp")]
-    finished = [{"placement": "recommended", "seed": 0, "steps": 64}, {"placement": "mlp", "seed": 0, "steps": 2}]
-    assert {"placement": "recommended", "seed": 0} not in study.pending(args, finished)
-    assert {"placement": "mlp", "seed": 0} in study.pending(args, finished)  # another step count is another run
+def plan_args(study, **kw):
+    values = dict(arms=list(study.PLACEMENTS), grid=[0.5, 1, 2, 4], select_steps=6, steps=16)
+    return argparse.Namespace(**{**values, **kw})
 
 
-def test_summary_pairs_seeds_and_a_higher_reward_wins(study):
-    rewards = {"all-linear": [0.30, 0.32, 0.28, 0.35, 0.31], "recommended": [0.34, 0.36, 0.30, 0.40, 0.33],
-               "mlp": [0.31, 0.30, 0.29, 0.36, 0.30]}
-    runs = [{"placement": p, "seed": s, "eval_reward_after": v} for p, vs in rewards.items() for s, v in enumerate(vs)]
-    result = study.summary(runs)
-    versus = result["recommended"]["vs_all-linear"]
-    assert versus["wins"] == 5 and versus["p"] == pytest.approx(2 / 32)  # every seed: the smallest p 5 seeds allow
-    assert versus["mean_diff"] == pytest.approx(0.034)
-    assert result["mlp"]["vs_all-linear"]["wins"] == 3 and "vs_mlp" not in result["mlp"]
-    assert result["all-linear"]["mean"] == pytest.approx(0.312) and result["all-linear"]["seeds"] == 5
+def test_the_rule_is_written_before_the_runs(study):
+    assert (study.RULE.min_wins, study.RULE.of_seeds, study.RULE.higher_is_better) == (4, 5, True)
+    assert "grad-sign" in study.LATER and "grad-sign" not in study.PLACEMENTS  # issue 33's arm, not yet placed
 
 
-def test_workers_share_the_plan_and_each_still_goes_seed_by_seed(study):
-    plan = study.planned(argparse.Namespace(seeds=[0, 1], placements=list(study.ORDER)))
-    parts = [study.shard(plan, f"{i}/2") for i in range(2)]
-    assert sorted(map(str, parts[0] + parts[1])) == sorted(map(str, plan))  # every run once, in one worker
-    assert all([r["seed"] for r in part] == sorted(r["seed"] for r in part) for part in parts)
+def test_the_plan_chooses_rates_first_then_goes_seed_by_seed_baselines_first(study):
+    p = study.protocol(plan_args(study))
+    plan = sys.modules["study_protocol"].pending(p, [])
+    select, final = [r for r in plan if r["phase"] == "A"], [r for r in plan if r["phase"] == "B"]
+    assert plan == select + final and len(select) == 6 * 4 * 2 and len(final) == 6 * 5
+    assert [r["seed"] for r in select] == [100] * 24 + [101] * 24
+    assert {r["steps"] for r in select} == {6} and {r["steps"] for r in final} == {16}
+    assert [r["seed"] for r in final] == sorted(r["seed"] for r in final)  # stopped anywhere: still paired
+    assert [r["arm"] for r in final[:3]] == ["all-linear", "mlp", "vod"]
+    assert not {r["seed"] for r in select} & {r["seed"] for r in final}  # phase B's seeds are fresh
 
 
-def test_a_generate_diagnosis_recommending_the_same_types_is_not_trained_again(study):
-    def report(types):  # what the rule reads of a Report: its recommendation's types
-        return argparse.Namespace(recommendation=argparse.Namespace(types=types))
+def test_finished_runs_are_skipped_by_their_full_key(study):
+    p = study.protocol(plan_args(study))
+    plan = sys.modules["study_protocol"].pending(p, [])
+    other = [{**plan[0], "steps": 3}, {**plan[1], "multiplier": 8}]  # another step count or rate: another run
+    assert sys.modules["study_protocol"].pending(p, [plan[0], plan[-1]] + other) == plan[1:-1]
 
-    same = study.same_targets({"recommended": report(["v_proj", "down_proj"]),
-                               "recommended-generate": report(["down_proj", "v_proj"])})
-    assert same == {"recommended-generate"}
-    args = argparse.Namespace(seeds=[0], placements=list(study.ORDER), steps=40)
-    assert [r["placement"] for r in study.pending(args, [], same)] == [p for p in study.ORDER if p not in same]
-    assert not study.same_targets({"recommended": report(["v_proj"]), "recommended-generate": report(["o_proj"])})
+
+def test_workers_share_the_plan(study):
+    plan = sys.modules["study_protocol"].pending(study.protocol(plan_args(study)), [])
+    parts = [sys.modules["study_protocol"].shard(plan, f"{i}/3") for i in range(3)]
+    assert sorted(map(str, sum(parts, []))) == sorted(map(str, plan))
+    with pytest.raises(SystemExit):
+        sys.modules["study_protocol"].shard(plan, "3/3")
+
+
+def selection(study, p, best):
+    """Phase-A records in which multiplier ``best`` has the highest mean validation reward."""
+    return [{"phase": "A", "task": study.TASK, "arm": a, "multiplier": m, "seed": s, "steps": p.select_steps,
+             "validation": 0.5 + (0.1 if m == best else 0.0) + 0.01 * (s % 2)} for a in p.arms for m in p.grid
+            for s in p.select_seeds]
+
+
+def test_an_arm_takes_its_rate_only_once_its_phase_a_is_complete(study, tmp_path, monkeypatch):
+    args = plan_args(study, lr=1e-4)
+    p = study.protocol(args)
+    records = selection(study, p, best=2)
+    assert study.chosen_multiplier(records, p, study.TASK, "mlp", True) == 2
+    assert study.chosen_multiplier(records[1:], p, study.TASK, records[0]["arm"], True) is None
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs.jsonl")
+    study.RUNS.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run = {"phase": "B", "arm": "vod", "multiplier": None}
+    assert study.lr_for(run, p, args) == pytest.approx(2e-4)
+    assert study.lr_for({"phase": "A", "multiplier": 0.5}, p, args) == pytest.approx(5e-5)
+
+
+def test_the_summary_judges_each_arm_against_each_baseline(study):
+    p = study.protocol(plan_args(study))
+    rng = np.random.default_rng(0)
+    kinds = [study.KINDS[i % 4] for i in range(40)]
+    lift = {"vod": 0.3, "attention": 0.0}
+    records = selection(study, p, best=1)
+    for s in p.seeds:
+        for arm in p.arms:
+            items = (rng.random(40) < 0.4 + lift.get(arm, 0.0)).astype(float).tolist()
+            records.append({"phase": "B", "task": study.TASK, "arm": arm, "multiplier": None, "seed": s,
+                            "steps": p.steps, "lr": 2e-4, "eval_items_after": items,
+                            "eval_reward_after": float(np.mean(items)), "step_size": {"policy_kl": 0.01},
+                            "by_kind": {k: float(np.mean([v for v, kk in zip(items, kinds) if kk == k]))
+                                        for k in study.KINDS},
+                            "completion_length": {"sampled": [9.0, 8.0], "held_out": 7.0}})
+    result = study.summary(records, p)
+    vod = result["verdicts"]["all-linear"]["verdicts"]["vod"]
+    assert vod["beats"] and vod["wins"] == 5 and vod["n_comparisons"] == 5
+    assert not result["verdicts"]["mlp"]["verdicts"]["attention"]["beats"]
+    assert result["verdicts"]["mlp"]["pending"] == []
+    assert result["arms"]["vod"]["completion_length"] == {"sampled": 8.5, "held_out": 7.0}
+    assert result["selection"]["vod"]["multiplier"] == 1
+    partial = study.summary([r for r in records if not (r["phase"] == "B" and r["arm"] == "vod" and r["seed"] == 4)], p)
+    assert partial["verdicts"]["all-linear"]["pending"] == ["vod"]  # a missing seed is not judged

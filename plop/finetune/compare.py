@@ -15,7 +15,7 @@ import copy
 import gc
 import json
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -335,19 +335,27 @@ class _Runs:
         train, validation = split_examples(examples, fraction, seeds[0])
         if not validation:
             raise PlopError("choosing a learning rate needs a validation split", "raise validation_fraction above 0")
+        grpo = self.config.method == "grpo"
         chosen, selection = {}, []
         for candidate in found:
             scores = {}
             for m in grid:
                 lr = self.config.lr * m
                 runs = [self.run(candidate, s, lr, train, validation, tag=f"-lr{m:g}") for s in seeds]
-                values = [r.eval_reward_after if self.config.method == "grpo" else -r.eval_loss_after for r in runs]
-                scores[m] = float(np.mean(values))
+                scores[m] = [r.eval_reward_after if grpo else r.eval_loss_after for r in runs]
                 selection += [{"placement": candidate.placement.name, "multiplier": m, "lr": lr, "seed": r.seed,
-                               "validation": (r.eval_reward_after if self.config.method == "grpo" else r.eval_loss_after)}
-                              for r in runs]
-            chosen[candidate.placement.name] = self.config.lr * max(scores, key=scores.get)
+                               "validation": v} for r, v in zip(runs, scores[m])]
+            chosen[candidate.placement.name] = self.config.lr * best_multiplier(scores, higher_is_better=grpo)
         return chosen, selection
+
+
+def best_multiplier(scores: Mapping[float, Sequence[float]], *, higher_is_better: bool) -> float:
+    """The learning-rate multiplier whose runs have the best mean validation score (the highest
+    reward, or the lowest loss); on a tie the first in grid order. ``plop compare --lr-grid`` and the
+    placement studies (benchmarks/placement_study*.py), which run the grid resumably, choose by it."""
+    sign = 1 if higher_is_better else -1
+    means = {m: sign * float(np.mean(values)) for m, values in scores.items()}
+    return max(means, key=means.get)
 
 
 def _row(summary: dict, candidate: Candidate, rank: int, budget: int, seed: int, lr: float) -> CompareRow:
