@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import names as split_names
 from ..errors import ConfigError
 from ..placement import LoraSettings, Placement, lora_kwargs
 from ..utils.fsio import read_text_capped
@@ -86,7 +87,7 @@ def names(value: Any, key: str) -> list[str] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        return [v.strip() for v in value.split(",") if v.strip()]
+        return split_names(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ConfigError(f"{key} must be a list of module names, not {type(value).__name__}")
