@@ -17,8 +17,7 @@ every arm one rate and ``alpha = 2 x rank``; v2 follows benchmarks/study_protoco
   ``--step-size-steps`` steps and the training-loss curve.
 * **Decision rule** (:data:`RULE`, printed at start, stored in the summary): a lower held-out loss
   on 4 of 5 seeds and a bootstrap CI below 0, against all-linear and against mlp, per task.
-* **Gap**: plop's TrainConfig has no scheduler option: the rate decays linearly to 0 (the Trainer's
-  default), not constant after a warm-up.
+* **Schedule**: constant after a 2-step warm-up (``lr_schedule="constant"``), in both phases.
 
 **Budget** (``--dry-run``): at v1's one-thread seconds a step (:data:`SECONDS_PER_STEP`) 32 phase-A
 runs (0.8 h) and 40 phase-B runs (1.7 h): 2.5 CPU h; with the RL study's 7.3 h, 9.8 h of the issue's 10.
@@ -110,7 +109,7 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
     model, tokenizer, train, rest, validation, test, report = prepared
     select = run["phase"] == "A"
     config = TrainConfig(steps=run["steps"], batch_size=args.batch_size, max_length=args.max_length, lr=lr,
-                         alpha=2.0 * args.rank, dropout=0.0, logging_steps=1,
+                         alpha=2.0 * args.rank, dropout=0.0, logging_steps=1, lr_schedule="constant", warmup_steps=2,
                          step_size_steps=None if select else args.step_size_steps)
     comparison = plop.compare(model, tokenizer, rest if select else train, report, placements=[run["arm"]],
                               seeds=[run["seed"]], rank=args.rank, config=config,

@@ -26,8 +26,9 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   the mean token length of the sampled and of the held-out greedy completions.
 * **Decision rule** (:data:`RULE`, printed at start, stored in the summary): see its ``text``; every
   arm against all-linear and against mlp.
-* **Gap**: plop's TrainConfig has no scheduler option, so the rate decays linearly to 0 from step 1
-  (the Trainer's default), not constant after a warm-up as the issue asks; both phases share it.
+* **Schedule**: a constant learning rate (``lr_schedule="constant"``) from the first step, in both
+  phases, so a late step is worth an early one; no warm-up, as transformers' warm-up gives its first
+  step a rate of 0 and Phase A's runs are 6 steps.
 
 **Budget** (``--dry-run`` prints the plan and its CPU hours): at :data:`SECONDS_PER_STEP` a step and
 :data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 48 phase-A runs (2.6 h) and 30 phase-B runs
@@ -180,6 +181,7 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
     # completion in a group, hence no advantage and no step (v1: 28-53 % of its steps)
     config = TrainConfig(method="grpo", reward=reward, steps=run["steps"], batch_size=32, num_generations=8,
                          max_new_tokens=16, max_length=args.max_length, lr=lr, alpha=2.0 * args.rank, dropout=0.0,
+                         lr_schedule="constant",
                          logging_steps=1, eval_steps=None if select else run["steps"] // 2,
                          step_size_steps=None if select else args.step_size_steps)
     comparison = plop.compare(model, tokenizer, train, report, placements=[PLACEMENTS[run["arm"]]],

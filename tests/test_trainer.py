@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from plop import TrainConfig, diagnose, train
 from plop.files.data import Example
-from plop.errors import PlopError
+from plop.errors import ConfigError, PlopError
 from plop.finetune.config import SUMMARY_FILE
 from plop.finetune.sft import SFTCollator, split_examples, tokenize_examples
 from tiny_lm import examples, make_model, make_tokenizer
@@ -246,3 +247,20 @@ def test_nfn_is_remeasured_after_training_adapted_against_frozen(tmp_path, token
     # the trained model itself was not merged or changed by the re-measure
     assert any("lora_A" in n for n, _ in result.model.named_modules())
     assert json.loads((result.adapter_path / SUMMARY_FILE).read_text())["nfn_change"] == change
+
+
+def test_a_constant_schedule_holds_the_rate_after_its_warm_up(tmp_path):
+    """lr_schedule="constant" with warmup_steps=2: the logged rate rises over the warm-up, then stays
+    at lr to the last step (the default decays linearly to 0)."""
+    tokenizer = make_tokenizer()
+    config = TrainConfig(steps=5, lr=1e-2, batch_size=4, logging_steps=1, lr_schedule="constant", warmup_steps=2,
+                         output_dir=str(tmp_path / "c"))
+    rates = [p["lr"] for p in train(make_model(), tokenizer, examples(24), config, placement="mlp",
+                                    progress=False).summary["loss_curve"]]
+    assert rates[0] < rates[1] <= 1e-2 and rates[2:] == pytest.approx([1e-2] * 3)
+    decayed = train(make_model(), tokenizer, examples(24), replace(config, lr_schedule="linear", warmup_steps=0,
+                                                                   output_dir=str(tmp_path / "l")), placement="mlp",
+                    progress=False).summary["loss_curve"]
+    assert decayed[-1]["lr"] < decayed[0]["lr"]
+    with pytest.raises(ConfigError, match="lr_schedule must be one of linear, constant"):
+        TrainConfig(lr_schedule="cosine")

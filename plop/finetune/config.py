@@ -20,6 +20,8 @@ SUMMARY_FILE = "plop_train_summary.json"
 REPORT_TO = ("none", "tensorboard", "wandb")  # passed to the Trainer; the package must be installed
 _LORA = "fine-tuning"
 METHODS = ("sft", "grpo")
+# plop's names -> transformers' SchedulerType values
+LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
 _RL = "reinforcement learning (--method grpo)"
 
 
@@ -47,6 +49,11 @@ class TrainConfig:
     alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
     dropout: float = option(0.05, "LoRA dropout", group=_LORA)
     lr: float = option(2e-4, "learning rate (of the A matrices under LoRA+)", group=_LORA)
+    lr_schedule: str = option("linear", "the learning rate over the run: linear decay to 0 (the Trainer's), or "
+                                        "constant after the warm-up (a comparison's steps stay comparable)",
+                              choices=LR_SCHEDULES, group=_LORA)
+    warmup_steps: int = option(0, "steps the learning rate rises linearly over (transformers' rule: the first of "
+                                  "them at a rate of 0)", group=_LORA)
     loraplus_ratio: float = option(16.0, "LoRA+: the B matrices' learning rate over the A matrices' (1: plain LoRA)",
                                    group=_LORA)
     dora: bool = option(False, "DoRA: also learn each output's magnitude", group=_LORA)
@@ -90,6 +97,10 @@ class TrainConfig:
             (not (self.resume and self.overwrite), "resume and overwrite exclude each other"),
             (self.logging_steps > 0 and self.save_steps > 0, "logging_steps and save_steps must be positive"),
             (self.eval_steps is None or self.eval_steps >= 1, f"eval_steps must be >= 1, got {self.eval_steps}"),
+            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                                               f"not {self.lr_schedule!r}"),
+            (isinstance(self.warmup_steps, int) and self.warmup_steps >= 0,
+             f"warmup_steps must be a whole number >= 0, got {self.warmup_steps!r}"),
             (self.step_size_steps is None or self.step_size_steps >= 1,
              f"step_size_steps must be >= 1, got {self.step_size_steps}"),
             (bool(self.adapter_name) and "/" not in self.adapter_name and self.adapter_name not in (".", ".."),

@@ -36,7 +36,7 @@ from ..ranking.report import Report
 from ..utils.distributed import barrier, launched, timeout
 from ..utils.fsio import atomic_write
 from ..version import __version__
-from .config import SUMMARY_FILE, TrainConfig, reward_name
+from .config import LR_SCHEDULES, SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, run_lora_config, planned, wrap
 from .remeasure import nfn_change
 from .sft import IGNORE_INDEX, SFTCollator, split_examples, tokenize_examples, tokenize_pairs
@@ -304,7 +304,8 @@ def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress
     return (args_class or TrainingArguments)(**{**dict(
         output_dir=str(run), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        learning_rate=config.lr, max_steps=config.steps or -1, num_train_epochs=config.epochs or 1.0,
+        learning_rate=config.lr, lr_scheduler_type=LR_SCHEDULES[config.lr_schedule], warmup_steps=config.warmup_steps,
+        max_steps=config.steps or -1, num_train_epochs=config.epochs or 1.0,
         logging_steps=config.logging_steps, save_strategy="steps", save_steps=config.save_steps,
         save_total_limit=config.save_total_limit, eval_strategy="steps" if config.eval_steps and has_eval else "no",
         eval_steps=config.eval_steps, seed=config.seed, report_to=config.report_to, disable_tqdm=not progress,
