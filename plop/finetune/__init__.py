@@ -2,6 +2,7 @@
 comparisons at a matched budget, and task adapters. The diagnosis never imports this package.
 
 :mod:`.config` (TrainConfig), :mod:`.sft` (response-only labels), :mod:`.lora` (the PEFT wrap),
-:mod:`.hf_trainer` (LoRA+ on the Trainer), :mod:`.trainer` (``plop.train``), :mod:`.compare`, :mod:`.adapters`,
+:mod:`.hf_trainer` (LoRA+ on the Trainer), :mod:`.run_report` (a run placed by its own diagnosis),
+:mod:`.trainer` (``plop.train``), :mod:`.compare`, :mod:`.adapters`,
 :mod:`.evidence` (paired statistics and the decision rule for comparisons; numpy only).
 """

@@ -39,6 +39,7 @@ from ..version import __version__
 from .config import SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, run_lora_config, planned, wrap
 from .remeasure import nfn_change
+from .run_report import run_report
 from .sft import IGNORE_INDEX, SFTCollator, split_examples, tokenize_examples, tokenize_pairs
 
 
@@ -46,7 +47,8 @@ from .sft import IGNORE_INDEX, SFTCollator, split_examples, tokenize_examples, t
 class TrainResult:
     """What a fine-tune produced. ``adapter_path``: the folder with the adapter, its checkpoints and
     summary (``output_dir`` itself, or ``output_dir/<adapter_name>``). ``trainer``: the
-    ``transformers.Trainer`` (its ``model`` the trained ``PeftModel``), for further evaluation."""
+    ``transformers.Trainer`` (its ``model`` the trained ``PeftModel``), for further evaluation.
+    ``report``: the report the run was placed by, given or diagnosed (None: placed without one)."""
 
     summary: dict[str, Any]
     output_dir: Path
@@ -54,6 +56,7 @@ class TrainResult:
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
     trainer: Any = field(repr=False)
+    report: Report | None = field(default=None, repr=False)
 
     @property
     def model(self):
@@ -67,12 +70,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
         super().__init__(f"training interrupted at step {step}; {where} (continue with resume / --resume)")
         self.step, self.checkpoint = step, checkpoint
-
-
-def needs_diagnosis(report: Report | None, target_modules, placement: str | None) -> bool:
-    """A run that names neither a report, modules nor a placement other than the recommendation
-    is placed by diagnosing its own training data first."""
-    return report is None and target_modules is None and placement in (None, "recommended")
 
 
 # -- the output directory --------------------------------------------------------------------------
@@ -136,7 +133,9 @@ def train(
     else on a seeded ``config.eval_fraction`` split of ``examples``.
 
     Where they go: ``target_modules``, else ``placement`` (``recommended``, ``qv``,
-    ``attention``, ``mlp``, ``all-linear``), else the ``report``'s recommendation. ``model`` is
+    ``attention``, ``mlp``, ``all-linear``), else the ``report``'s recommendation; with none of
+    them, ``examples`` are diagnosed first, as ``plop train`` does, and that report is saved in the
+    run directory and reused on ``resume`` (:mod:`plop.finetune.run_report`). ``model`` is
     wrapped in place (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
     SIGINT/SIGTERM finish the current step, write a checkpoint and raise
     :class:`TrainingInterrupted`. ``remeasure``: texts (best, the rows the placement was diagnosed
@@ -144,6 +143,9 @@ def train(
     ``summary["nfn_change"]`` (see :mod:`plop.finetune.remeasure`).
     """
     config = replace(config or TrainConfig(), **overrides)
+    check_output_dir(config)  # before a diagnosis writes its report there
+    report, _ = run_report(model, tokenizer, examples, config, report=report, target_modules=target_modules,
+                           placement=placement, model_id=model_id, data_info=data_info, progress=progress)
     where = resolve_placement(model_layout(model), report=report, target_modules=target_modules, placement=placement)
     return train_on_placement(model, tokenizer, examples, config, where, report=report, model_id=model_id,
                               data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
@@ -209,7 +211,7 @@ def train_on_placement(
     if trainer.is_world_process_zero():
         atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier()  # the summary is whole before any process returns
-    return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer)
+    return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer, report)
 
 
 def _measure_step_size(trainer, method, eval_set: list, config: TrainConfig) -> None:
