@@ -24,7 +24,8 @@ datasets = pytest.importorskip("datasets")
 from safetensors import safe_open  # noqa: E402
 
 from plop import DataError, Report, diagnose  # noqa: E402
-from plop.integrations.axolotl import REPORT_NAME, _trl_rows  # noqa: E402
+from plop.finetune.config import REPORT_FILE  # noqa: E402
+from plop.integrations.axolotl import _trl_rows  # noqa: E402
 from plop.placement import LoraSettings  # noqa: E402
 from plop.stacks.axolotl import placement_keys  # noqa: E402
 from plop.stacks.target import Target  # noqa: E402
@@ -78,7 +79,7 @@ def test_plop_diagnose_places_the_adapters_axolotl_trains(workdir):
     out = workdir / "diagnosed"
     run = _train(_config(workdir, out, plop_diagnose=True, plop_samples=16), workdir)
     assert run.returncode == 0, run.stderr[-3000:]
-    report = Report.load(out / REPORT_NAME)  # written next to the run's output
+    report = Report.load(out / REPORT_FILE)  # written next to the run's output
     assert report.data["samples"] == 16 and report.model["id"] == str(workdir / "model")
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert sorted(adapter["target_modules"]) == sorted(report.recommendation.target_modules)
@@ -103,7 +104,7 @@ def test_plop_report_sets_targets_and_allocated_ranks(workdir, tmp_path):
     assert adapter["rank_pattern"] == report.recommendation.rank_pattern
     assert adapter["alpha_pattern"] == {t: 2 * r for t, r in report.recommendation.rank_pattern.items()}
     assert _adapted(out) == set(report.recommendation.modules)
-    assert not (out / REPORT_NAME).exists()  # nothing diagnosed
+    assert not (out / REPORT_FILE).exists()  # nothing diagnosed
 
 
 def test_placement_keys_and_refused_formats(workdir):

@@ -143,6 +143,34 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tokenizer):
     assert curve[:4] == first.summary["loss_curve"]  # the first 4 steps come from the checkpoint, not a rerun
 
 
+def test_without_a_placement_train_diagnoses_first_as_plop_train_does(tmp_path, tokenizer):
+    """``plop.train(model, tokenizer, examples)`` places the adapters by a diagnosis of its own data,
+    saved in the run directory and kept on resume; ``plop train`` on the same model and data trains
+    the same modules on the same saved recommendation."""
+    from peft import PeftModel
+
+    from plop import load_examples
+    from plop.cli import main
+    from plop.finetune.config import REPORT_FILE
+    from tiny_lm import save_tiny, write_jsonl
+
+    folder, data, cli = save_tiny(tmp_path / "model"), write_jsonl(tmp_path / "data.jsonl"), tmp_path / "cli"
+    assert main(["train", str(folder), "--data", str(data), "--steps", "2", "--output-dir", str(cli)]) == 0
+    rows, _ = load_examples(str(data), tokenizer=tokenizer)  # read as plop train reads them
+    api = train(make_model(), tokenizer, rows, TrainConfig(steps=2, output_dir=str(tmp_path / "api")), progress=False)
+    saved = api.adapter_path / REPORT_FILE
+    recommendation = json.loads(saved.read_text())["recommendation"]
+    assert recommendation == json.loads((cli / REPORT_FILE).read_text())["recommendation"]
+    assert api.summary["placement"] == "recommended" and api.report.recommendation.types == recommendation["types"]
+    assert adapted(api.model) == adapted(PeftModel.from_pretrained(make_model(), cli))
+
+    written = saved.stat().st_mtime_ns
+    resumed = train(make_model(), tokenizer, rows, TrainConfig(steps=3, output_dir=str(tmp_path / "api"),
+                                                                     resume=True), progress=False)
+    assert saved.stat().st_mtime_ns == written and resumed.summary["steps"] == 3  # no second diagnosis
+    assert resumed.report.recommendation == api.report.recommendation
+
+
 def test_an_occupied_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, tokenizer):
     train(make_model(), tokenizer, examples(), config(tmp_path, steps=2), placement="qv", progress=False)
     with pytest.raises(PlopError, match="already holds a training run"):
@@ -163,8 +191,6 @@ def test_a_report_for_another_model_is_refused(tmp_path, tokenizer, report):
 def test_target_modules_matching_nothing_list_the_types(tmp_path, tokenizer):
     with pytest.raises(PlopError, match=r"match no linear module.*q_proj.*v_proj"):
         train(make_model(), tokenizer, examples(), config(tmp_path), target_modules=["c_attn"], progress=False)
-    with pytest.raises(PlopError, match="needs a report"):
-        train(make_model(), tokenizer, examples(), config(tmp_path), placement="recommended", progress=False)
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -7,7 +7,7 @@ from ..utils.fsio import check_destination
 from ..utils.untrusted import plain_safe
 from .inputs import is_main, load_model_and_data, model_command
 from .options import values
-from .train import checked_config, diagnosed
+from .train import checked_config, say_diagnosed
 
 EXAMPLES = """examples:
   plop compare --report report.json --steps 50
@@ -39,6 +39,7 @@ def run(args) -> int:
     from rich.console import Console
 
     from ..finetune.compare import compare
+    from ..finetune.run_report import own_report
     from ..ranking.report import Report
 
     config = checked_config(args)
@@ -46,7 +47,9 @@ def run(args) -> int:
         check_destination(path)
     report = Report.load(args.report) if args.report else None
     model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
-    report = report or diagnosed(args, model, tokenizer, model_id, examples, info)
+    if report is None:  # diagnosed on the same data, as plop train does; kept with the adapters when they are
+        report = own_report(model, tokenizer, examples, config, args.output_dir, model_id=model_id, data_info=info)
+        say_diagnosed(report)
     result = compare(model, tokenizer, examples, report, rank=args.rank, config=config, output_dir=args.output_dir,
                      progress=True, **values(CompareConfig, args))
     if not is_main():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..config import DiagnoseConfig, targets
+from ..config import targets
 from ..finetune.config import TrainConfig
 from ..model.placement import TRAIN_PLACEMENTS
 from ..utils.untrusted import plain_safe, terminal_safe
@@ -21,7 +21,6 @@ EXAMPLES = """examples:
   plop train --output-dir runs/tasks --adapter-name math     # a named adapter in runs/tasks/math/
   accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (see the README)
 """
-TRAIN_REPORT = "plop_report.json"  # the diagnosis a train run made for itself, reused by --resume
 
 
 def register(sub) -> None:
@@ -37,19 +36,13 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def diagnosed(args, model, tokenizer, model_id, examples, info):
-    """Diagnose on the training data itself when no report was given (data-parallel in a launched job:
-    every process gets the same report)."""
+def say_diagnosed(report) -> None:
+    """Where a run's own diagnosis puts LoRA, before the run starts (once, in a launched job)."""
     from rich.console import Console
 
-    from ..diagnosis import diagnose
-
-    config = DiagnoseConfig(max_length=args.max_length, batch_size=args.batch_size, seed=args.seed, rank=args.rank)
-    report = diagnose(model, examples, tokenizer, config, model_id=model_id, data_info=info, progress=True)
     types = terminal_safe(", ".join(report.recommendation.types))
     Console(stderr=True, quiet=not is_main()).print(f"diagnosed: LoRA goes on [bold]{types}[/] "
                                                     f"(lowest NFN of {len(report.types)} module types)")
-    return report
 
 
 def checked_config(args) -> TrainConfig:
@@ -66,28 +59,23 @@ def checked_config(args) -> TrainConfig:
 def run(args) -> int:
     from rich.console import Console
 
-    from ..files.data import take_sample
-    from ..finetune.trainer import TrainingInterrupted, check_output_dir, needs_diagnosis, train
+    from ..finetune.run_report import diagnosed_rows, run_report
+    from ..finetune.trainer import TrainingInterrupted, check_output_dir, train
     from ..ranking.render import nfn_change_table, train_summary_text
     from ..ranking.report import Report
 
     config = checked_config(args)  # bad values fail before the slow loading
-    run_dir = check_output_dir(config)  # so does an occupied directory
+    check_output_dir(config)  # so does an occupied directory
     report = Report.load(args.report) if args.report else None
     model, tokenizer, model_id, examples, info = load_model_and_data(args, args.samples)
-    if needs_diagnosis(report, args.target_modules, args.placement):
-        saved = run_dir / TRAIN_REPORT
-        resumed = args.resume and saved.is_file()  # the run being resumed must keep its placement
-        report = Report.load(saved) if resumed else diagnosed(args, model, tokenizer, model_id, examples, info)
-        if not resumed and is_main():
-            report.save(saved)
-    # re-measured after training on the rows the placement came from (the diagnosis' seeded sample of
-    # these rows; a run placed without one: as many as plop diagnose reads): what the fine-tune changed, where
-    rows = report.data["samples"] if report is not None else DiagnoseConfig.samples
-    try:
-        result = train(model, tokenizer, examples, config, report=report, target_modules=args.target_modules,
-                       placement=args.placement, model_id=model_id, data_info=info, progress=True,
-                       remeasure=[e.text for e in take_sample(examples, rows, config.seed)])
+    where = {"target_modules": args.target_modules, "placement": args.placement}
+    report, fresh = run_report(model, tokenizer, examples, config, report=report, model_id=model_id, data_info=info,
+                               **where)
+    if fresh:
+        say_diagnosed(report)
+    try:  # NFN is measured again after training on the rows the placement came from: what changed, where
+        result = train(model, tokenizer, examples, config, report=report, model_id=model_id, data_info=info,
+                       progress=True, remeasure=diagnosed_rows(examples, report, config.seed), **where)
     except TrainingInterrupted as stop:
         print(plain_safe(f"plop: {stop}"), file=sys.stderr)
         return 130

@@ -17,6 +17,7 @@ from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from ..placement import LoraSettings
 
 SUMMARY_FILE = "plop_train_summary.json"
+REPORT_FILE = "plop_report.json"  # the diagnosis a run made for itself (train, axolotl plugin), reused on resume
 REPORT_TO = ("none", "tensorboard", "wandb")  # passed to the Trainer; the package must be installed
 _LORA = "fine-tuning"
 METHODS = ("sft", "grpo")

@@ -22,7 +22,7 @@ from .sft import split_examples
 
 
 class GRPO:
-    """GRPO's parts of a run, in the shape :mod:`plop.finetune.trainer` asks of a method."""
+    """GRPO's parts of a run (:class:`plop.finetune.method.Method`)."""
 
     @staticmethod
     def datasets(examples: Sequence[Example], tokenizer, config: TrainConfig,

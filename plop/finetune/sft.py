@@ -1,4 +1,5 @@
-"""Supervised fine-tuning data: a seeded eval split, tokens with response-only labels, padding.
+"""Supervised fine-tuning: a seeded eval split, tokens with response-only labels, padding, and
+:class:`SFT`, the method's parts of a run (:class:`plop.finetune.method.Method`).
 
 The loss goes on the response only (``-100`` labels on the prompt and the padding), so a model
 learns to answer rather than to reproduce questions; a text without a prompt is learned whole.
@@ -6,13 +7,19 @@ learns to answer rather than to reproduce questions; a text without a prompt is 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
+from ..errors import PlopError
 from ..files.data import Example
+from ..model.loading import ensure_pad_token
+from .config import TrainConfig
 
 IGNORE_INDEX = -100  # the label value transformers' losses skip
 
@@ -78,3 +85,82 @@ class SFTCollator:
             "attention_mask": pad([[1] * len(row) for row in ids], 0),
             "labels": pad([f["labels"] for f in features], IGNORE_INDEX),
         }
+
+
+class SFT:
+    """Supervised fine-tuning's parts of a run; GRPO's are :class:`plop.finetune.grpo.GRPO`."""
+
+    @staticmethod
+    def datasets(examples: Sequence[Example], tokenizer, config: TrainConfig,
+                 eval_examples: Sequence[Example] | None = None, seq2seq: bool = False) -> tuple[list, list]:
+        """Tokenized train and eval sets (response-only labels, or an encoder-decoder's targets),
+        saying how many examples had nothing left to learn."""
+        ensure_pad_token(tokenizer)
+        parts = (examples, eval_examples) if eval_examples is not None else \
+            split_examples(examples, config.eval_fraction, config.seed)
+        tokenize = tokenize_pairs if seq2seq else tokenize_examples
+        train_set, eval_set = (tokenize(part, tokenizer, config.max_length) for part in parts)
+        if not train_set:
+            raise PlopError("no example has a response token left to learn from",
+                            "raise --max-length, or check the prompt/response fields")
+        dropped = len(examples) + len(eval_examples or ()) - len(train_set) - len(eval_set)
+        if dropped:
+            warnings.warn(f"{dropped} example(s) have no response token within max_length={config.max_length} "
+                          "and are left out", stacklevel=3)
+        return train_set, eval_set
+
+    @staticmethod
+    def arguments(config: TrainConfig, model) -> dict[str, Any]:
+        return {}
+
+    @staticmethod
+    def trainer(peft_model, tokenizer, args, datasets: tuple[list, list], callbacks: list, config: TrainConfig):
+        from .hf_trainer import LoraPlusTrainer
+
+        return LoraPlusTrainer(model=peft_model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1] or None,
+                               data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
+                               callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
+
+    @staticmethod
+    def evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, Any]:
+        """The Trainer's eval loss (over every held-out response token) and its perplexity, and each
+        held-out row's own mean token loss (``items``), which paired statistics resample."""
+        loss = float(trainer.evaluate()["eval_loss"])
+        return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
+                "items": _item_losses(trainer.model, eval_set, SFTCollator(trainer.processing_class.pad_token_id),
+                                      config.batch_size)}
+
+    @staticmethod
+    def step_size(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
+        """The adapters' share of the adapted modules' outputs on the held-out rows."""
+        from .step_size import relative_output_change
+
+        collate = SFTCollator(trainer.processing_class.pad_token_id)
+        batches = (collate(eval_set[i:i + config.batch_size]) for i in range(0, len(eval_set), config.batch_size))
+        return {"relative_output_change": relative_output_change(trainer.model, batches)}
+
+    @staticmethod
+    def summary(trainer) -> dict[str, Any]:
+        return {}
+
+
+@torch.no_grad()
+def _item_losses(model, rows: list, collate, batch_size: int) -> list[float]:
+    """Each row's mean loss over its labelled tokens, in eval mode."""
+    training, losses = model.training, []
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
+        labels = batch["labels"]
+        if getattr(model.config, "is_encoder_decoder", False):  # the decoder reads the labels shifted right
+            logits = model(**batch).logits
+        else:  # a causal LM predicts the next token
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            labels = labels[:, 1:]
+        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none",
+                                                  ignore_index=IGNORE_INDEX)
+        counted = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
+        losses += (token.sum(1) / counted).tolist()
+    model.train(training)
+    return losses

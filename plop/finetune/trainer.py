@@ -13,10 +13,8 @@ loss before and after, and a summary JSON next to the adapter.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch import nn
 from ..errors import FileError, ModelError, PlopError
 from ..files.data import Example
 from ..measure.seq2seq import is_encoder_decoder
-from ..model.loading import ensure_pad_token, is_causal_lm, model_info, model_layout
+from ..model.loading import is_causal_lm, model_info, model_layout
 from ..model.placement import resolve_placement
 from ..placement import Placement
 from ..ranking.render import ranks_text
@@ -38,15 +36,18 @@ from ..utils.fsio import atomic_write
 from ..version import __version__
 from .config import LR_SCHEDULES, SUMMARY_FILE, TrainConfig, reward_name
 from .lora import check_built, run_lora_config, planned, wrap
+from .method import Method
 from .remeasure import nfn_change
-from .sft import IGNORE_INDEX, SFTCollator, split_examples, tokenize_examples, tokenize_pairs
+from .run_report import run_report
+from .sft import SFT
 
 
 @dataclass
 class TrainResult:
     """What a fine-tune produced. ``adapter_path``: the folder with the adapter, its checkpoints and
     summary (``output_dir`` itself, or ``output_dir/<adapter_name>``). ``trainer``: the
-    ``transformers.Trainer`` (its ``model`` the trained ``PeftModel``), for further evaluation."""
+    ``transformers.Trainer`` (its ``model`` the trained ``PeftModel``), for further evaluation.
+    ``report``: the report the run was placed by, given or diagnosed (None: placed without one)."""
 
     summary: dict[str, Any]
     output_dir: Path
@@ -54,6 +55,7 @@ class TrainResult:
     eval_before: dict[str, float] | None
     eval_after: dict[str, float] | None
     trainer: Any = field(repr=False)
+    report: Report | None = field(default=None, repr=False)
 
     @property
     def model(self):
@@ -67,12 +69,6 @@ class TrainingInterrupted(KeyboardInterrupt):
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint yet"
         super().__init__(f"training interrupted at step {step}; {where} (continue with resume / --resume)")
         self.step, self.checkpoint = step, checkpoint
-
-
-def needs_diagnosis(report: Report | None, target_modules, placement: str | None) -> bool:
-    """A run that names neither a report, modules nor a placement other than the recommendation
-    is placed by diagnosing its own training data first."""
-    return report is None and target_modules is None and placement in (None, "recommended")
 
 
 # -- the output directory --------------------------------------------------------------------------
@@ -136,7 +132,9 @@ def train(
     else on a seeded ``config.eval_fraction`` split of ``examples``.
 
     Where they go: ``target_modules``, else ``placement`` (``recommended``, ``qv``,
-    ``attention``, ``mlp``, ``all-linear``), else the ``report``'s recommendation. ``model`` is
+    ``attention``, ``mlp``, ``all-linear``), else the ``report``'s recommendation; with none of
+    them, ``examples`` are diagnosed first, as ``plop train`` does, and that report is saved in the
+    run directory and reused on ``resume`` (:mod:`plop.finetune.run_report`). ``model`` is
     wrapped in place (``get_peft_model``); the trained ``PeftModel`` is ``result.model``.
     SIGINT/SIGTERM finish the current step, write a checkpoint and raise
     :class:`TrainingInterrupted`. ``remeasure``: texts (best, the rows the placement was diagnosed
@@ -144,6 +142,9 @@ def train(
     ``summary["nfn_change"]`` (see :mod:`plop.finetune.remeasure`).
     """
     config = replace(config or TrainConfig(), **overrides)
+    check_output_dir(config)  # before a diagnosis writes its report there
+    report, _ = run_report(model, tokenizer, examples, config, report=report, target_modules=target_modules,
+                           placement=placement, model_id=model_id, data_info=data_info, progress=progress)
     where = resolve_placement(model_layout(model), report=report, target_modules=target_modules, placement=placement)
     return train_on_placement(model, tokenizer, examples, config, where, report=report, model_id=model_id,
                               data_info=data_info, eval_examples=eval_examples, remeasure=remeasure,
@@ -171,7 +172,7 @@ def train_on_placement(
     if not (seq2seq or is_causal_lm(model)):
         raise ModelError(f"training needs a causal language model (...ForCausalLM) or an encoder-decoder "
                          f"(T5, BART, ...), not {info['architecture']}")
-    method = _method(config)
+    method = method_of(config)
     train_set, eval_set = method.datasets(examples, tokenizer, config, eval_examples, seq2seq)
     task_type = "SEQ_2_SEQ_LM" if seq2seq else "CAUSAL_LM"
     layout = model_layout(model)
@@ -209,10 +210,10 @@ def train_on_placement(
     if trainer.is_world_process_zero():
         atomic_write(run / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     barrier()  # the summary is whole before any process returns
-    return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer)
+    return TrainResult(summary, Path(config.output_dir), run, eval_before, eval_after, trainer, report)
 
 
-def _measure_step_size(trainer, method, eval_set: list, config: TrainConfig) -> None:
+def _measure_step_size(trainer, method: Method, eval_set: list, config: TrainConfig) -> None:
     """After ``config.step_size_steps`` steps, how far the model moved from its base on the held-out
     set (:mod:`plop.finetune.step_size`), into ``trainer.plop_step_size`` (None when not asked)."""
     trainer.plop_step_size = None
@@ -259,13 +260,12 @@ def _placement_text(placement: Placement, config: TrainConfig) -> str:
 
 
 def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tuple[list, list], progress: bool,
-             method=None):
+             method: Method):
     """The method's LoRA+ ``Trainer`` and the callback that turns SIGINT/SIGTERM into a checkpoint."""
     from transformers import PrinterCallback
 
     from .hf_trainer import StopOnSignal, check_fsdp_honoured
 
-    method = method or _SFT
     stop = StopOnSignal()
     args = _training_arguments(config, run, bool(datasets[1]), progress, **method.arguments(config, peft_model))
     trainer = method.trainer(peft_model, tokenizer, args, datasets, [stop], config)
@@ -273,27 +273,6 @@ def _trainer(peft_model, tokenizer, config: TrainConfig, run: Path, datasets: tu
     if not progress:
         trainer.remove_callback(PrinterCallback)  # without a bar the Trainer prints every log dict instead
     return trainer, stop
-
-
-def _datasets(
-    examples: Sequence[Example], tokenizer, config: TrainConfig, eval_examples: Sequence[Example] | None = None,
-    seq2seq: bool = False,
-) -> tuple[list[dict], list[dict]]:
-    """Tokenized train and eval sets (response-only labels, or an encoder-decoder's targets),
-    saying how many examples had nothing left to learn."""
-    ensure_pad_token(tokenizer)
-    parts = (examples, eval_examples) if eval_examples is not None else \
-        split_examples(examples, config.eval_fraction, config.seed)
-    tokenize = tokenize_pairs if seq2seq else tokenize_examples
-    train_set, eval_set = (tokenize(part, tokenizer, config.max_length) for part in parts)
-    if not train_set:
-        raise PlopError("no example has a response token left to learn from",
-                        "raise --max-length, or check the prompt/response fields")
-    dropped = len(examples) + len(eval_examples or ()) - len(train_set) - len(eval_set)
-    if dropped:
-        warnings.warn(f"{dropped} example(s) have no response token within max_length={config.max_length} "
-                      "and are left out", stacklevel=3)
-    return train_set, eval_set
 
 
 def _training_arguments(config: TrainConfig, run: Path, has_eval: bool, progress: bool, args_class=None,
@@ -325,73 +304,10 @@ def _versions() -> dict[str, str]:
             "peft": peft.__version__}
 
 
-def _evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, Any]:
-    """The Trainer's eval loss (over every held-out response token) and its perplexity, and each
-    held-out row's own mean token loss (``items``), which paired statistics resample."""
-    loss = float(trainer.evaluate()["eval_loss"])
-    return {"loss": loss, "ppl": math.exp(loss) if loss < 700 else math.inf,
-            "items": _item_losses(trainer.model, eval_set, SFTCollator(trainer.processing_class.pad_token_id),
-                                  config.batch_size)}
-
-
-@torch.no_grad()
-def _item_losses(model, rows: list, collate, batch_size: int) -> list[float]:
-    """Each row's mean loss over its labelled tokens, in eval mode."""
-    training, losses = model.training, []
-    model.eval()
-    device = next(model.parameters()).device
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(rows[start:start + batch_size]).items()}
-        labels = batch["labels"]
-        if getattr(model.config, "is_encoder_decoder", False):  # the decoder reads the labels shifted right
-            logits = model(**batch).logits
-        else:  # a causal LM predicts the next token
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-            labels = labels[:, 1:]
-        token = torch.nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, reduction="none",
-                                                  ignore_index=IGNORE_INDEX)
-        counted = (labels != IGNORE_INDEX).sum(1).clamp(min=1)
-        losses += (token.sum(1) / counted).tolist()
-    model.train(training)
-    return losses
-
-
-class _SFT:
-    """Supervised fine-tuning's parts of a run; GRPO's are :class:`plop.finetune.grpo.GRPO`."""
-
-    datasets = staticmethod(_datasets)
-
-    @staticmethod
-    def arguments(config: TrainConfig, model) -> dict[str, Any]:
-        return {}
-
-    @staticmethod
-    def trainer(peft_model, tokenizer, args, datasets: tuple[list, list], callbacks: list, config: TrainConfig):
-        from .hf_trainer import LoraPlusTrainer
-
-        return LoraPlusTrainer(model=peft_model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1] or None,
-                               data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                               callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
-
-    evaluate = staticmethod(_evaluate)
-
-    @staticmethod
-    def step_size(trainer, eval_set: list, config: TrainConfig) -> dict[str, float]:
-        """The adapters' share of the adapted modules' outputs on the held-out rows."""
-        from .step_size import relative_output_change
-
-        collate = SFTCollator(trainer.processing_class.pad_token_id)
-        batches = (collate(eval_set[i:i + config.batch_size]) for i in range(0, len(eval_set), config.batch_size))
-        return {"relative_output_change": relative_output_change(trainer.model, batches)}
-
-    @staticmethod
-    def summary(trainer) -> dict[str, Any]:
-        return {}
-
-
-def _method(config: TrainConfig):
+def method_of(config: TrainConfig) -> Method:
+    """The method a run trains with: SFT, or GRPO (whose module imports only when asked for)."""
     if config.method == "grpo":
         from .grpo import GRPO
 
         return GRPO
-    return _SFT
+    return SFT

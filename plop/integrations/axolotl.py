@@ -37,6 +37,7 @@ from ..config import DiagnoseConfig, Strategy
 from ..diagnosis import diagnose
 from ..errors import ConfigError, DataError
 from ..files.data import Example
+from ..finetune.config import REPORT_FILE
 from ..files.trl_formats import FORMATS, detect_format, is_dataset, row_example
 from ..placement import LoraSettings
 from ..ranking.report import Report
@@ -44,8 +45,6 @@ from ..stacks import axolotl as axolotl_stack
 from ..stacks.target import Target
 from ..utils.distributed import world
 from ..utils.untrusted import plain_safe
-
-REPORT_NAME = "plop_report.json"
 
 
 class PlopArgs(BaseModel):
@@ -141,7 +140,7 @@ def diagnose_run(cfg, model, tokenizer) -> Report:
     with unfused_attention(model):
         report = diagnose(model, examples, tokenizer, model_id=str(cfg.base_model), **settings)
     if world().is_main:  # every process of a multi-GPU run gets the same report; one writes it
-        report.save(Path(cfg.output_dir or ".") / REPORT_NAME)
+        report.save(Path(cfg.output_dir or ".") / REPORT_FILE)
     return report
 
 
