@@ -202,11 +202,11 @@ def test_the_lr_grid_chooses_each_placement_s_rate_on_the_validation_split(token
     reported runs use the rate with the lowest mean validation loss, and the held-out items are each
     scored once per reported run (their per-item losses kept for paired statistics)."""
     rows, held_out = examples(24), examples(30)[24:]
-    result = compare(make_model(), tokenizer, rows, report, seeds=[0, 1], rank=2, steps=2, lr=1e-2, batch_size=8,
+    result = compare(make_model(), tokenizer, rows, report, seeds=[0], rank=2, steps=2, lr=1e-2, batch_size=8,
                      placements=["recommended", "mlp"], eval_examples=held_out, lr_grid=[0.5, 4.0],
-                     select_seeds=[7, 8])
+                     select_seeds=[7])
     chosen, selection = result.settings["lr_chosen"], result.settings["lr_selection"]
-    assert len(selection) == 2 * 2 * 2 and result.settings["lr_grid"] == [0.5, 4.0]
+    assert len(selection) == 2 * 2 and result.settings["lr_grid"] == [0.5, 4.0]
     for placement in ("recommended", "mlp"):
         mean = {m: np.mean([s["validation"] for s in selection if s["placement"] == placement and s["multiplier"] == m])
                 for m in (0.5, 4.0)}
