@@ -20,6 +20,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 TOKEN_SCOPES = ("all", "prompt", "response")
 QUANTIZATIONS = ("none", "bnb-8bit", "bnb-4bit")  # bitsandbytes, as QLoRA trains on the base
+SIGNALS = ("nfn", "grad-sign", "nfn+grad-sign")  # what module types are ranked by (plop.ranking.ranker.signal_values)
 STABLE_MIN_ROWS = 16  # until_stable never stops on fewer rows: the bootstrap needs rows to resample
 
 
@@ -176,6 +177,14 @@ class DiagnoseConfig:
         choices=ESTIMATORS, group="measurement")
     strategy: Strategy = option(Strategy(), "how the recommendation is chosen (the command line decodes it from "
                                             "--top-k, --budget, --per-layer and --allocate)", cli=False)
+    signal: Literal["nfn", "grad-sign", "nfn+grad-sign"] = option(
+        "nfn", "what ranks module types: NFN (lowest first), the sign consistency of rank-1 LoRA-B gradients "
+               "over --grad-batches batches (highest first; plop.measure.grad_sign), or both",
+        choices=SIGNALS, group=_RECOMMEND)
+    grad_batches: int = option(4, "grad-sign: mini-batches whose B-gradient signs must agree (k >= 2)", metavar="K",
+                               group=_RECOMMEND, parse="positive")
+    signal_weight: float = option(0.5, "nfn+grad-sign: grad-sign's weight in the combination (0: NFN alone, "
+                                       "1: grad-sign alone)", metavar="W", group=_RECOMMEND)
     rank: int = option(16, "LoRA rank the costs are computed at", group=_RECOMMEND, parse="positive")
     exclude: list[str] | None = option(None, "module types or full module names never recommended, whatever the "
                                              "strategy (routers, gates, lm_head)", metavar="A,B", group=_RECOMMEND)
@@ -207,6 +216,23 @@ class DiagnoseConfig:
         if self.shard and self.weight_scores:
             raise ConfigError("weight_scores with shard: the scores need one SVD of each whole weight, which no "
                               "process holds", "score the weights without sharding")
+        self._check_signal()
+
+    def _check_signal(self) -> None:
+        check_choice("signal", self.signal, SIGNALS)
+        if not isinstance(self.grad_batches, int) or isinstance(self.grad_batches, bool) or self.grad_batches < 2:
+            raise ConfigError(f"grad_batches must be a whole number >= 2 (signs agree across batches), "
+                              f"got {self.grad_batches!r}")
+        weight = self.signal_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
+            raise ConfigError(f"signal_weight must be a number in [0, 1], got {weight!r}")
+        if self.signal == "nfn":
+            return
+        if self.generate:
+            raise ConfigError("grad-sign under GRPO (generate) is not built yet", "use --signal nfn with --generate")
+        if self.until_stable or self.shard:
+            raise ConfigError(f"signal {self.signal!r} with {'until_stable' if self.until_stable else 'shard'}: the "
+                              "gradients are taken once, on whole weights, after the pass", "use --signal nfn")
 
     def stops(self, seen: int) -> bool:
         """Whether a stable recommendation after ``seen`` rows ends the pass: the until_stable policy."""

@@ -27,6 +27,7 @@ from .measure.collector import NFNCollector
 from .measure.data_parallel import GlobalState, data_parallel_passes
 from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
 from .measure.generate import generated_examples, generation_record
+from .measure.grad_sign import grad_sign_scores
 from .measure.layers import body, dense_weight, find_linear_modules
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .measure.weight_scores import weight_scores
@@ -34,7 +35,7 @@ from .model.coverage import coverage
 from .model.loading import ensure_pad_token, model_info, model_layout
 from .model.names import layer_index
 from .model.placement import ModelLayout, placement_costs, recommendation_targets
-from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types
+from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types, signal_values
 from .ranking.report import ModuleRecord, Report
 from .utils.distributed import world
 from .utils.untrusted import clip_text
@@ -289,7 +290,7 @@ def diagnose(
     For every linear module ``W`` it measures
     ``NFN(W) = mean_t ||W z_t|| / ||z_t||  /  (||W||_F / sqrt(d_in))`` over the task's tokens
     ``z_t`` (see :mod:`plop.measure.nfn`), ranks module types by mean NFN over layers and recommends the
-    lowest ones.
+    lowest ones; ``signal`` may rank them by LoRA-B gradient signs instead (:mod:`plop.measure.grad_sign`).
 
     Args:
         model: a transformers model (or any ``nn.Module`` taking ``input_ids``/``attention_mask``).
@@ -322,7 +323,7 @@ def diagnose(
     model.eval()
     start = time.perf_counter()
     try:
-        records, selector, replicates, checkpoints, samples, tokens = _collect(
+        records, selector, replicates, checkpoints, samples, tokens = _measure(
             model, data, tokenizer, config, total, progress, layout, device)
     finally:
         model.train(was_training)
@@ -335,6 +336,37 @@ def diagnose(
                          "seconds": round(time.perf_counter() - start, 3)})
 
 
+def _measure(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: int | None, progress: bool,
+             layout: ModelLayout, device: torch.device):
+    """:func:`_collect`'s NFN pass, its selection replaced by the grad-sign signal's when that is asked for."""
+    records, selector, replicates, checkpoints, samples, tokens = _collect(
+        model, data, tokenizer, config, total, progress, layout, device)
+    if config.signal != "nfn":
+        selector, replicates, checkpoints = _grad_sign(model, data, tokenizer, config, records, layout, device)
+    return records, selector, replicates, checkpoints, samples, tokens
+
+
+def _grad_sign(model: nn.Module, data, tokenizer, config: DiagnoseConfig, records: Sequence[ModuleRecord],
+               layout: ModelLayout, device: torch.device) -> tuple[Selector, None, list[Checkpoint]]:
+    """Score the records by the sign consistency of LoRA-B gradients on the first ``grad_batches``
+    batches (:mod:`plop.measure.grad_sign`) and select by ``config.signal`` among the scored ones.
+    The scores have no bootstrap and no checkpoints: the recommendation's stability goes unmeasured."""
+    if world().parallel:
+        raise ConfigError(f"signal {config.signal!r} runs in one process", "run it without torchrun")
+    if is_encoder_decoder(model):
+        raise ConfigError(f"signal {config.signal!r} is for decoder-only models (a causal-LM loss)")
+    modules = find_linear_modules(model, include_head=config.include_head)
+    scores = grad_sign_scores(model, modules, _batches(data, tokenizer, config), config.grad_batches, config.seed,
+                              device)
+    for m in records:
+        m.grad_sign = scores.get(m.name)
+    eligible = {m.name for m in _eligible(records, layout, config.exclude or ()) if m.grad_sign is not None}
+    keep = [i for i, m in enumerate(records) if m.name in eligible]
+    # the values over all records, as the report's type ranking takes them, so the two agree
+    values = signal_values(records, config.signal, config.signal_weight)[keep]
+    return Selector([records[i] for i in keep], config.strategy, rank=config.rank, values=values), None, []
+
+
 def _add_weight_scores(records: Sequence[ModuleRecord], modules: Mapping[str, nn.Module]) -> None:
     for m in records:
         if m.name in modules:  # linear modules; 3-D expert weights are not scored
@@ -344,7 +376,7 @@ def _add_weight_scores(records: Sequence[ModuleRecord], modules: Mapping[str, nn
 
 def _report(model, layout: ModelLayout, config: DiagnoseConfig, records, selector: Selector, replicates,
             checkpoints, *, model_id: str | None, data: dict[str, Any]) -> Report:
-    types = rank_types(records)
+    types = rank_types(records, signal_values(records, config.signal, config.signal_weight))
     recommendation, probabilities = selector.recommend(replicates)
     recommendation.samples_to_stable = _samples_to_stable(checkpoints)
     recommendation_targets(recommendation, layout)

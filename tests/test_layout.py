@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
 DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.utils.fsio",
              "plop.utils.untrusted", "plop.utils.distributed", "plop.measure.batching", "plop.measure.collector", "plop.measure.data_parallel",
-             "plop.measure.experts", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
+             "plop.measure.experts", "plop.measure.grad_sign", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
              "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}

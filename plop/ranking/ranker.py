@@ -14,6 +14,10 @@ Selection strategies
                    :data:`ALLOCATION_RANKS` (types below the smallest get none), with the scale
                    ``s`` that spends the most of the budget without exceeding it.
 
+Signals (:func:`signal_values`): the strategies rank any per-module value ascending; NFN is the
+default, and ``grad-sign`` and ``nfn+grad-sign`` turn the LoRA-B gradient sign consistency
+(:mod:`plop.measure.grad_sign`) into such a value.
+
 Stability comes from a streaming Poisson bootstrap over samples (see :mod:`plop.measure.collector`):
 the selection is recomputed under every replicate, giving each type the probability that it
 lands in the recommended set.
@@ -38,6 +42,34 @@ BYTES_PER_PARAM = 4  # PEFT keeps adapter weights in float32 by default
 # spend only 85 % of its budget, the next scale up overshooting it
 ALLOCATION_RANKS = (2, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
+def signal_values(records: Sequence[ModuleRecord], signal: str = "nfn", weight: float = 0.5) -> np.ndarray:
+    """Per-module values the strategies rank ascending (the lowest type mean is adapted first), by ``signal``:
+
+    ``nfn``            NFN.
+    ``grad-sign``      ``1 - c``, ``c`` the share of B-gradient entries whose sign holds over the k
+                       batches: the most consistent types first, as the paper adapts the entries
+                       whose gradient keeps its sign.
+    ``nfn+grad-sign``  ``(1 - w) NFN / mean(NFN) + w (1 - c) / mean(1 - c)``, means over ``records``:
+                       each signal scaled to mean 1, so neither wins by its units, and only scaled
+                       (not shifted), so that allocate's rank ratios keep their meaning. At ``w = 0``
+                       (``w = 1``) it is NFN's (grad-sign's) own values: scaled ones would rank the
+                       same up to the last bit of near-ties between types, which rounding may flip.
+
+    A record without a grad-sign score (a 3-D expert weight) gets NaN where grad-sign counts."""
+    nfn = np.array([m.nfn for m in records], dtype=float)
+    if signal == "nfn":
+        return nfn
+    inconsistency = np.array([np.nan if m.grad_sign is None else 1 - m.grad_sign for m in records])
+    if signal == "grad-sign" or weight == 1:
+        return inconsistency
+    if weight == 0:
+        return nfn
+    scored = ~np.isnan(inconsistency)
+    # a mean of 0 (every entry consistent everywhere) leaves the term 0: it then ranks nothing
+    scale = max(float(inconsistency[scored].mean()) if scored.any() else 0.0, 1e-12)
+    return (1 - weight) * nfn / nfn[scored].mean() + weight * inconsistency / scale
+
+
 def adapter_cost(records: Sequence[ModuleRecord], rank: int) -> tuple[int, float]:
     """Trainable LoRA parameters at ``rank`` over ``records`` and the adapter size in MB."""
     params = rank * sum(m.lora_params_per_rank for m in records)
@@ -53,11 +85,13 @@ def type_means(records: Sequence[ModuleRecord], nfn: np.ndarray | None = None) -
     return {t: float(np.mean(vs)) for t, vs in groups.items()}
 
 
-def rank_types(records: Sequence[ModuleRecord]) -> list[TypeRanking]:
-    """Types sorted by ascending mean NFN (ties broken by name, so the order is reproducible)."""
+def rank_types(records: Sequence[ModuleRecord], values: np.ndarray | None = None) -> list[TypeRanking]:
+    """Types sorted by ascending mean NFN, or mean ``values`` (:func:`signal_values`; types without
+    values last), ties broken by name so that the order is reproducible."""
     groups: dict[str, list[ModuleRecord]] = defaultdict(list)
     for m in records:
         groups[m.type].append(m)
+    means = type_means(records, values)
     rows = []
     for t, ms in groups.items():
         v = np.array([m.nfn for m in ms])
@@ -73,7 +107,7 @@ def rank_types(records: Sequence[ModuleRecord]) -> list[TypeRanking]:
                 lora_params_per_rank=sum(m.lora_params_per_rank for m in ms),
             )
         )
-    rows.sort(key=lambda r: (r.nfn_mean, r.type))
+    rows.sort(key=lambda r: (math.isnan(means[r.type]), means[r.type], r.type))
     for i, r in enumerate(rows, 1):
         r.position = i
     return rows
@@ -176,11 +210,13 @@ def modules_regex(names: Sequence[str]) -> str:
 
 class Selector:
     """A :class:`~plop.config.Strategy` on ``records``, its costs at ``rank``; callable on any vector
-    of module NFNs."""
+    of module NFNs, or of another signal's values (``values``: the point estimate, NFN by default)."""
 
-    def __init__(self, records: Sequence[ModuleRecord], strategy: Strategy = Strategy(), *, rank: int = 16) -> None:
+    def __init__(self, records: Sequence[ModuleRecord], strategy: Strategy = Strategy(), *, rank: int = 16,
+                 values: np.ndarray | None = None) -> None:
         check_positive("rank", rank)
         self.records = list(records)
+        self.values = np.array([m.nfn for m in self.records]) if values is None else np.asarray(values, dtype=float)
         self.strategy, self.top_k, self.budget = strategy.kind, strategy.top_k, strategy.budget
         self.rank, self.power = rank, strategy.power
         self.per_rank: dict[str, int] = defaultdict(int)
@@ -188,7 +224,8 @@ class Selector:
             self.per_rank[m.type] += m.lora_params_per_rank
         self.type_cost = {t: rank * c for t, c in self.per_rank.items()}
         if self.strategy == "allocate" and self.budget is None:  # what the paper's top-k placement costs here
-            self.budget = sum(self.type_cost[t] for t in _select_top_k(type_means(self.records), self.top_k))
+            self.budget = sum(self.type_cost[t] for t in _select_top_k(type_means(self.records, self.values),
+                                                                          self.top_k))
         layers = {m.layer for m in self.records if m.layer is not None}
         self.per_layer_count = self.top_k * max(len(layers), 1)
 
@@ -206,7 +243,7 @@ class Selector:
     def recommend(self, replicates: np.ndarray | None = None) -> tuple[Recommendation, dict[str, float] | None]:
         """The recommendation and, given bootstrap replicates ``(n_modules, R)``, per-type
         selection probabilities."""
-        point = self(np.array([m.nfn for m in self.records]))
+        point = self(self.values)
         if not point:
             raise ConfigError(
                 f"no module type fits a budget of {self.budget:,} parameters at rank {self.rank}; "
@@ -218,7 +255,7 @@ class Selector:
             types = sorted({m.type for m in chosen})
             target: list[str] | str = modules_regex(names)
         else:
-            types = sorted(point, key=type_means(self.records).get)
+            types = sorted(point, key=type_means(self.records, self.values).get)
             chosen = [m for m in self.records if m.type in point]
             names = [m.name for m in chosen]
             target = list(types)
@@ -236,12 +273,13 @@ class Selector:
     def _allocated(self, rec: Recommendation) -> None:
         """Fill in an allocation's ranks and its cost (each type's alpha keeps alpha / rank as the
         settings' lora_alpha / r: :func:`plop.placement.lora_kwargs`)."""
-        ranks = allocate_ranks(type_means(self.records), self.per_rank, self.budget, self.power)
+        ranks = allocate_ranks(type_means(self.records, self.values), self.per_rank, self.budget, self.power)
         rec.rank_pattern = {t: ranks[t] for t in rec.types}
         rec.rank = max(ranks.values())
         rec.trainable_params = sum(r * self.per_rank[t] for t, r in ranks.items())
         rec.size_mb = rec.trainable_params * BYTES_PER_PARAM / 1e6
-        rec.allocation = {"rule": "rank ~ s * (min NFN / NFN)^power, nearest allowed rank, most of the budget",
+        rec.allocation = {"rule": "rank ~ s * (min value / value)^power (value: the signal's, NFN by default), "
+                                  "nearest allowed rank, most of the budget",
                           "power": self.power, "ranks": list(ALLOCATION_RANKS), "budget": self.budget}
 
     def stability(self, point: frozenset[str], replicates: np.ndarray) -> tuple[float, dict[str, float] | None]:

@@ -51,6 +51,7 @@ class ModuleRecord:
     snr: float | None = None
     experts: int | None = None  # a 3-D expert weight (E, d_out, d_in); its NFN is the routed tokens' mean
     expert_nfn: list[float | None] | None = None  # per expert; None for an expert no token reached
+    grad_sign: float | None = None  # sign consistency of its LoRA-B gradients, when asked for (plop.measure.grad_sign)
 
     @property
     def lora_params_per_rank(self) -> int:
@@ -64,7 +65,7 @@ class TypeRanking:
     """One module type, aggregated over layers."""
 
     type: str
-    position: int  # 1 = the lowest mean NFN (a LoRA rank is 'rank' everywhere else)
+    position: int  # 1 = the signal's first choice, the lowest mean NFN by default (a LoRA rank is 'rank' elsewhere)
     nfn_mean: float
     nfn_std: float
     nfn_min: float
@@ -145,7 +146,8 @@ REPORT_SCHEMA = _obj(
                     "input_norm_max": _num,
                     "output_norm_mean": _num,
                 },
-                {"experts": _opt_int, "expert_nfn": {"type": ["array", "null"], "items": {"type": ["number", "null"]}}},
+                {"experts": _opt_int, "expert_nfn": {"type": ["array", "null"], "items": {"type": ["number", "null"]}},
+                 "grad_sign": {"type": ["number", "null"], "minimum": 0, "maximum": 1}},
             ),
         },
         "types": {
