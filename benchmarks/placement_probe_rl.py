@@ -69,7 +69,7 @@ def prepare(args):
 
 
 def run_one(prepared, arm: str, scaling: str, seed: int, args) -> dict:
-    from plop import TrainConfig
+    from plop import LoraSettings, TrainConfig
     from plop.finetune.trainer import train_on_placement
 
     model, tokenizer, report, train, held, budget, arms = prepared
@@ -78,7 +78,8 @@ def run_one(prepared, arm: str, scaling: str, seed: int, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = TrainConfig(method="grpo", reward=correct, steps=1, batch_size=args.batch_size,
                              num_generations=args.num_generations, max_new_tokens=args.max_new_tokens,
-                             max_length=args.max_length, lr=args.lr, rank=rank, alpha=alpha, dropout=0.0, seed=seed,
+                             max_length=args.max_length, lr=args.lr, seed=seed,
+                             lora=LoraSettings(r=rank, alpha=alpha, dropout=0.0, loraplus_ratio=16.0),
                              logging_steps=1, step_size_steps=1, output_dir=out)
         started = time.perf_counter()
         result = train_on_placement(copy.deepcopy(model), tokenizer, train, config, candidate.placement,

@@ -104,18 +104,18 @@ def prepare(task: str, args) -> tuple:
 
 def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
     import plop
-    from plop import TrainConfig
+    from plop import LoraSettings, TrainConfig
 
     model, tokenizer, train, rest, validation, test, report = prepared
     select = run["phase"] == "A"
     config = TrainConfig(steps=run["steps"], batch_size=args.batch_size, max_length=args.max_length, lr=lr,
-                         alpha=2.0 * args.rank, dropout=0.0, logging_steps=1, lr_schedule="constant", warmup_steps=2,
+                         lora=LoraSettings(alpha=2.0 * args.rank, dropout=0.0, loraplus_ratio=16.0), logging_steps=1, lr_schedule="constant", warmup_steps=2,
                          step_size_steps=None if select else args.step_size_steps)
     comparison = plop.compare(model, tokenizer, rest if select else train, report, placements=[run["arm"]],
                               seeds=[run["seed"]], rank=args.rank, config=config,
                               eval_examples=validation if select else test, lr_grid=None, progress=True)
     (row,) = comparison.to_dict()["rows"]
-    record = {**row, **run, "budget_params": comparison.budget, "alpha": config.alpha, "device": args.device,
+    record = {**row, **run, "budget_params": comparison.budget, "alpha": config.lora.alpha, "device": args.device,
               "threads": args.threads}
     return {**record, "validation": row["eval_loss_after"]} if select else record
 

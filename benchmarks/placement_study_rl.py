@@ -180,7 +180,8 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
     # 4 prompts x 8 completions: at the base's sampled accuracy a 2 x 4 step mostly has no correct
     # completion in a group, hence no advantage and no step (v1: 28-53 % of its steps)
     config = TrainConfig(method="grpo", reward=reward, steps=run["steps"], batch_size=32, num_generations=8,
-                         max_new_tokens=16, max_length=args.max_length, lr=lr, alpha=2.0 * args.rank, dropout=0.0,
+                         max_new_tokens=16, max_length=args.max_length, lr=lr,
+                         lora=plop.LoraSettings(alpha=2.0 * args.rank, dropout=0.0, loraplus_ratio=16.0),
                          lr_schedule="constant",
                          logging_steps=1, eval_steps=None if select else run["steps"] // 2,
                          step_size_steps=None if select else args.step_size_steps)
@@ -188,7 +189,7 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
                               seeds=[run["seed"]], rank=args.rank, config=config, eval_examples=judged, lr_grid=None,
                               progress=True)
     (row,) = comparison.to_dict()["rows"]
-    record = {**row, **run, "budget_params": comparison.budget, "alpha": config.alpha,
+    record = {**row, **run, "budget_params": comparison.budget, "alpha": config.lora.alpha,
               "completion_length": {"sampled": reward.sampled, "held_out": reward.greedy},
               "device": args.device, "threads": args.threads}
     if select:

@@ -23,6 +23,7 @@ _EXPORTS = {
     "TrainResult": "plop.finetune.trainer",
     "TrainingInterrupted": "plop.finetune.trainer",
     "TrainConfig": "plop.finetune.config",
+    "LoraSettings": "plop.placement",
     "compare": "plop.finetune.compare",
     "Comparison": "plop.finetune.compare",
     "PlopError": "plop.errors",
@@ -58,6 +59,7 @@ if TYPE_CHECKING:  # what static tools see; at run time __getattr__ below resolv
     from .finetune.trainer import TrainingInterrupted, TrainResult, train
     from .integrations.peft import lora_config
     from .model.loading import load_model
+    from .placement import LoraSettings
     from .ranking.report import Report
 
 

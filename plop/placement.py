@@ -17,22 +17,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .config import default_alpha
+from .config import default_alpha, option
 from .errors import ConfigError
+
+
+_LORA = "fine-tuning"
 
 
 @dataclass(frozen=True)
 class LoraSettings:
     """How each adapter is built and trained. ``alpha`` None means :func:`plop.config.default_alpha`
     of whatever the rank is, so ``replace(settings, r=8)`` keeps that rule; ``loraplus_ratio`` None or 1
-    is plain LoRA (LoRA+ is an optimizer setting: B's learning rate over A's)."""
+    is plain LoRA (LoRA+ is an optimizer setting: B's learning rate over A's). Each field carries its
+    command-line option (``--rank``, ``--alpha``, ``--dropout``, ``--dora``, ``--rslora``,
+    ``--loraplus-ratio``): ``plop train``, ``compare`` and ``export`` all read them from here."""
 
-    r: int = 16
-    alpha: float | None = None
-    dropout: float = 0.05
-    use_dora: bool = False
-    use_rslora: bool = False
-    loraplus_ratio: float | None = None
+    r: int = option(16, "LoRA rank", flag="--rank", metavar="RANK", parse="positive", group=_LORA)
+    alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
+    dropout: float = option(0.05, "LoRA dropout", group=_LORA)
+    use_dora: bool = option(False, "DoRA: also learn each output's magnitude", flag="--dora", group=_LORA)
+    use_rslora: bool = option(False, "rsLoRA: scale the adapters by alpha / sqrt(rank) instead of alpha / rank",
+                              flag="--rslora", group=_LORA)
+    loraplus_ratio: float | None = option(None, "LoRA+: the B matrices' learning rate over the A matrices' "
+                                                "(1: plain LoRA)", group=_LORA)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:

@@ -16,6 +16,7 @@ from plop.config import DiagnoseConfig, ModelConfig, option
 from plop.errors import ConfigError
 from plop.files.data import DataSource, TextFormat
 from plop.finetune.config import CompareConfig, TrainConfig
+from plop.placement import LoraSettings
 
 
 @dataclass
@@ -87,7 +88,9 @@ def test_every_cli_field_of_a_command_is_an_option(command, configs):
     skipped = set(BIG_MODELS) if command == "train" else set()
     for cls in configs:
         for f in dataclasses.fields(cls):
-            if f.metadata.get("cli", True) and f.name not in skipped:
+            if isinstance(f.default, LoraSettings):  # a nested config: its own fields are the options
+                assert {g.name for g in dataclasses.fields(LoraSettings)} <= args.keys(), f"{cls.__name__}.{f.name}"
+            elif f.metadata.get("cli", True) and f.name not in skipped:
                 assert f.name in args, f"{cls.__name__}.{f.name}"
 
 
@@ -146,7 +149,8 @@ def test_compare_reads_its_protocol_with_numbers_typed_and_checked(capsys):
     protocol = build_config(CompareConfig, args)
     assert protocol.lr_grid == (0.5, 1.0, 2.0, 4.0) and protocol.seeds == (0, 1, 2)
     assert protocol.select_seeds == (100, 101) and args.dropout == 0.0
-    assert build_parser().parse_args(["train"]).dropout == TrainConfig.dropout
+    assert build_parser().parse_args(["train"]).dropout == TrainConfig().lora.dropout == 0.05
+    assert build_config(TrainConfig, args).lora == LoraSettings(dropout=0.0, loraplus_ratio=16.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--lr-grid", "half"])
     assert "expected comma-separated numbers, got 'half'" in capsys.readouterr().err
@@ -180,6 +184,10 @@ def test_every_rank_is_a_positive_whole_number(capsys):
         with pytest.raises(SystemExit) as stop:
             build_parser().parse_args([*path, *(["r.json"] if path == ("export",) else []), "--rank", "0"])
         assert stop.value.code == 2 and "must be a positive whole number" in capsys.readouterr().err
-    defaults = {path[0]: build_parser().parse_args([*path, *(["r.json"] if path == ("export",) else [])]).rank
-                for path in commands}
+    defaults = {}
+    for path, parser in _commands(build_parser()):
+        if path in commands:  # --rank is diagnose's rank, and LoraSettings' r elsewhere
+            (dest,) = {a.dest for a in parser._actions if "--rank" in a.option_strings}
+            args = build_parser().parse_args([*path, *(["r.json"] if path == ("export",) else [])])
+            defaults[path[0]] = getattr(args, dest)
     assert defaults == {"diagnose": 16, "check": 16, "train": 16, "compare": 16, "export": None}  # None: the report's

@@ -10,7 +10,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from plop import TrainConfig, compare, diagnose
+from plop import LoraSettings, TrainConfig, compare, diagnose
 from plop.finetune.compare import candidates
 from plop.model.placement import COMPARE_DEFAULT
 from plop.errors import PlopError
@@ -179,7 +179,8 @@ def test_an_allocate_report_sets_the_budget_with_its_own_ranks(tokenizer):
 def test_one_seed_gives_every_placement_the_same_first_batch(tokenizer, report, tmp_path):
     """At step 1 every B is zero, so placements trained at one seed on the same batch log the same
     loss: the seed pairs the runs' data (LoRA dropout 0.05 here cannot shift it)."""
-    config = TrainConfig(steps=2, lr=1e-2, batch_size=8, logging_steps=1, dropout=0.05, output_dir=str(tmp_path))
+    config = TrainConfig(steps=2, lr=1e-2, batch_size=8, logging_steps=1, lora=LoraSettings(dropout=0.05),
+                         output_dir=str(tmp_path))
     result = compare(make_model(), tokenizer, examples(24), report, seeds=[3], rank=2, config=config,
                      placements=["recommended", "mlp", "all-linear", "attention"])
     assert len({r.loss_curve[0]["loss"] for r in result.rows}) == 1

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import pytest
 
-from plop import ConfigError, DiagnoseConfig, Strategy, TrainConfig, diagnose
+from plop import ConfigError, DiagnoseConfig, LoraSettings, Strategy, TrainConfig, diagnose
 from conftest import make_batches
 
 
@@ -33,11 +33,27 @@ def test_a_bad_strategy_fails_before_the_first_forward():
 
 def test_train_config_alpha_follows_the_rank_unless_set():
     config = TrainConfig()
-    assert config.alpha is None and config.lora_alpha == 32
-    assert replace(config, rank=8).lora_alpha == 16
-    assert replace(TrainConfig(alpha=10), rank=8).lora_alpha == 10
+    assert config.lora.alpha is None and config.lora.lora_alpha == 32 and config.lora.loraplus_ratio == 16
+    assert replace(config.lora, r=8).lora_alpha == 16
+    assert replace(LoraSettings(alpha=10), r=8).lora_alpha == 10
     with pytest.raises(ConfigError, match="alpha"):
-        TrainConfig(alpha=-1)
+        TrainConfig(lora=LoraSettings(alpha=-1))
+    with pytest.raises(ConfigError, match="LoraSettings"):
+        TrainConfig(lora={"r": 8})
+
+
+def test_train_config_takes_its_old_lora_keywords_for_one_release_with_a_warning():
+    """``TrainConfig(rank=..., dora=...)`` and ``replace(config, rank=...)`` set ``lora``, and say how
+    to write them now; they are not fields any more (LoraSettings is their one home)."""
+    with pytest.warns(FutureWarning, match=r"lora=LoraSettings\(r=, alpha=, dropout=, use_dora=, loraplus_ratio="):
+        config = TrainConfig(rank=8, alpha=16, dropout=0.1, dora=True, loraplus_ratio=1, steps=3)
+    assert config.lora == LoraSettings(8, 16, 0.1, use_dora=True, loraplus_ratio=1) and config.steps == 3
+    with pytest.warns(FutureWarning, match="replace"):
+        assert replace(config, rank=4).lora == replace(config.lora, r=4)
+    with pytest.warns(FutureWarning):  # onto the lora given
+        assert TrainConfig(lora=LoraSettings(alpha=10), rank=8).lora == LoraSettings(8, 10)
+    assert "rank" not in {f.name for f in fields(TrainConfig)}
+    assert TrainConfig(lora=LoraSettings(r=4, use_dora=True)).record()["r"] == 4  # the record stays flat
 
 
 def test_shard_is_a_loading_option_that_feeds_the_diagnosis_too(tmp_path, capsys):

@@ -211,9 +211,10 @@ def test_train_puts_lora_on_the_expert_weights_and_refuses_dora(tmp_path):
 
     from plop.errors import ConfigError
     from plop.finetune.config import TrainConfig
+    from plop.placement import LoraSettings
     from plop.finetune.trainer import train
 
-    config = TrainConfig(rank=2, steps=2, batch_size=4, output_dir=str(tmp_path / "run"), loraplus_ratio=1)
+    config = TrainConfig(lora=LoraSettings(r=2), steps=2, batch_size=4, output_dir=str(tmp_path / "run"))
     result = train(archs.build("mixtral"), tiny_lm.make_tokenizer(), tiny_lm.examples(12), config, placement="mlp",
                    progress=False)
     assert result.summary["target_parameters"] == ["experts.down_proj", "experts.gate_up_proj"]
@@ -221,5 +222,5 @@ def test_train_puts_lora_on_the_expert_weights_and_refuses_dora(tmp_path):
     assert any(".experts.lora_A" in n for n, p in result.model.named_parameters() if p.requires_grad)
     with pytest.raises(ConfigError, match="DoRA"):
         train(archs.build("mixtral"), tiny_lm.make_tokenizer(), tiny_lm.examples(12),
-              TrainConfig(rank=2, steps=1, dora=True, output_dir=str(tmp_path / "dora")), placement="mlp",
+              TrainConfig(lora=LoraSettings(r=2, use_dora=True), steps=1, output_dir=str(tmp_path / "dora")), placement="mlp",
               progress=False)

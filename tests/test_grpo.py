@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from plop import TrainConfig, train
+from plop import LoraSettings, TrainConfig, train
 from plop.errors import ConfigError, PlopError
 from plop.finetune.config import SUMMARY_FILE
 from plop.finetune.reward import RewardError, load_reward
@@ -203,7 +203,7 @@ def test_one_seed_pairs_every_placement_by_its_samples(tmp_path):
     report = diagnose(make_model(), examples(16), tokenizer, n_bootstrap=10)
     result = compare(make_model(), tokenizer, examples(24), report, seeds=[0], rank=2,
                      placements=["recommended", "mlp", "all-linear", "attention"],
-                     config=grpo_config(tmp_path, steps=1, dropout=0.05))
+                     config=grpo_config(tmp_path, steps=1, lora=LoraSettings(dropout=0.05)))
     first = {(r.reward_curve[0]["reward"], r.loss_curve[0]["loss"]) for r in result.rows}
     assert len(result.rows) == 4 and len(first) == 1, first
 

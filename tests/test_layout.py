@@ -314,3 +314,22 @@ def test_prose_names_only_modules_and_names_that_exist():
     stale = sorted({f"{_module_name(p)}: {name}" for p in PACKAGE.rglob("*.py") for name in DOTTED.findall(_prose(p))
                     if _lookup(name) is None})
     assert not stale
+
+
+def test_only_placement_and_lora_settings_carry_targets_and_lora_settings():
+    """``Placement`` and ``LoraSettings`` are the records that carry where adapters go and how they
+    are built between packages: no other dataclass declares a field of theirs. One exception:
+    ``CompareRow.rank_pattern``, a flat JSON result record of what one comparison run trained (an
+    allocation's rank per type), not settings passed on to another package."""
+    carried = {"target_modules", "target_parameters", "rank_pattern", "lora_alpha", "lora_dropout", "use_dora",
+               "loraplus_ratio"}
+    holders = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                fields = {st.target.id for st in node.body if isinstance(st, ast.AnnAssign) and isinstance(st.target, ast.Name)}
+                if fields & carried:
+                    holders[node.name] = sorted(fields & carried)
+    assert holders == {"Placement": ["rank_pattern", "target_modules", "target_parameters"],
+                       "LoraSettings": ["loraplus_ratio", "use_dora"],
+                       "CompareRow": ["rank_pattern"]}, holders

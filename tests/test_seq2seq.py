@@ -10,6 +10,7 @@ import tiny_lm
 from plop import diagnose
 from plop.files.data import Example
 from plop.finetune.config import TrainConfig
+from plop.placement import LoraSettings
 from plop.finetune.trainer import train
 
 PAIRS = [Example("Q: 1+2?", "3"), Example("Q: what is 12+30?", "42, since 12+30=42"), Example("", "plain text")]
@@ -48,7 +49,7 @@ def test_texts_are_decoded_from_their_shifted_selves():
 def test_train_fine_tunes_an_encoder_decoder(name, tmp_path):
     tokenizer = tiny_lm.make_tokenizer()
     model = archs.build(name)
-    config = TrainConfig(rank=4, steps=3, batch_size=4, output_dir=str(tmp_path), loraplus_ratio=1, lr=1e-2)
+    config = TrainConfig(lora=LoraSettings(r=4), steps=3, batch_size=4, output_dir=str(tmp_path), lr=1e-2)
     result = train(model, tokenizer, tiny_lm.examples(16), config, placement="attention", progress=False)
     assert result.model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
     losses = [p["loss"] for p in result.summary["loss_curve"]]

@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from plop import TrainConfig, diagnose, train
+from plop import LoraSettings, TrainConfig, diagnose, train
 from plop.files.data import Example
 from plop.errors import ConfigError, PlopError
 from plop.finetune.config import SUMMARY_FILE
@@ -103,7 +103,7 @@ def test_named_placement_without_a_report(tmp_path, tokenizer):
 
 def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tmp_path, tokenizer):
     def initial_lrs(ratio: float) -> dict[str, list[float]]:
-        run = config(tmp_path / str(ratio), steps=1, lr=1e-3, loraplus_ratio=ratio)
+        run = config(tmp_path / str(ratio), steps=1, lr=1e-3, lora=LoraSettings(loraplus_ratio=ratio))
         result = train(make_model(), tokenizer, examples(), run, placement="qv", progress=False)
         names = {id(p): n for n, p in result.model.named_parameters()}
         lrs: dict[str, set[float]] = {"lora_A": set(), "lora_B": set()}  # initial_lr: before the schedule
@@ -121,7 +121,7 @@ def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tmp_path, token
 def test_dora_trains_saves_and_reloads(tmp_path, tokenizer):
     from peft import PeftModel
 
-    result = train(make_model(), tokenizer, examples(), config(tmp_path, dora=True), placement="qv", progress=False)
+    result = train(make_model(), tokenizer, examples(), config(tmp_path, lora=LoraSettings(use_dora=True, loraplus_ratio=16)), placement="qv", progress=False)
     assert json.loads((result.adapter_path / "adapter_config.json").read_text())["use_dora"] is True
     magnitudes = [n for n, p in result.model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
     assert len(magnitudes) == 4  # q_proj and v_proj in 2 layers
@@ -194,13 +194,14 @@ def test_target_modules_matching_nothing_list_the_types(tmp_path, tokenizer):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"rank": 0}, "rank"), ({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"loraplus_ratio": 0.5}, "loraplus_ratio"),
+    ({"r": 0}, "rank"), ({"lr": 0}, "lr"), ({"lr": 2.0}, "lr"), ({"loraplus_ratio": 0.5}, "loraplus_ratio"),
     ({"eval_fraction": 1.0}, "eval_fraction"), ({"dropout": 1.0}, "dropout"), ({"steps": 5, "epochs": 1}, "not both"),
     ({"resume": True, "overwrite": True}, "exclude"), ({"adapter_name": "a/b"}, "plain name"),
 ])
 def test_config_ranges_are_checked(fields, message):
+    lora = {k: fields.pop(k) for k in ("r", "loraplus_ratio", "dropout") if k in fields}  # LoraSettings checks them
     with pytest.raises(ValueError, match=message):
-        TrainConfig(**fields)
+        TrainConfig(lora=LoraSettings(**lora), **fields)
 
 
 def test_loss_goes_on_the_response_only(tokenizer):

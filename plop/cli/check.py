@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..config import names, targets
-from ..finetune.config import TrainConfig
+from ..placement import LoraSettings
 from ..stacks import READABLE
 from ..utils.untrusted import plain_safe
 from .options import Options, command
@@ -37,7 +37,7 @@ def register(sub) -> None:
     p.add_argument("--target-parameters", type=names, metavar="A,B",
                    help="inline: comma-separated 3-D expert weights (PEFT target_parameters)")
     p.add_argument("--rank-pattern", type=names, metavar="KEY=RANK,KEY=RANK", help="inline: PEFT rank_pattern")
-    Options(p).add(TrainConfig, only=("rank",), helps={"rank": "inline: LoRA rank"})
+    Options(p).add(LoraSettings, only=("r",), helps={"r": "inline: LoRA rank"})
     p.add_argument("--report", help="a plop report of this model: weigh the placement by NFN")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--html", metavar="OUT.html", help="write one self-contained HTML page")
@@ -50,7 +50,7 @@ def run(args) -> int:
 
     inline = args.target_modules is not None or args.target_parameters is not None
     if inline:  # with inline targets the one positional is the model
-        config = inline_spec(args.target_modules, args.target_parameters, args.rank_pattern, args.rank)
+        config = inline_spec(args.target_modules, args.target_parameters, args.rank_pattern, args.r)
         model = args.model or args.config
     else:
         config, model = args.config, args.model

@@ -50,7 +50,7 @@ def run(args) -> int:
     if report is None:  # diagnosed on the same data, as plop train does; kept with the adapters when they are
         report = own_report(model, tokenizer, examples, config, args.output_dir, model_id=model_id, data_info=info)
         say_diagnosed(report)
-    result = compare(model, tokenizer, examples, report, rank=args.rank, config=config, output_dir=args.output_dir,
+    result = compare(model, tokenizer, examples, report, rank=config.lora.r, config=config, output_dir=args.output_dir,
                      progress=True, **values(CompareConfig, args))
     if not is_main():
         return 0

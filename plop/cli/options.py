@@ -139,20 +139,26 @@ class Options:
     def add(self, *configs: type, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = (),
             defaults: dict[str, Any] | None = None, helps: dict[str, str] | None = None) -> Options:
         """Add the options of ``configs``' fields: all of them, or ``only`` those, less ``skip``;
-        ``defaults``/``helps`` change a field's default or help for this command alone."""
+        ``defaults``/``helps`` change a field's default or help for this command alone. A field holding
+        a config (``TrainConfig.lora``) adds its fields, at its default's values (``only`` it: all)."""
         for cls in configs:
-            hints = typing.get_type_hints(cls)
-            for f in dataclasses.fields(cls):
-                if f.name in self._fields or f.name in skip or not f.metadata.get("cli", True) \
-                        or (only and f.name not in only):
-                    continue
-                self._fields.add(f.name)
-                default = (defaults or {}).get(f.name, f.default)
-                flags, kwargs = _argument(f, hints[f.name], default)
-                if helps and f.name in helps:
-                    kwargs["help"] = helps[f.name]
-                self._target(f.metadata).add_argument(*flags, **kwargs)
+            self._add(cls, None, only, skip, defaults or {}, helps or {})
         return self
+
+    def _add(self, cls: type, held: Any, only: tuple[str, ...] | None, skip: tuple[str, ...],
+             defaults: dict[str, Any], helps: dict[str, str]) -> None:
+        """``cls``' options, at the values of ``held`` (a held config's default) if given."""
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in self._fields or f.name in skip or not f.metadata.get("cli", True):
+                continue
+            if (inner := _held(f)) is not None:
+                self._add(type(inner), inner, None if only and f.name in only else only, skip, defaults, helps)
+            elif not only or f.name in only:
+                self._fields.add(f.name)
+                flags, kwargs = _argument(f, hints[f.name], defaults.get(f.name, getattr(held, f.name, f.default)))
+                kwargs["help"] = helps.get(f.name, kwargs["help"])
+                self._target(f.metadata).add_argument(*flags, **kwargs)
 
     def _target(self, meta: Mapping[str, Any]):
         """The parser, argument group or mutually exclusive group a field's option goes into."""
@@ -170,9 +176,17 @@ class Options:
         return target
 
 
+def _held(f: dataclasses.Field) -> Any:
+    """The default of a command-line field that holds a config (a dataclass instance), else None."""
+    return f.default if dataclasses.is_dataclass(f.default) and f.metadata.get("cli", True) else None
+
+
 def values(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The parsed options that are fields of ``cls``."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    """The parsed options that are fields of ``cls``; a field holding a config, that config from its
+    own fields' options (its default's values where this command has none)."""
+    fields = dataclasses.fields(cls)
+    held = {f.name: dataclasses.replace(h, **values(type(h), args)) for f in fields if (h := _held(f)) is not None}
+    return {**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name) and f.name not in held}, **held}
 
 
 def build(cls: type, args: argparse.Namespace, **extra: Any):

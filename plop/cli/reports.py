@@ -7,12 +7,11 @@ import os
 import sys
 import warnings
 
-from ..finetune.config import TrainConfig
 from ..placement import LoraSettings
 from ..stacks import FORMATS
 from ..utils.fsio import check_destination
 from ..utils.untrusted import plain_safe, terminal_safe
-from .options import Options, command
+from .options import Options, build, command
 
 SHOW_EXAMPLES = """examples:
   plop show report.json
@@ -58,9 +57,9 @@ def register(sub) -> None:
                    help="write the LoRA keys into this existing config, keeping every other key "
                         "(in place unless --out is given)")
     p.add_argument("--peft", default=None, metavar="DIR", help="same as --to peft --out DIR")
-    Options(p).add(TrainConfig, only=("rank", "alpha", "dropout", "dora", "loraplus_ratio"),
-                   defaults={"rank": None, "loraplus_ratio": None},
-                   helps={"rank": "LoRA rank (default: the report's)",
+    # rsLoRA is left out: only the PEFT stack writes it
+    Options(p).add(LoraSettings, skip=("use_rslora",), defaults={"r": None},
+                   helps={"r": "LoRA rank (default: the report's)",
                           "loraplus_ratio": "LoRA+ learning-rate ratio of B over A, for stacks with a key for it"})
     p.set_defaults(func=export)
 
@@ -111,8 +110,7 @@ def export(args) -> int:
 
     fmt, out = ("peft", os.path.join(args.peft, "")) if args.peft else (args.to, args.out)  # a folder
     report = Report.load(args.report)
-    settings = LoraSettings(args.rank or report.recommendation.rank, args.alpha, args.dropout, use_dora=args.dora,
-                            loraplus_ratio=args.loraplus_ratio)
+    settings = build(LoraSettings, args, r=args.r or report.recommendation.rank)
     result = export_to(report, fmt, settings)
     for warning in result.warnings:
         warnings.warn(warning, stacklevel=1)

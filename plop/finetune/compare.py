@@ -269,7 +269,7 @@ def compare(
     (default without ``lr_grid``: each seed's own split). ``output_dir`` keeps each run's adapter
     (default: a temporary directory); under ``torchrun`` every run is data-parallel.
     """
-    config = replace(config or TrainConfig(dropout=0.0), **overrides)
+    config = replace(config or TrainConfig(lora=replace(TrainConfig().lora, dropout=0.0)), **overrides)
     if placements is None:
         placements = [p for p in COMPARE_DEFAULT if p != "kappatune" or _has_kappatune()]
     base = model if isinstance(model, nn.Module) else model()
@@ -277,13 +277,13 @@ def compare(
     check_report_matches(report, layout)
     budget = candidates(report, base, ["recommended"], layout=layout)[0].params_at(rank)
     found = candidates(report, base, placements, budget, layout)
-    alpha = config.lora_alpha
     if lr_grid and eval_examples is None:  # one held-out set, kept out of the choice of learning rate
         examples, eval_examples = split_examples(examples, config.eval_fraction, seeds[0])
 
     keep = nullcontext(output_dir) if output_dir is not None else shared_tempdir("plop-compare-")
     with keep as where:
-        runs = _Runs(base, model, tokenizer, report, Path(where), budget, replace(config, alpha=alpha), progress)
+        runs = _Runs(base, model, tokenizer, report, Path(where), budget, replace(config, lora=replace(config.lora, alpha=config.lora.lora_alpha)),
+                     progress)
         lrs, selection = ({c.placement.name: config.lr for c in found}, []) if not lr_grid else \
             runs.choose_lrs(found, examples, lr_grid, select_seeds, validation_fraction)
         rows = [runs.run(candidate, seed, lrs[candidate.placement.name], examples, eval_examples)
@@ -296,9 +296,9 @@ def compare(
 
 def _settings(config: TrainConfig, report: Report, protocol: dict[str, Any]) -> dict[str, Any]:
     """What every run shared, and how the comparison was run."""
-    settings = {k: v for k, v in config.record().items() if k not in ("rank", "seed", "adapter_name", "resume",
+    settings = {k: v for k, v in config.record().items() if k not in ("r", "seed", "adapter_name", "resume",
                                                                      "output_dir")}
-    return {**settings, "alpha": config.lora_alpha, "model": report.model.get("id"),
+    return {**settings, "alpha": config.lora.lora_alpha, "model": report.model.get("id"),
             "scaling": "one lora_alpha for every rank: the LoRA scale alpha / r falls as the rank grows", **protocol}
 
 
@@ -317,7 +317,7 @@ class _Runs:
 
     def run(self, candidate: Candidate, seed: int, lr: float, examples, eval_examples, tag: str = "") -> CompareRow:
         r = candidate.rank_for(self.budget)
-        config = replace(self.config, rank=r, lr=lr, seed=seed, adapter_name="default", resume=False,
+        config = replace(self.config, lora=replace(self.config.lora, r=r), lr=lr, seed=seed, adapter_name="default", resume=False,
                          output_dir=str(self.root / f"{candidate.placement.name}{tag}-seed{seed}"))
         fresh = copy.deepcopy(self.base) if isinstance(self.model, nn.Module) else self.model()
         result = train_on_placement(fresh, self.tokenizer, examples, config, candidate.placement, report=self.report,

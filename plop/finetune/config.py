@@ -5,13 +5,15 @@ Torch-free, so the CLI reads its defaults from here without paying for torch.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import default_alpha, option
+from ..config import option
 from ..errors import ConfigError
 from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from ..placement import LoraSettings
@@ -26,14 +28,45 @@ LR_SCHEDULES = {"linear": "linear", "constant": "constant_with_warmup"}
 _RL = "reinforcement learning (--method grpo)"
 
 
+def _old_lora_keywords(cls: type) -> type:
+    """``cls`` also taking the LoRA keywords it had before :class:`LoraSettings` held them
+    (``TrainConfig(rank=8, dora=True)``, ``replace(config, rank=4)``): they go into ``lora``, with
+    a FutureWarning. Kept for one release."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        old = {k: kwargs.pop(k) for k in [k for k in kwargs if k in _OLD_LORA_KEYWORDS]}
+        if old:
+            new = ", ".join(f"{_OLD_LORA_KEYWORDS[k]}=" for k in old)
+            warnings.warn(f"{cls.__name__}({', '.join(f'{k}=' for k in old)}...) is deprecated and goes in the next "
+                          f"release: give lora=LoraSettings({new}...), or replace(config, lora=replace(config.lora, "
+                          f"{new}...))", FutureWarning, stacklevel=2)
+            lora = kwargs.get("lora", _TRAIN_LORA)
+            kwargs["lora"] = replace(lora, **{_OLD_LORA_KEYWORDS[k]: v for k, v in old.items()})
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
+# TrainConfig's keywords before ``lora``, and the LoraSettings fields they now set
+_OLD_LORA_KEYWORDS = {"rank": "r", "alpha": "alpha", "dropout": "dropout", "dora": "use_dora",
+                      "loraplus_ratio": "loraplus_ratio"}
+_TRAIN_LORA = LoraSettings(loraplus_ratio=16.0)  # a fine-tune's LoRA settings unless told: LoRA+ on
+
+
+@_old_lora_keywords
 @dataclass
 class TrainConfig:
-    """Settings of a fine-tune; all of them land in the summary JSON. ``alpha`` None means
-    :func:`plop.config.default_alpha` of whatever the rank is, so ``replace(config, rank=8)`` keeps
-    that rule; ``steps`` or ``epochs`` bound the run (neither: one epoch); ``logging_steps`` and
-    ``save_steps`` below 1 are fractions of the run (the Trainer's convention), so short and long
-    runs both get a readable loss curve and a few checkpoints; ``adapter_name`` other than
-    ``"default"`` writes into ``output_dir/<name>/``, PEFT's layout for several adapters on one base.
+    """Settings of a fine-tune; all of them land in the summary JSON. ``lora`` holds the adapters'
+    settings (rank, alpha, dropout, DoRA, rsLoRA, the LoRA+ ratio: ``--rank``, ``--alpha``...);
+    ``TrainConfig(rank=8)`` and ``replace(config, rank=8)`` still set them there, with a
+    FutureWarning, until the next release. ``steps`` or ``epochs`` bound the run (neither: one
+    epoch); ``logging_steps`` and ``save_steps`` below 1 are fractions of the run (the Trainer's
+    convention), so short and long runs both get a readable loss curve and a few checkpoints;
+    ``adapter_name`` other than ``"default"`` writes into ``output_dir/<name>/``, PEFT's layout for
+    several adapters on one base.
     """
 
     method: Literal["sft", "grpo"] = option(
@@ -46,18 +79,13 @@ class TrainConfig:
     num_generations: int = option(8, "completions sampled per prompt; --batch-size x --grad-accum must be a "
                                      "multiple of it", group=_RL, parse="positive")
     max_new_tokens: int = option(128, "longest completion sampled or scored", group=_RL, parse="positive")
-    rank: int = option(16, "LoRA rank", group=_LORA, parse="positive")
-    alpha: float | None = option(None, "lora_alpha (default: 2 x rank)", group=_LORA)
-    dropout: float = option(0.05, "LoRA dropout", group=_LORA)
+    lora: LoraSettings = option(_TRAIN_LORA, "the adapters' LoRA settings (LoRA+ on)")
     lr: float = option(2e-4, "learning rate (of the A matrices under LoRA+)", group=_LORA)
     lr_schedule: str = option("linear", "the learning rate over the run: linear decay to 0 (the Trainer's), or "
                                         "constant after the warm-up (a comparison's steps stay comparable)",
                               choices=LR_SCHEDULES, group=_LORA)
     warmup_steps: int = option(0, "steps the learning rate rises linearly over (transformers' rule: the first of "
                                   "them at a rate of 0)", group=_LORA)
-    loraplus_ratio: float = option(16.0, "LoRA+: the B matrices' learning rate over the A matrices' (1: plain LoRA)",
-                                   group=_LORA)
-    dora: bool = option(False, "DoRA: also learn each output's magnitude", group=_LORA)
     steps: int | None = option(None, "optimizer steps (default: one epoch)", group=_LORA, parse="positive")
     epochs: float | None = option(None, "epochs, instead of --steps", group=_LORA)
     batch_size: int = option(8, "rows per batch", group="data", parse="positive")
@@ -81,16 +109,15 @@ class TrainConfig:
                                     "at step 0", choices=REPORT_TO, group=_LORA)
 
     def __post_init__(self) -> None:
-        for name in ("rank", "batch_size", "grad_accum", "max_length", "save_total_limit", "num_generations",
+        if not isinstance(self.lora, LoraSettings):
+            raise ConfigError(f"lora must be a LoraSettings, not {type(self.lora).__name__}")
+        for name in ("batch_size", "grad_accum", "max_length", "save_total_limit", "num_generations",
                      "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
         checks = [
-            (self.alpha is None or self.alpha > 0, f"alpha must be positive, got {self.alpha}"),
             (0 < self.lr <= 1, f"lr must be in (0, 1], got {self.lr}"),
-            (self.loraplus_ratio >= 1, f"loraplus_ratio must be >= 1 (1 is plain LoRA), got {self.loraplus_ratio}"),
-            (0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}"),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1), got {self.eval_fraction}"),
             (self.steps is None or self.epochs is None, "give steps or epochs, not both"),
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
@@ -136,18 +163,11 @@ class TrainConfig:
                               "each step scores whole groups of completions of one prompt")
 
     def record(self) -> dict[str, Any]:
-        """The settings as JSON can hold them: a reward function by its ``module:name``."""
-        return {**asdict(self), "reward": reward_name(self.reward)}
-
-    @property
-    def lora_alpha(self) -> float:
-        """The ``lora_alpha`` in force: ``alpha``, else ``2 * rank``."""
-        return default_alpha(self.rank) if self.alpha is None else self.alpha
-
-    @property
-    def lora_settings(self) -> LoraSettings:
-        """The run's LoRA hyper-parameters as the record every package takes."""
-        return LoraSettings(self.rank, self.alpha, self.dropout, use_dora=self.dora, loraplus_ratio=self.loraplus_ratio)
+        """The settings as JSON can hold them, flat: the LoRA settings under their
+        :class:`~plop.placement.LoraSettings` names (``r``, ``alpha``, ``dropout``, ``use_dora``,
+        ``use_rslora``, ``loraplus_ratio``) beside the others, a reward function by its ``module:name``."""
+        record = asdict(self)
+        return {**record.pop("lora"), **record, "reward": reward_name(self.reward)}
 
     @property
     def run_dir(self) -> Path:

@@ -61,7 +61,7 @@ class GRPO:
         reward = load_reward(config.reward)
         trainer = grpo_trainer_class()(model=peft_model, reward_funcs=reward, args=args,
                                        train_dataset=Dataset.from_list(datasets[0]), processing_class=tokenizer,
-                                       callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
+                                       callbacks=callbacks, loraplus_ratio=config.lora.loraplus_ratio or 1.0)
         trainer.plop_reward = reward
         if config.eval_steps and datasets[1]:
             from .hf_trainer import EveryNSteps

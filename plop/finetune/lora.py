@@ -30,7 +30,7 @@ def run_lora_config(layout: ModelLayout, config: TrainConfig, placement: Placeme
     it was diagnosed on)."""
     if placement.target_modules or not placement.target_parameters:
         modules_peft_adapts(layout, placement.target_modules)
-    return lora_config(placement, config.lora_settings, task_type=task_type)
+    return lora_config(placement, config.lora, task_type=task_type)
 
 
 def wrap(model: nn.Module, lora, seed: int):

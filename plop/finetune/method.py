@@ -28,7 +28,7 @@ class Method(Protocol):
 
     def trainer(self, peft_model, tokenizer, args, datasets: tuple[list, list], callbacks: list,
                 config: TrainConfig):
-        """The ``transformers.Trainer`` that trains the adapters, with LoRA+ at ``config.loraplus_ratio``."""
+        """The ``transformers.Trainer`` that trains the adapters, with LoRA+ at ``config.lora.loraplus_ratio``."""
 
     def evaluate(self, trainer, eval_set: list, config: TrainConfig) -> dict[str, Any]:
         """How the held-out set scores now (eval loss, or reward), with each row's own score in ``items``."""

@@ -29,7 +29,7 @@ def needs_diagnosis(report: Report | None, target_modules, placement: str | None
 def diagnosis_config(config: TrainConfig) -> DiagnoseConfig:
     """How a run diagnoses its own data: at its length, batch, seed and rank, else as plop diagnose."""
     return DiagnoseConfig(max_length=config.max_length, batch_size=config.batch_size, seed=config.seed,
-                          rank=config.rank)
+                          rank=config.lora.r)
 
 
 def run_report(model, tokenizer, examples: Sequence[Example], config: TrainConfig, *, report: Report | None = None,

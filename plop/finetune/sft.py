@@ -119,7 +119,7 @@ class SFT:
 
         return LoraPlusTrainer(model=peft_model, args=args, train_dataset=datasets[0], eval_dataset=datasets[1] or None,
                                data_collator=SFTCollator(tokenizer.pad_token_id), processing_class=tokenizer,
-                               callbacks=callbacks, loraplus_ratio=config.loraplus_ratio)
+                               callbacks=callbacks, loraplus_ratio=config.lora.loraplus_ratio or 1.0)
 
     @staticmethod
     def evaluate(trainer, eval_set: list, config: TrainConfig) -> dict[str, Any]:

@@ -236,9 +236,10 @@ def _summary(trainer, placement: Placement, config: TrainConfig, seconds: float,
         "method": config.method, "reward": reward_name(config.reward),
         "placement": placement.name, "types": placement.types, "target_modules": placement.target_modules,
         "target_parameters": placement.target_parameters,
-        "adapter_name": config.adapter_name, "rank": config.rank, "rank_pattern": placement.rank_pattern,
-        "alpha": config.lora_alpha,
-        "loraplus_ratio": config.loraplus_ratio, "dora": config.dora,
+        "adapter_name": config.adapter_name, "rank": config.lora.r, "rank_pattern": placement.rank_pattern,
+        "alpha": config.lora.lora_alpha,
+        "loraplus_ratio": config.lora.loraplus_ratio or 1.0, "dora": config.lora.use_dora,
+        "rslora": config.lora.use_rslora,
         "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "steps": trainer.state.global_step, "epochs": trainer.state.epoch, "seconds": round(seconds, 3),
         "seconds_per_step": round(seconds / steps, 4) if steps else None,  # of this session, when resumed
@@ -252,10 +253,11 @@ def _summary(trainer, placement: Placement, config: TrainConfig, seconds: float,
 
 def _placement_text(placement: Placement, config: TrainConfig) -> str:
     """The placement in TensorBoard's markdown: where the adapters went and at which rank."""
-    method = "DoRA" if config.dora else "LoRA"
-    return (f"**{placement.name}**: {method} {ranks_text(config.rank, placement.rank_pattern)}, "
-            f"alpha/rank {config.lora_alpha / config.rank:g}, "
-            f"LoRA+ ratio {config.loraplus_ratio:g}  \ntypes: {', '.join(placement.types)}  \n"
+    lora = config.lora
+    method = "DoRA" if lora.use_dora else "LoRA"
+    return (f"**{placement.name}**: {method} {ranks_text(lora.r, placement.rank_pattern)}, "
+            f"alpha/rank {lora.lora_alpha / lora.r:g}, "
+            f"LoRA+ ratio {lora.loraplus_ratio or 1:g}  \ntypes: {', '.join(placement.types)}  \n"
             f"target_modules: `{placement.target_modules!r}`")
 
 
