@@ -182,9 +182,9 @@ def test_one_seed_gives_every_placement_the_same_first_batch(tokenizer, report, 
     config = TrainConfig(steps=2, lr=1e-2, batch_size=8, logging_steps=1, lora=LoraSettings(dropout=0.05),
                          output_dir=str(tmp_path))
     result = compare(make_model(), tokenizer, examples(24), report, seeds=[3], rank=2, config=config,
-                     placements=["recommended", "mlp", "all-linear", "attention"])
+                     placements=["mlp", "all-linear"])
     assert len({r.loss_curve[0]["loss"] for r in result.rows}) == 1
-    assert len({r.loss_curve[1]["loss"] for r in result.rows}) == 4  # from step 2 on they learn apart
+    assert len({r.loss_curve[1]["loss"] for r in result.rows}) == 2  # from step 2 on they learn apart
 
 
 def test_the_allocate_placement_spends_its_budget_with_the_reports_own_power(tokenizer):

@@ -196,16 +196,16 @@ def test_train_takes_the_method_and_reward_as_keywords(tmp_path):
 def test_one_seed_pairs_every_placement_by_its_samples(tmp_path):
     """At step 1 every B is zero, so every placement is the same policy: at one seed they sample the
     same completions (the same mean reward) and have the same loss, whatever their adapters draw
-    from the global random stream (LoRA dropout 0.05 here, on 3 to 7 module types)."""
+    from the global random stream (LoRA dropout 0.05 here, on 3 and on 7 module types)."""
     from plop import compare, diagnose
 
     tokenizer = make_tokenizer()
     report = diagnose(make_model(), examples(16), tokenizer, n_bootstrap=10)
     result = compare(make_model(), tokenizer, examples(24), report, seeds=[0], rank=2,
-                     placements=["recommended", "mlp", "all-linear", "attention"],
-                     config=grpo_config(tmp_path, steps=1, lora=LoraSettings(dropout=0.05)))
+                     placements=["mlp", "all-linear"], config=grpo_config(tmp_path, steps=1,
+                                                                          lora=LoraSettings(dropout=0.05)))
     first = {(r.reward_curve[0]["reward"], r.loss_curve[0]["loss"]) for r in result.rows}
-    assert len(result.rows) == 4 and len(first) == 1, first
+    assert len(result.rows) == 2 and len(first) == 1, first
 
 
 def test_the_lr_choice_never_scores_the_held_out_prompts(tmp_path):

@@ -102,7 +102,7 @@ def test_write_then_read_gives_back_the_placement_and_settings(reports, model, f
     report = reports[model]
     experts = any(m.experts for m in report.modules)
 
-    @settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
     @given(placements(report), st.data())
     def check(rep, data):
         _round_trip(rep, data.draw(lora_settings(experts and bool(rep.recommendation.target_parameters))), fmt)

@@ -90,7 +90,7 @@ def test_compare_records_each_run_s_step_size_after_its_first_steps(method, tmp_
     config = grpo_config(tmp_path, steps=2) if method == "grpo" else \
         TrainConfig(steps=2, lr=1e-2, batch_size=8, output_dir=str(tmp_path))
     result = compare(make_model(), tokenizer, examples(24), report, seeds=[0], rank=2,
-                     placements=["recommended", "all-linear"], config=config, step_size_steps=1)
+                     placements=["all-linear"], config=config, step_size_steps=1)
     key = "policy_kl" if method == "grpo" else "relative_output_change"
     for row in result.rows:
         assert row.step_size["steps"] == 1 and row.step_size[key] > 0, row.step_size
