@@ -41,11 +41,11 @@ def write(t: Target) -> ExportResult:
     if t.is_vlm and not t.is_regex:
         settings["exclude_modules"] = VISION_EXCLUDE
         warnings.append(f"excluded vision-tower modules with exclude_modules={VISION_EXCLUDE!r}")
-    text = json.dumps({k: v for k, v in settings.items() if v is not None}, indent=2) + "\n"
+    settings = {k: v for k, v in settings.items() if v is not None}  # a model without an id, or a task type
     gaps, exact = t.gaps("adapter_config.json", loraplus=False, patterns=True, parameters=True,
                          loraplus_hint=": pass it to peft.optimizers.create_loraplus_optimizer")
-    return finish(t, NAME, json.loads(text), "adapter_config.json", warnings + gaps,
-                  exact and t.is_exact(t.target_modules), body=text)
+    return finish(t, NAME, settings, "adapter_config.json", warnings + gaps,
+                  exact and t.is_exact(t.target_modules), body=json.dumps(settings, indent=2) + "\n")
 
 
 def read(data: Mapping, source: str) -> StackConfig:
