@@ -79,6 +79,13 @@ def _quiet_libraries(debug: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _run(argv)
+    if "plop.utils.distributed" in sys.modules:  # only a command that loaded a model joined a group
+        sys.modules["plop.utils.distributed"].finish(code)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
     args = None
     try:
         args = build_parser().parse_args(argv)
@@ -92,9 +99,6 @@ def main(argv: list[str] | None = None) -> int:
         if message is None or (args is not None and args.debug):
             raise
         return _fail(message)
-    finally:
-        if "plop.utils.distributed" in sys.modules:  # only a command that loaded a model joined a group
-            sys.modules["plop.utils.distributed"].finish()
 
 
 def interrupted() -> int:
