@@ -19,8 +19,9 @@ import archs
 import sweep
 from conftest import make_batches
 from plop.measure.collector import NFNCollector
-from plop.measure.experts import ExpertStats, find_experts
-from plop.measure.layers import find_linear_modules
+from plop.measure.experts import ExpertStats
+from plop.model.experts import find_experts
+from plop.model.layers import find_linear_modules
 
 
 def row(name: str) -> dict:

@@ -253,7 +253,7 @@ def sample_efficiency(rows: int, seeds: int) -> dict:
     import torch
 
     from plop.measure.collector import _COUNT, _SUM, NFNCollector
-    from plop.measure.layers import find_linear_modules
+    from plop.model.layers import find_linear_modules
     from plop.model.roles import role_types
 
     model, tokenizer = load_default()

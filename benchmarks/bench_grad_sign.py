@@ -72,7 +72,7 @@ def run_variant(variant: str, args) -> dict:
     from plop import diagnose
     from plop.measure.batching import text_batches
     from plop.measure.grad_sign import grad_sign_scores
-    from plop.measure.layers import find_linear_modules
+    from plop.model.layers import find_linear_modules
 
     model, tokenizer, device = load(args.model)
     texts, _ = questions(args.samples, with_answers=True)

@@ -44,7 +44,7 @@ def child(args) -> None:
     from plop.files.data import load_examples
     from plop.utils.distributed import finish, init_from_env
     from plop.model.loading import load_model
-    from plop.measure.sharded import held_bytes
+    from plop.model.sharding import held_bytes
 
     torch.set_num_threads(1)
     world = init_from_env()

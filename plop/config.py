@@ -96,7 +96,7 @@ class ModelConfig:
                                            "place without it)", metavar="DIR",
                                      group="models bigger than memory (one process)")
     shard: bool = option(False, "under torchrun/accelerate launch: each process holds 1/N of the weights (FSDP2, "
-                                "plop.measure.sharded), not a whole copy; the report is the one-process report",
+                                "plop.model.sharding), not a whole copy; the report is the one-process report",
                          group="models bigger than one device")
 
     def __post_init__(self) -> None:
@@ -193,7 +193,7 @@ class DiagnoseConfig:
     weight_scores: bool = option(False, "also score every weight without data (KappaTune condition number, "
                                         "Spectrum SNR)", group="measurement")
     # set on the command line by ModelConfig's --shard, which also loads only each process's shards
-    shard: bool = option(False, "measure on weights split across the processes (FSDP2, plop.measure.sharded); a "
+    shard: bool = option(False, "measure on weights split across the processes (FSDP2, plop.model.sharding); a "
                                 "model not sharded yet is sharded in place", cli=False)
 
     def __post_init__(self) -> None:

@@ -25,16 +25,19 @@ from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
 from .measure.collector import NFNCollector
 from .measure.data_parallel import GlobalState, data_parallel_passes
-from .measure.experts import ExpertStats, ExpertWeightStats, find_experts
+from .measure.experts import ExpertStats, ExpertWeightStats
 from .measure.generate import generated_examples, generation_record
 from .measure.grad_sign import grad_sign_scores
-from .measure.layers import body, dense_weight, find_linear_modules
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .measure.weight_scores import weight_scores
+from .model import sharding
 from .model.coverage import coverage
+from .model.experts import find_experts
+from .model.layers import body, dense_weight, find_linear_modules
 from .model.loading import ensure_pad_token, model_info, model_layout
 from .model.names import layer_index
-from .model.placement import ModelLayout, placement_costs, recommendation_targets
+from .model.layout import ModelLayout
+from .ranking.placements import placement_costs, recommendation_targets
 from .ranking.ranker import STABLE_AGREEMENT, Selector, data_free_choices, rank_types, signal_values
 from .ranking.report import ModuleRecord, Report
 from .utils.distributed import world
@@ -308,11 +311,11 @@ def diagnose(
     diagnosis is data-parallel (see :mod:`plop.measure.data_parallel`): each process runs its share of
     the batches, and every process returns the report one process would have made of all the
     data; only rank 0 shows progress. ``shard=True`` there also splits the weights across the
-    processes (FSDP2, see :mod:`plop.measure.sharded`; an unsharded ``model`` is sharded in place).
+    processes (FSDP2, see :mod:`plop.model.sharding`; an unsharded ``model`` is sharded in place).
     """
     config = (config or DiagnoseConfig()).with_overrides(**overrides)
     if config.shard:  # FSDP2, 1/N of the weights per process; shards the model in place unless it is
-        sharded.prepare(model, config.include_head)
+        sharding.prepare(model, config.include_head)
     device = _input_device(model)
     config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
     data, tokenizer, data_info = _dataset_rows(model, data, tokenizer, config, data_info)

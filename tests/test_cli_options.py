@@ -168,7 +168,7 @@ def test_target_modules_are_names_or_one_peft_regex_in_every_command(command):
 
 def test_a_regex_given_to_train_places_the_adapters_where_peft_matches_it():
     from plop.model.loading import model_layout
-    from plop.model.placement import resolve_placement
+    from plop.ranking.placements import resolve_placement
     from tiny_lm import make_model
 
     regex = build_parser().parse_args(["train", "--target-modules", r".*\.(q|v)_proj"]).target_modules

@@ -17,7 +17,7 @@ from plop import diagnose
 from plop.measure.collector import NFNCollector
 from plop.measure.hooks import Hooks
 from plop.errors import NonFiniteError, PlopError
-from plop.measure.layers import find_linear_modules
+from plop.model.layers import find_linear_modules
 from plop.model.names import layer_index
 
 

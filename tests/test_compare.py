@@ -12,7 +12,7 @@ from rich.console import Console
 
 from plop import LoraSettings, TrainConfig, compare, diagnose
 from plop.finetune.compare import candidates
-from plop.model.placement import COMPARE_DEFAULT
+from plop.ranking.placements import COMPARE_DEFAULT
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer
 
@@ -123,7 +123,7 @@ def test_module_level_baselines_pick_as_many_modules_as_the_recommendation(token
     """per-layer: the lowest-NFN linear modules; spectrum: the highest-SNR ones, computed here
     from each weight's singular values; both trained at the recommendation's budget."""
     from plop.finetune.compare import candidates
-    from plop.model.placement import modules_peft_adapts
+    from plop.model.layout import modules_peft_adapts
     from plop.model.loading import model_layout
     from plop.measure.weight_scores import weight_scores
 

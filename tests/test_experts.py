@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 import archs
 from conftest import make_batches
-from plop.measure.experts import ExpertStats, expert_weights, find_experts
+from plop.measure.experts import ExpertStats
+from plop.model.experts import expert_weights, find_experts
 
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba"]
 LENGTHS = [12, 7, 12, 3]  # right padding in both batches

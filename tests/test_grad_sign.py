@@ -14,7 +14,7 @@ from plop.config import DiagnoseConfig, Strategy
 from plop.errors import ConfigError
 from plop.measure.batching import Batch
 from plop.measure.grad_sign import b_gradients, grad_sign_scores, probe_vectors
-from plop.measure.layers import find_linear_modules
+from plop.model.layers import find_linear_modules
 from plop.ranking.ranker import Selector, signal_values
 from plop.ranking.report import Report
 from conftest import make_batches, make_llama

@@ -18,14 +18,15 @@ PACKAGE = Path(__file__).parent.parent / "plop"
 # the diagnosis side: what a user who never fine-tunes runs
 DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "plop.files.data", "plop.utils.fsio",
              "plop.utils.untrusted", "plop.utils.distributed", "plop.measure.batching", "plop.measure.collector", "plop.measure.data_parallel",
-             "plop.measure.experts", "plop.measure.grad_sign", "plop.measure.layers", "plop.measure.nfn", "plop.measure.seq2seq",
+             "plop.measure.experts", "plop.measure.grad_sign", "plop.model.layers", "plop.measure.nfn", "plop.measure.seq2seq",
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
-             "plop.model.peft_rules", "plop.model.placement", "plop.model.roles", "plop.ranking.ranker",
+             "plop.model.peft_rules", "plop.model.layout", "plop.model.roles", "plop.ranking.ranker",
+             "plop.model.experts", "plop.model.sharding", "plop.ranking.placements",
              "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
 # the stages, bottom up: a module imports only from its own stage or the stages below it; utils, the
 # floor every stage stands on, imports nothing of plop's but the errors
 FLOORS = [("plop.errors", "plop.version"), ("plop.utils",), ("plop.config",), ("plop.placement",), ("plop.files",),
-          ("plop.ranking",), ("plop.measure",), ("plop.model",), ("plop.stacks",), ("plop.audit",), ("plop.diagnosis",),
+          ("plop.model",), ("plop.measure",), ("plop.ranking",), ("plop.stacks",), ("plop.audit",), ("plop.diagnosis",),
           ("plop.finetune",), ("plop.integrations",), ("plop.cli",),
           ("plop.__main__",)]
 MAX_FUNCTION_LINES = 60

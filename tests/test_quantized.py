@@ -19,7 +19,7 @@ import torch
 import plop
 from plop.cli import main
 from plop.errors import ConfigError, ModelError
-from plop.measure.layers import dense_weight, find_linear_modules
+from plop.model.layers import dense_weight, find_linear_modules
 from plop.model.loading import load_model
 from plop.ranking.precision import compare_precision, quantization_pair
 from tiny_lm import examples, make_model, make_tokenizer

@@ -12,7 +12,7 @@ from torch import nn
 from conftest import make_batches, pad_batches
 from plop import diagnose
 from plop.config import STABLE_MIN_ROWS, Strategy
-from plop.model.placement import placement_costs, placement_types
+from plop.ranking.placements import placement_costs, placement_types
 from plop.ranking.ranker import STABLE_AGREEMENT, Selector, adapter_cost, modules_regex, rank_types, type_means
 from plop.ranking.report import ModuleRecord
 

@@ -7,8 +7,8 @@ import re
 import pytest
 
 import archs
-from plop.measure.layers import find_linear_modules
-from plop.measure.experts import find_experts
+from plop.model.layers import find_linear_modules
+from plop.model.experts import find_experts
 from plop.model.roles import peft_matches, peft_target_parameters, peft_targets, placement_roles, role, role_types
 
 

@@ -62,7 +62,7 @@ import torch
 sys.path.insert(0, {tests!r})
 import archs, plop
 from plop.utils.distributed import finish, init_from_env
-from plop.measure.sharded import held_bytes
+from plop.model.sharding import held_bytes
 from tiny_lm import examples, make_tokenizer
 
 world = init_from_env()

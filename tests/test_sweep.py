@@ -43,7 +43,7 @@ def test_refused_types_are_named_with_peft_s_reason():
 
 def test_coverage_gives_each_undiagnosed_weight_a_reason():
     from plop.model.coverage import coverage
-    from plop.measure.layers import find_linear_modules
+    from plop.model.layers import find_linear_modules
     from plop.model.loading import model_layout
 
     reasons = {u["role"]: u["reason"] for u in coverage(archs.build("mamba"), [], (), threshold=0)["undiagnosed"]}

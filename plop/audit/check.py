@@ -85,7 +85,7 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
     from ..model.coverage import block_units
     from ..model.loading import model_info, model_layout
-    from ..model.placement import check_report_matches
+    from ..ranking.placements import check_report_matches
 
     start = time.perf_counter()
     spec = config if isinstance(config, StackConfig) else read_config(config, flavour)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..model.names import layer_index
-from ..model.placement import ModelLayout
+from ..model.layout import ModelLayout
 from ..model.roles import peft_matches
 from ..stacks.lint import UNSLOTH_FUSED, VLLM_DORA
 from ..stacks.peft import VISION_EXCLUDE

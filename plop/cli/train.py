@@ -6,7 +6,7 @@ import sys
 
 from ..config import targets
 from ..finetune.config import TrainConfig
-from ..model.placement import TRAIN_PLACEMENTS
+from ..ranking.placements import TRAIN_PLACEMENTS
 from ..utils.untrusted import plain_safe, terminal_safe
 from .inputs import is_main, load_model_and_data, model_command
 from .options import build

@@ -27,10 +27,10 @@ from torch import nn
 from ..config import DiagnoseConfig
 from ..errors import PlopError
 from ..files.data import Example
-from ..measure.layers import dense_weight
+from ..model.layers import dense_weight
 from ..measure.weight_scores import weight_scores
 from ..model.loading import ModelLayout, model_layout
-from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS, check_report_matches, placement_types
+from ..ranking.placements import COMPARE_DEFAULT, COMPARE_PLACEMENTS, check_report_matches, placement_types
 from ..placement import Placement
 from ..ranking.ranker import Selector, adapter_cost, modules_regex, select_modules
 from ..ranking.report import ModuleRecord, Report

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from ..config import option
 from ..errors import ConfigError
-from ..model.placement import COMPARE_DEFAULT, COMPARE_PLACEMENTS
+from ..ranking.placements import COMPARE_DEFAULT, COMPARE_PLACEMENTS
 from ..placement import LoraSettings
 
 SUMMARY_FILE = "plop_train_summary.json"

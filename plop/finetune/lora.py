@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from ..errors import PlopError
-from ..model.placement import ModelLayout, modules_peft_adapts
+from ..model.layout import ModelLayout, modules_peft_adapts
 from ..placement import Placement, lora_config
 from ..ranking.report import Recommendation
 from .config import TrainConfig

@@ -27,7 +27,7 @@ from ..errors import FileError, ModelError, PlopError
 from ..files.data import Example
 from ..measure.seq2seq import is_encoder_decoder
 from ..model.loading import is_causal_lm, model_info, model_layout
-from ..model.placement import resolve_placement
+from ..ranking.placements import resolve_placement
 from ..placement import Placement
 from ..ranking.render import ranks_text
 from ..ranking.report import Report

@@ -28,7 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from ..config import ESTIMATORS, check_choice
 from ..errors import NonFiniteError
 from .hooks import Hooks
-from .layers import dense_weight, is_offloaded, module_shape, parameter
+from ..model.layers import dense_weight, is_offloaded, module_shape, parameter
 from .nfn import normalized_feature_norm, random_baseline, random_baselines, random_unit_vectors
 
 # Rows of the per-call statistics (one column per sample, see NFNCollector._accumulate): the first

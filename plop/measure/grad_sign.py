@@ -47,7 +47,7 @@ from torch.utils.hooks import RemovableHandle
 from ..errors import DataError
 from .batching import Batch
 from .hooks import Hooks
-from .layers import module_shape
+from ..model.layers import module_shape
 
 
 def probe_vectors(modules: Mapping[str, nn.Module], seed: int) -> dict[str, torch.Tensor]:

