@@ -106,16 +106,22 @@ def lora_kwargs(placement: Placement, settings: LoraSettings, **extra: Any) -> d
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def adapter_dropout(placement: Placement, settings: LoraSettings) -> float:
+    """The LoRA dropout PEFT takes on ``placement``: 0 where it adapts 3-D expert weights
+    (``target_parameters``: PEFT's ParamWrapper refuses any other, peft/tuners/lora/layer.py), else
+    the setting's. Every stack that hands expert weights to PEFT follows this one rule."""
+    return 0.0 if placement.target_parameters else settings.dropout
+
+
 def fitted(placement: Placement, settings: LoraSettings) -> LoraSettings:
-    """``settings`` as PEFT takes them on ``placement``: its adapters on 3-D expert weights
-    (``target_parameters``) have no dropout, so it is set to 0 there, and no DoRA, which is refused
-    here with a ConfigError rather than deep inside PEFT."""
+    """``settings`` as PEFT takes them on ``placement``: the :func:`adapter_dropout`, and no DoRA on
+    3-D expert weights, which is refused here with a ConfigError rather than deep inside PEFT."""
     if not placement.target_parameters:
         return settings
     if settings.use_dora:
         raise ConfigError("DoRA cannot adapt MoE expert weights (PEFT target_parameters)",
                           "train without --dora, or choose targets without the experts")
-    return replace(settings, dropout=0.0)
+    return replace(settings, dropout=adapter_dropout(placement, settings))
 
 
 def lora_config(placement: Placement, settings: LoraSettings, **extra: Any):

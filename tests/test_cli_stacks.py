@@ -27,11 +27,12 @@ def reports(tmp_path_factory):
 
 @pytest.mark.parametrize("fmt", [f for f in FORMATS if f != "peft"])
 def test_export_to_every_stack_writes_what_the_api_exports(reports, tmp_path, fmt):
+    from plop.placement import LoraSettings
     from plop.stacks import export
 
     out = tmp_path / "cfg"
     run("export", str(reports[0]), "--to", fmt, "--out", str(out), "--rank", "4")
-    assert out.read_text() == export(Report.load(reports[0]), fmt, rank=4).text
+    assert out.read_text() == export(Report.load(reports[0]), fmt, LoraSettings(4)).text
 
 
 def test_export_into_a_folder_uses_the_stacks_file_name_and_stdout_without_out(reports, tmp_path):

@@ -17,6 +17,7 @@ import yaml
 from conftest import make_batches, make_llama
 
 from plop import diagnose
+from plop.placement import LoraSettings
 from plop.stacks import FORMATS, export, merge_into
 
 peft = pytest.importorskip("peft")
@@ -27,12 +28,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:The PEFT config's `base_model_na
 SCHEMAS = {
     "axolotl": {"adapter": str, "lora_r": int, "lora_alpha": int, "lora_dropout": float,
                 "lora_target_modules": (str, list), "lora_target_linear": bool, "peft_use_dora": bool,
+                "peft_use_rslora": bool,
                 "loraplus_lr_ratio": float, "lora_rank_pattern": dict, "lora_alpha_pattern": dict,
                 "lora_target_parameters": (str, list)},
     "llama-factory": {"finetuning_type": str, "lora_rank": int, "lora_alpha": int, "lora_dropout": float,
-                      "lora_target": str, "use_dora": bool, "loraplus_lr_ratio": float},
+                      "lora_target": str, "use_dora": bool, "use_rslora": bool, "loraplus_lr_ratio": float},
     "trl": {"use_peft": bool, "lora_r": int, "lora_alpha": int, "lora_dropout": float,
-            "lora_target_modules": (str, list), "use_dora": bool, "lora_task_type": str,
+            "lora_target_modules": (str, list), "use_dora": bool, "use_rslora": bool, "lora_task_type": str,
             "lora_target_parameters": list},
     "mlx-lm": {"fine_tune_type": str, "num_layers": int, "lora_parameters": dict},
     "spectrum": {"unfrozen_parameters": list},
@@ -103,7 +105,7 @@ def test_unknown_format(report):
 @pytest.mark.parametrize("which", ["report", "per_layer"])
 def test_peft_adapter_config_wraps_exactly_the_recommendation(which, request, tmp_path):
     rep = request.getfixturevalue(which)
-    result = export(rep, "peft", rank=4, alpha=8, dropout=0.1, dora=True)
+    result = export(rep, "peft", LoraSettings(4, alpha=8, dropout=0.1, use_dora=True))
     (tmp_path / result.filename).write_text(result.text)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     assert (config.r, config.lora_alpha, config.lora_dropout, config.use_dora) == (4, 8, 0.1, True)
@@ -123,7 +125,7 @@ def test_trl_yaml_through_trl_parser(which, request, tmp_path):
     from trl.trainer.utils import get_peft_config
 
     rep = request.getfixturevalue(which)
-    result = export(rep, "trl", rank=4, alpha=16, dropout=0.0, dora=True)
+    result = export(rep, "trl", LoraSettings(4, alpha=16, dropout=0.0, use_dora=True))
     path = tmp_path / result.filename
     path.write_text(result.text)
     (model_args,) = TrlParser((ModelConfig,)).parse_args_and_config(["--config", str(path)])
@@ -160,7 +162,8 @@ def test_trl_one_element_list_survives_the_collapse(report, tmp_path):
 @pytest.mark.parametrize("fmt", sorted(SCHEMAS))
 @pytest.mark.parametrize("which", ["report", "per_layer"])
 def test_yaml_keys_and_types_match_the_stack(fmt, which, request):
-    result = export(request.getfixturevalue(which), fmt, loraplus_ratio=16.0)
+    rep = request.getfixturevalue(which)
+    result = export(rep, fmt, LoraSettings(rep.recommendation.rank, loraplus_ratio=16.0))
     data = _yaml(result)
     schema = SCHEMAS[fmt]
     assert set(data) <= set(schema), set(data) - set(schema)
@@ -176,7 +179,7 @@ def test_yaml_keys_and_types_match_the_stack(fmt, which, request):
 @pytest.mark.parametrize("which", ["report", "per_layer"])
 def test_axolotl_as_its_adapter_loader_builds_the_lora_config(which, request):
     rep = request.getfixturevalue(which)
-    data = _yaml(export(rep, "axolotl", rank=4, loraplus_ratio=16.0))
+    data = _yaml(export(rep, "axolotl", LoraSettings(4, loraplus_ratio=16.0)))
     assert data["loraplus_lr_ratio"] == 16.0 and data["lora_target_linear"] is False
     config = peft.LoraConfig(r=data["lora_r"], lora_alpha=data["lora_alpha"], lora_dropout=data["lora_dropout"],
                              target_modules=data["lora_target_modules"], use_dora=data["peft_use_dora"])
@@ -186,7 +189,7 @@ def test_axolotl_as_its_adapter_loader_builds_the_lora_config(which, request):
 @pytest.mark.parametrize("which", ["report", "per_layer"])
 def test_llama_factory_comma_list_is_exact(which, request):
     rep = request.getfixturevalue(which)
-    result = export(rep, "llama-factory", loraplus_ratio=16.0)
+    result = export(rep, "llama-factory", LoraSettings(rep.recommendation.rank, loraplus_ratio=16.0))
     data = _yaml(result)
     targets = [item.strip() for item in data["lora_target"].split(",")]  # LLaMA-Factory's split_arg
     assert wrapped(peft.LoraConfig(r=data["lora_rank"], target_modules=targets)) == set(rep.recommendation.modules)
@@ -196,7 +199,7 @@ def test_llama_factory_comma_list_is_exact(which, request):
 @pytest.mark.parametrize("which", ["report", "per_layer"])
 def test_unsloth_snippet_arguments(which, request):
     rep = request.getfixturevalue(which)
-    result = export(rep, "unsloth", dropout=0.0, loraplus_ratio=4.0)
+    result = export(rep, "unsloth", LoraSettings(rep.recommendation.rank, dropout=0.0, loraplus_ratio=4.0))
     tree = ast.parse(result.text)
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "get_peft_model")
     kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
@@ -220,7 +223,7 @@ def test_torchtune_is_a_superset_with_its_own_names(report, per_layer):
 
 
 def test_mlx_lm_keys_layers_and_scale(report):
-    result = export(_with(report, ["q_proj", "down_proj"]), "mlx-lm", rank=8, alpha=32, dora=True)
+    result = export(_with(report, ["q_proj", "down_proj"]), "mlx-lm", LoraSettings(8, alpha=32, use_dora=True))
     data = _yaml(result)
     assert data["fine_tune_type"] == "dora" and data["num_layers"] == 2
     assert data["lora_parameters"]["keys"] == ["mlp.down_proj", "self_attn.q_proj"]
@@ -245,7 +248,7 @@ def test_spectrum_patterns_unfreeze_exactly_the_modules(per_layer, report):
 # -- future recommendation fields ---------------------------------------------------------------
 def test_rank_pattern_carried_or_flagged(report, tmp_path):
     allocated = _with(report, ["q_proj", "v_proj"], rank_pattern={"q_proj": 2}, alpha_pattern={"q_proj": 4})
-    (tmp_path / "adapter_config.json").write_text(export(allocated, "peft", rank=8).text)
+    (tmp_path / "adapter_config.json").write_text(export(allocated, "peft", LoraSettings(8)).text)
     config = peft.LoraConfig.from_pretrained(tmp_path)
     built = allocated.to_peft_config(r=8, lora_dropout=0.05)
     built.base_model_name_or_path = config.base_model_name_or_path
@@ -264,7 +267,7 @@ def test_rank_pattern_carried_or_flagged(report, tmp_path):
 def test_target_parameters_carried_or_flagged(report):
     moe = _with(report, ["q_proj"], target_parameters=["mlp.experts.gate_up_proj"])
     assert json.loads(export(moe, "peft").text)["target_parameters"] == ["mlp.experts.gate_up_proj"]
-    axolotl = export(moe, "axolotl", dropout=0.05).settings
+    axolotl = export(moe, "axolotl", LoraSettings(moe.recommendation.rank, dropout=0.05)).settings
     assert axolotl["lora_target_parameters"] == ["mlp.experts.gate_up_proj"] and axolotl["lora_dropout"] == 0.0
     assert export(moe, "trl").settings["lora_target_parameters"] == ["mlp.experts.gate_up_proj"]
     assert "^.+.mlp.experts.gate_up_proj$" in export(moe, "spectrum").settings["unfrozen_parameters"]
@@ -275,17 +278,18 @@ def test_target_parameters_carried_or_flagged(report):
 
 # -- lint traps ---------------------------------------------------------------------------------
 def test_unsloth_fused_kernels_lint(report):
+    rank = report.recommendation.rank
     partial = export(_with(report, ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]), "unsloth",
-                     dropout=0.0)
+                     LoraSettings(rank, dropout=0.0))
     assert [w for w in partial.warnings if "fused" in w] == [
         "unsloth's fused QKV kernel needs LoRA on all of q_proj, k_proj, v_proj, not only q_proj, v_proj; "
         "these layers run on the slower PEFT path"]
-    full = export(_with(report, ["q_proj", "k_proj", "v_proj"]), "unsloth", dropout=0.05)
+    qkv = _with(report, ["q_proj", "k_proj", "v_proj"])
+    full = export(qkv, "unsloth", LoraSettings(rank, dropout=0.05))
     assert [w for w in full.warnings if "fused" in w] == [
         "unsloth's fused kernels need lora_dropout=0 and no DoRA (got dropout=0.05, dora=False); "
         "training runs on the slower path"]
-    assert not [w for w in export(_with(report, ["q_proj", "k_proj", "v_proj"]), "unsloth", dropout=0.0).warnings
-                if "fused" in w]
+    assert not [w for w in export(qkv, "unsloth", LoraSettings(rank, dropout=0.0)).warnings if "fused" in w]
 
 
 def test_vllm_lint_only_what_vllm_refuses(report):
@@ -294,12 +298,14 @@ def test_vllm_lint_only_what_vllm_refuses(report):
     from plop.stacks.lint import VLLM_DORA
 
     def vllm(types, **options):
-        return [w for w in export(_with(report, types), "axolotl", **options).warnings if "vLLM" in w]
+        settings = LoraSettings(report.recommendation.rank, **options)
+        return [w for w in export(_with(report, types), "axolotl", settings).warnings if "vLLM" in w]
 
     for types in (["v_proj", "up_proj", "down_proj"], ["q_proj", "v_proj"], ["v_proj", "down_proj"]):
         assert vllm(types) == [], types
-    assert vllm(["q_proj", "v_proj"], dora=True) == [VLLM_DORA]
-    assert not [w for w in export(_with(report, ["v_proj"]), "spectrum", dora=True).warnings if "vLLM" in w]
+    assert vllm(["q_proj", "v_proj"], use_dora=True) == [VLLM_DORA]
+    dora = LoraSettings(report.recommendation.rank, use_dora=True)
+    assert not [w for w in export(_with(report, ["v_proj"]), "spectrum", dora).warnings if "vLLM" in w]
 
 
 def test_vlm_suffix_lint_and_peft_exclude(report):
@@ -331,7 +337,7 @@ learning_rate: 0.0002
 
 
 def test_merge_into_keeps_every_other_key(report):
-    result = export(report, "axolotl", loraplus_ratio=16.0)
+    result = export(report, "axolotl", LoraSettings(report.recommendation.rank, loraplus_ratio=16.0))
     before = yaml.safe_load(AXOLOTL_CONFIG)
     merged = yaml.safe_load(merge_into(AXOLOTL_CONFIG, result))
     for key, value in before.items():

@@ -25,6 +25,7 @@ from plop.stacks.reading import parse_yaml
 # the stacks whose files carry target_parameters, and so a dropout of 0 with them (PEFT refuses any other)
 WRITE_PARAMETERS = {"peft", "axolotl", "trl", "unsloth"}
 WRITE_PATTERNS = {"peft", "axolotl", "unsloth"}
+WRITE_RSLORA = {"peft", "axolotl", "llama-factory", "trl", "unsloth"}  # mlx-lm and torchtune have no key
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def placements(draw, report):
 def lora_settings(draw, experts: bool):
     return LoraSettings(draw(st.sampled_from([2, 4, 8, 16])), draw(st.sampled_from([None, 4.0, 8.0, 32.0])),
                         draw(st.sampled_from([0.0, 0.05, 0.1])), use_dora=not experts and draw(st.booleans()),
-                        loraplus_ratio=draw(st.sampled_from([None, 1.0, 16.0])))
+                        use_rslora=draw(st.booleans()), loraplus_ratio=draw(st.sampled_from([None, 1.0, 16.0])))
 
 
 def _parse(text: str, fmt: str):
@@ -88,6 +89,10 @@ def _round_trip(report, lora: LoraSettings, fmt: str) -> None:
     zeroed = rec.target_parameters and fmt in WRITE_PARAMETERS
     assert config.settings.dropout == (0.0 if zeroed else lora.dropout)
     assert config.settings.use_dora == lora.use_dora
+    if fmt in WRITE_RSLORA:
+        assert config.settings.use_rslora == lora.use_rslora
+    else:
+        assert any("no rsLoRA key" in w for w in result.warnings) == lora.use_rslora
     if fmt in WRITE_PARAMETERS:
         assert config.placement.target_parameters == rec.target_parameters
     if fmt in WRITE_PATTERNS and rec.rank_pattern:

@@ -1,8 +1,9 @@
 """Every fine-tuning stack plop writes and reads, one module each (``write`` a placement into the
 stack's keys, ``read`` its keys back into a placement), and :data:`STACKS`, the one list of them.
 
+    from plop.placement import LoraSettings
     from plop.stacks import export, read_config, STACKS
-    result = export(report, "axolotl", rank=16, alpha=32, dropout=0.05, loraplus_ratio=16.0)
+    result = export(report, "axolotl", LoraSettings(16, alpha=32, loraplus_ratio=16.0))
     result.text, result.filename, result.warnings, result.exact
     config = read_config("lora.yml")                     # a StackConfig: placement, settings, rules
 
@@ -35,18 +36,13 @@ FORMATS = tuple(STACKS)  # what plop export writes
 READABLE = tuple(name for name, m in STACKS.items() if m.read is not None)  # what plop check reads
 
 
-def export(report: Any, fmt: str, settings: LoraSettings | None = None, *, rank: int | None = None,
-           alpha: float | None = None, dropout: float = 0.05, dora: bool = False,
-           loraplus_ratio: float | None = None) -> ExportResult:
-    """``report``'s recommendation as ``fmt``'s config (one of :data:`FORMATS`), under ``settings``,
-    or the settings the keywords give: ``rank`` defaults to the report's, ``alpha`` to
-    :func:`plop.config.default_alpha`; ``loraplus_ratio`` None or 1 is plain LoRA.
-    """
+def export(report: Any, fmt: str, settings: LoraSettings | None = None) -> ExportResult:
+    """``report``'s recommendation as ``fmt``'s config (one of :data:`FORMATS`) under ``settings``
+    (default: the report's rank, every other setting at :class:`~plop.placement.LoraSettings`'s
+    default)."""
     if fmt not in STACKS:
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
-    settings = settings or LoraSettings(rank or report.recommendation.rank, alpha, dropout, use_dora=dora,
-                                        loraplus_ratio=loraplus_ratio)
-    return STACKS[fmt].write(Target(report, settings))
+    return STACKS[fmt].write(Target(report, settings or LoraSettings(report.recommendation.rank)))
 
 
 def write_export(result: ExportResult, out: str | None, merge: str | None = None) -> tuple[str, Path | None]:

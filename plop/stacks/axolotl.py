@@ -40,6 +40,7 @@ def write(t: Target) -> ExportResult:
         "lora_target_modules": t.target_modules,  # a per-layer regex stays a regex: PEFT full-matches it
         "lora_target_linear": False,  # True would add every linear module to the targets
         "peft_use_dora": t.settings.use_dora,
+        "peft_use_rslora": t.settings.use_rslora,
     }
     if t.settings.loraplus:
         settings["loraplus_lr_ratio"] = t.settings.loraplus_ratio

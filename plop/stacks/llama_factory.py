@@ -33,6 +33,7 @@ def write(t: Target) -> ExportResult:
         "lora_dropout": t.settings.dropout,
         "lora_target": ",".join(listed),
         "use_dora": t.settings.use_dora,
+        "use_rslora": t.settings.use_rslora,
     }
     if t.settings.loraplus:
         settings["loraplus_lr_ratio"] = t.settings.loraplus_ratio

@@ -30,7 +30,7 @@ def write(t: Target) -> ExportResult:
     keys = sorted(paths)  # modules outside the blocks keep their full name, matched at model level
     emitted = {m.name for m in t.report.modules
                if layer_path(m.name, m.layer)[0] in paths and (m.layer is None or m.layer >= lowest)}
-    warnings, exact = t.gaps("mlx-lm", loraplus=False, patterns=False, parameters=False)
+    warnings, exact = t.gaps("mlx-lm", loraplus=False, patterns=False, parameters=False, rslora=False)
     if emitted != set(t.modules):
         warnings.append(f"mlx-lm takes one set of keys for the last num_layers={t.n_layers - lowest} blocks: "
                         f"{len(emitted) - len(t.modules)} modules beyond the recommendation get adapters too")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..model.roles import peft_matches
-from ..placement import LoraSettings, Placement, lora_kwargs
+from ..placement import LoraSettings, Placement, adapter_dropout, lora_kwargs
 
 # Architectures/model types whose suffix targets also reach a vision tower (checked in lint.py).
 VLM_MODEL_TYPES = frozenset({
@@ -79,10 +79,11 @@ class Target:
     def dropout(self, stack: str) -> tuple[float, list[str]]:
         """The dropout a stack that writes ``target_parameters`` must set, and why: PEFT's adapters on
         3-D expert weights refuse any other than 0 (ParamWrapper, peft/tuners/lora/layer.py)."""
-        if self.target_parameters and self.settings.dropout:
-            return 0.0, [f"{stack} passes lora_target_parameters to PEFT, which refuses lora_dropout "
-                         f"{self.settings.dropout} on expert weights; set it to 0"]
-        return self.settings.dropout, []
+        dropout = adapter_dropout(self.placement, self.settings)
+        if dropout != self.settings.dropout:
+            return dropout, [f"{stack} passes lora_target_parameters to PEFT, which refuses lora_dropout "
+                             f"{self.settings.dropout} on expert weights; set it to 0"]
+        return dropout, []
 
     @property
     def is_regex(self) -> bool:
@@ -120,10 +121,13 @@ class Target:
                 out.setdefault(path, set()).update([] if layer is None else [layer])
         return out
 
-    def gaps(self, stack: str, *, loraplus: bool, patterns: bool, parameters: bool,
+    def gaps(self, stack: str, *, loraplus: bool, patterns: bool, parameters: bool, rslora: bool = True,
              loraplus_hint: str = "") -> tuple[list[str], bool]:
         """Warnings for what ``stack`` has no key for, and whether the placement survives that."""
         warnings, exact = [], True
+        if self.settings.use_rslora and not rslora:
+            warnings.append(f"{stack} has no rsLoRA key: its adapters are scaled by alpha / r, "
+                            "not alpha / sqrt(r)")
         if self.settings.loraplus and not loraplus:
             warnings.append(f"{stack} has no LoRA+ key: loraplus_ratio={self.settings.loraplus_ratio} is not "
                             f"applied{loraplus_hint}")

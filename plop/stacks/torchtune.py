@@ -36,7 +36,7 @@ def write(t: Target) -> ExportResult:
     mlp = any(x in MLP for x in types)
     output = OUTPUT in types
     covered = [x for x in types if x in ATTENTION] + (list(MLP) if mlp else []) + ([OUTPUT] if output else [])
-    warnings, exact = t.gaps("torchtune", loraplus=False, patterns=False, parameters=False)
+    warnings, exact = t.gaps("torchtune", loraplus=False, patterns=False, parameters=False, rslora=False)
     dropped = [x for x in types if x not in covered]
     if dropped:
         warnings.append(f"torchtune has no switch for {dropped}: they get no adapter")

@@ -1,6 +1,6 @@
 """TRL CLI YAML (``trl sft --config FILE``), both ways. Keys: huggingface/trl
 trl/trainer/model_config.py (ModelConfig: use_peft, lora_r 16, lora_alpha 32, lora_dropout 0.05,
-lora_target_modules, lora_target_parameters, lora_task_type, use_dora; __post_init__ turns a
+lora_target_modules, lora_target_parameters, lora_task_type, use_dora, use_rslora; __post_init__ turns a
 one-element ``lora_target_modules`` list into its string, which PEFT then full-matches as a regex)
 and trl/trainer/utils.py get_peft_config (bias "none"; ``lora_target_modules`` None leaves PEFT's
 default for the model type)."""
@@ -34,6 +34,7 @@ def write(t: Target) -> ExportResult:
         "lora_dropout": dropout,
         "lora_target_modules": emitted,
         "use_dora": t.settings.use_dora,
+        "use_rslora": t.settings.use_rslora,
     }
     if t.report.task_type:
         settings["lora_task_type"] = t.report.task_type

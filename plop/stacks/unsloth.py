@@ -34,7 +34,7 @@ def write(t: Target) -> ExportResult:
         "use_gradient_checkpointing": "unsloth",
         "random_state": 3407,
     }
-    optional = {"use_dora": t.settings.use_dora or None, "rank_pattern": t.rank_pattern,
+    optional = {"use_dora": t.settings.use_dora or None, "use_rslora": t.settings.use_rslora or None, "rank_pattern": t.rank_pattern,
                 "alpha_pattern": t.alpha_pattern, "target_parameters": t.target_parameters}
     kwargs.update({k: v for k, v in optional.items() if v})
     arguments = "".join(f"    {k}={v!r},\n" for k, v in kwargs.items())
