@@ -181,6 +181,9 @@ class DiagnoseConfig:
         "nfn", "what ranks module types: NFN (lowest first), the sign consistency of rank-1 LoRA-B gradients "
                "over --grad-batches batches (highest first; plop.measure.grad_sign), or both",
         choices=SIGNALS, group=_RECOMMEND)
+    reward: str | None = option(
+        None, "grad-sign with --generate: the GRPO reward its advantages come from, MODULE:FUNCTION or "
+              "FILE.py:FUNCTION, called as TRL calls it", metavar="MODULE:FUNCTION", group=_RECOMMEND)
     grad_batches: int = option(4, "grad-sign: mini-batches whose B-gradient signs must agree (k >= 2)", metavar="K",
                                group=_RECOMMEND, parse="positive")
     signal_weight: float = option(0.5, "nfn+grad-sign: grad-sign's weight in the combination (0: NFN alone, "
@@ -226,10 +229,17 @@ class DiagnoseConfig:
         weight = self.signal_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
             raise ConfigError(f"signal_weight must be a number in [0, 1], got {weight!r}")
+        if self.reward is not None and (self.signal == "nfn" or not self.generate):
+            raise ConfigError("reward is read only by a grad-sign signal with generate (GRPO's advantages)",
+                              "add --signal grad-sign --generate K, or drop --reward")
         if self.signal == "nfn":
             return
-        if self.generate:
-            raise ConfigError("grad-sign under GRPO (generate) is not built yet", "use --signal nfn with --generate")
+        if self.generate is not None and self.generate < 2:
+            raise ConfigError(f"signal {self.signal!r} with generate {self.generate}: GRPO's advantages compare the "
+                              "completions of one prompt", "generate at least 2 per prompt")
+        if self.generate and self.reward is None:
+            raise ConfigError(f"signal {self.signal!r} with generate takes the GRPO objective, which needs a reward",
+                              "give --reward MODULE:FUNCTION (TRL's reward signature)")
         if self.until_stable or self.shard:
             raise ConfigError(f"signal {self.signal!r} with {'until_stable' if self.until_stable else 'shard'}: the "
                               "gradients are taken once, on whole weights, after the pass", "use --signal nfn")

@@ -20,6 +20,7 @@ from torch import nn
 from .config import DiagnoseConfig
 from .errors import ConfigError, DataError, ModelError
 from .files.data import take_sample
+from .files.reward import load_reward
 from .files.trl_formats import dataset_examples, is_dataset, model_tokenizer
 from .measure import sharded
 from .measure.batching import Batch, default_batch_tokens, example_batches, text_batches, token_batches
@@ -27,7 +28,7 @@ from .measure.collector import NFNCollector
 from .measure.data_parallel import GlobalState, data_parallel_passes
 from .measure.experts import ExpertStats, ExpertWeightStats
 from .measure.generate import generated_examples, generation_record
-from .measure.grad_sign import grad_sign_scores
+from .measure.grad_sign import grad_sign_scores, group_advantages
 from .measure.seq2seq import is_encoder_decoder, model_inputs, pair_batches
 from .measure.weight_scores import weight_scores
 from .model import sharding
@@ -241,18 +242,23 @@ def _prompted(data) -> list:
 
 
 def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
-    """``(data, total rows or None)``: texts and examples cut to ``samples`` and clipped, examples
-    turned into what the model reads; token batches as they come (their rows are counted later)."""
+    """``(data, total rows or None, advantages or None)``: texts and examples cut to ``samples`` and
+    clipped, examples turned into what the model reads; token batches as they come (their rows are
+    counted later). With a ``reward``, the GRPO advantage of each generated completion."""
     if isinstance(data, Sequence) and not isinstance(data, (str, bytes)) and len(data) == 0:
         raise DataError("no data to diagnose on")
-    total = None
+    total = advantages = None
     examples = _is_examples(data)
     if _is_texts(data) or examples:
         data = take_sample(data, config.samples, config.seed)
         if config.generate:  # the sampled prompts, each with K completions of the model's own
-            data = generated_examples(model, _prompted(data), tokenizer, k=config.generate,
+            reward = load_reward(config.reward) if config.reward else None  # before the slow generation
+            sampled = _prompted(data)
+            data = generated_examples(model, sampled, tokenizer, k=config.generate,
                                       max_new_tokens=config.max_new_tokens, max_length=config.max_length,
                                       seed=config.seed)
+            if reward is not None:
+                advantages = _advantages(reward, sampled, data, tokenizer, config.generate)
         total = len(data)
     if config.tokens != "all" and not examples:
         raise ConfigError(f"tokens={config.tokens!r} needs prompt/response examples",
@@ -263,7 +269,19 @@ def _prepared(model: nn.Module, data, tokenizer, config: DiagnoseConfig):
         # cut to what max_length tokens can cover before tokenizing: memory stays bounded by the
         # token budget, not by the longest line in the data
         data = [clip_text(text, config.max_length) for text in data]
-    return data, total
+    return data, total, advantages
+
+
+def _advantages(reward, sampled: Sequence, generated: Sequence, tokenizer, k: int) -> np.ndarray:
+    """GRPO's advantage of each generated completion (``k`` per sampled prompt, in order), from
+    ``reward`` called as TRL's GRPO trainer calls it. A None reward counts 0, as TRL's sum over
+    reward functions (``nansum``) makes it."""
+    completions = [g.response for g in generated]
+    values = reward(prompts=[e.prompt for e in sampled for _ in range(k)], completions=completions,
+                    completion_ids=tokenizer(completions, add_special_tokens=False)["input_ids"],
+                    response=[e.response for e in sampled for _ in range(k)], trainer_state=None,
+                    log_extra=None, log_metric=None)
+    return group_advantages(np.array([0.0 if v is None else v for v in values]), k)
 
 
 def _dataset_rows(model: nn.Module, data, tokenizer, config: DiagnoseConfig, data_info: Mapping[str, Any] | None):
@@ -319,7 +337,7 @@ def diagnose(
     device = _input_device(model)
     config = replace(config, batch_tokens=_batch_tokens(model, config, device))  # recorded as used
     data, tokenizer, data_info = _dataset_rows(model, data, tokenizer, config, data_info)
-    data, total = _prepared(model, data, tokenizer, config)
+    data, total, advantages = _prepared(model, data, tokenizer, config)
     layout = model_layout(model)
     progress = progress and world().is_main  # one bar for a data-parallel diagnosis
     was_training = model.training
@@ -327,7 +345,7 @@ def diagnose(
     start = time.perf_counter()
     try:
         records, selector, replicates, checkpoints, samples, tokens = _measure(
-            model, data, tokenizer, config, total, progress, layout, device)
+            model, data, tokenizer, config, total, progress, layout, device, advantages)
     finally:
         model.train(was_training)
     if config.weight_scores:
@@ -340,19 +358,22 @@ def diagnose(
 
 
 def _measure(model: nn.Module, data, tokenizer, config: DiagnoseConfig, total: int | None, progress: bool,
-             layout: ModelLayout, device: torch.device):
+             layout: ModelLayout, device: torch.device, advantages: np.ndarray | None = None):
     """:func:`_collect`'s NFN pass, its selection replaced by the grad-sign signal's when that is asked for."""
     records, selector, replicates, checkpoints, samples, tokens = _collect(
         model, data, tokenizer, config, total, progress, layout, device)
     if config.signal != "nfn":
-        selector, replicates, checkpoints = _grad_sign(model, data, tokenizer, config, records, layout, device)
+        selector, replicates, checkpoints = _grad_sign(model, data, tokenizer, config, records, layout, device,
+                                                       advantages)
     return records, selector, replicates, checkpoints, samples, tokens
 
 
 def _grad_sign(model: nn.Module, data, tokenizer, config: DiagnoseConfig, records: Sequence[ModuleRecord],
-               layout: ModelLayout, device: torch.device) -> tuple[Selector, None, list[Checkpoint]]:
+               layout: ModelLayout, device: torch.device, advantages: np.ndarray | None
+               ) -> tuple[Selector, None, list[Checkpoint]]:
     """Score the records by the sign consistency of LoRA-B gradients on the first ``grad_batches``
-    batches (:mod:`plop.measure.grad_sign`) and select by ``config.signal`` among the scored ones.
+    batches (:mod:`plop.measure.grad_sign`; GRPO's loss when there are ``advantages``) and select by
+    ``config.signal`` among the scored ones.
     The scores have no bootstrap and no checkpoints: the recommendation's stability goes unmeasured."""
     if world().parallel:
         raise ConfigError(f"signal {config.signal!r} runs in one process", "run it without torchrun")
@@ -360,7 +381,7 @@ def _grad_sign(model: nn.Module, data, tokenizer, config: DiagnoseConfig, record
         raise ConfigError(f"signal {config.signal!r} is for decoder-only models (a causal-LM loss)")
     modules = find_linear_modules(model, include_head=config.include_head)
     scores = grad_sign_scores(model, modules, _batches(data, tokenizer, config), config.grad_batches, config.seed,
-                              device)
+                              device, advantages)
     for m in records:
         m.grad_sign = scores.get(m.name)
     eligible = {m.name for m in _eligible(records, layout, config.exclude or ()) if m.grad_sign is not None}

@@ -11,7 +11,7 @@ import torch
 from plop import LoraSettings, TrainConfig, train
 from plop.errors import ConfigError, PlopError
 from plop.finetune.config import SUMMARY_FILE
-from plop.finetune.reward import RewardError, load_reward
+from plop.files.reward import RewardError, load_reward
 from tiny_lm import examples, make_model, make_tokenizer
 
 torch.set_num_threads(1)

@@ -22,7 +22,7 @@ DIAGNOSIS = {"plop.config", "plop.diagnosis", "plop.errors", "plop.version", "pl
              "plop.measure.sharded", "plop.measure.weight_scores", "plop.model.coverage", "plop.model.loading", "plop.model.names",
              "plop.model.peft_rules", "plop.model.layout", "plop.model.roles", "plop.ranking.ranker",
              "plop.model.experts", "plop.model.sharding", "plop.ranking.placements",
-             "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats"}
+             "plop.ranking.render", "plop.ranking.report", "plop.files.trl_formats", "plop.files.reward"}
 # the stages, bottom up: a module imports only from its own stage or the stages below it; utils, the
 # floor every stage stands on, imports nothing of plop's but the errors
 FLOORS = [("plop.errors", "plop.version"), ("plop.utils",), ("plop.config",), ("plop.placement",), ("plop.files",),

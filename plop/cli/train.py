@@ -50,7 +50,7 @@ def checked_config(args) -> TrainConfig:
     cannot take TRL's arguments fails before the slow loading too."""
     config = build(TrainConfig, args)
     if config.method == "grpo":
-        from ..finetune.reward import load_reward
+        from ..files.reward import load_reward
 
         load_reward(config.reward)
     return config

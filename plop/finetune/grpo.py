@@ -17,7 +17,7 @@ from ..errors import PlopError
 from ..files.data import Example
 from ..measure.generate import complete, sampling_settings
 from .config import TrainConfig
-from .reward import DATA_FIELDS, load_reward
+from ..files.reward import DATA_FIELDS, load_reward
 from .sft import split_examples
 
 

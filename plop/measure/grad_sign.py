@@ -24,8 +24,10 @@ What plop implements, and where it differs:
   gradients are taken at the same point (B = 0) on k different mini-batches, so the score measures
   how the sign holds across data, the part of "over steps" a diagnosis can see without training.
 * **Loss.** SFT: the causal-LM loss (mean cross-entropy) on the scored tokens as targets, as the
-  ``tokens`` setting says (:class:`plop.measure.batching.Batch`'s ``scored`` mask). GRPO is not
-  built yet (the config refuses it).
+  ``tokens`` setting says (:class:`plop.measure.batching.Batch`'s ``scored`` mask). GRPO
+  (``generate`` with a ``reward``): TRL's GRPO loss at its first step on the model's own sampled
+  groups (:func:`grpo_loss`), each completion weighted by its group-normalised advantage
+  (:func:`group_advantages`).
 * **Agreement.** An entry agrees when its gradient has the same nonzero sign in all k batches,
   ``|sum_j sign(g_ij)| = k``; the score is the share of such entries in ``[0, 1]``. All k, not a
   majority: what a sign-based reading of the paper's "consistently signed" asks for, and under
@@ -36,18 +38,18 @@ What plop implements, and where it differs:
 from __future__ import annotations
 
 import inspect
-import itertools
 from collections.abc import Iterable, Iterator, Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from ..errors import DataError
+from ..model.layers import module_shape
 from .batching import Batch
 from .hooks import Hooks
-from ..model.layers import module_shape
 
 
 def probe_vectors(modules: Mapping[str, nn.Module], seed: int) -> dict[str, torch.Tensor]:
@@ -112,39 +114,83 @@ class RankOneProbes(Hooks):
         self._flags = {}
 
 
-def causal_lm_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
-    """Mean next-token cross-entropy with the scored tokens (all real ones when the batch says
-    none) as targets: what SFT trains on."""
+def _scored_logits(model: nn.Module, batch: Batch, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(logits, targets, row)`` of every scored token (all real ones when the batch says none),
+    float32: position t predicts token t + 1; ``row`` is the batch row each comes from."""
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     scored = batch.scored if batch.scored is not None else inputs.get("attention_mask")
     if scored is None:
         scored = torch.ones_like(inputs["input_ids"])
-    keep = scored[:, 1:].to(device).bool()  # position t predicts token t + 1
+    keep = scored[:, 1:].to(device).bool()
     if not keep.any():
         raise DataError("a grad-sign batch has no scored token to predict", "give rows with a response")
     extra = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
     logits = model(**inputs, **extra).logits
-    return F.cross_entropy(logits[:, :-1][keep].float(), inputs["input_ids"][:, 1:][keep])
+    row = torch.arange(keep.shape[0], device=device)[:, None].expand_as(keep)
+    return logits[:, :-1][keep].float(), inputs["input_ids"][:, 1:][keep], row[keep]
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch, device: torch.device) -> torch.Tensor:
+    """Mean next-token cross-entropy on the scored tokens: what SFT trains on."""
+    logits, targets, _ = _scored_logits(model, batch, device)
+    return F.cross_entropy(logits, targets)
+
+
+def grpo_loss(model: nn.Module, batch: Batch, advantages: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """TRL's GRPO loss at its first step on a batch of sampled completions (the scored tokens),
+    ``advantages`` one per row. There the policy is the sampling policy and the reference, so each
+    token's ``-A exp(logp - logp.detach())`` has the gradient ``-A grad(logp)``, clipping is inactive
+    and the KL term's gradient is zero: the loss is ``sum(A * CE) / tokens``, summed over the batch's
+    completion tokens as TRL's default ``loss_type="dapo"`` normalises."""
+    logits, targets, row = _scored_logits(model, batch, device)
+    per_token = F.cross_entropy(logits, targets, reduction="none")
+    return (advantages.to(device=device, dtype=per_token.dtype)[row] * per_token).sum() / len(per_token)
+
+
+def group_advantages(rewards: np.ndarray, k: int) -> np.ndarray:
+    """GRPO's advantages of ``rewards`` laid out as consecutive groups of ``k`` completions of one
+    prompt, as TRL computes them by default (``scale_rewards="group"``): each reward minus its
+    group's mean, over the group's standard deviation (unbiased, as ``torch.std``) plus 1e-4. A
+    group whose completions all got the same reward gets zeros: it teaches nothing."""
+    groups = np.asarray(rewards, dtype=np.float64).reshape(-1, k)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    return (centred / (groups.std(axis=1, ddof=1, keepdims=True) + 1e-4)).reshape(-1)
 
 
 def b_gradients(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Batch], k: int, seed: int,
-                device: torch.device) -> dict[str, torch.Tensor]:
+                device: torch.device, advantages: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """``{name: (k, d_out)}``: the loss gradient with respect to each module's probe ``B`` on each of
-    the first ``k`` batches; a module the forward never reached in some batch is left out."""
+    ``k`` batches; a module the forward never reached in some batch is left out. With
+    ``advantages`` (one per row of the sampled order, :func:`group_advantages`) the loss is
+    :func:`grpo_loss`, and a batch whose advantages are all 0 is passed over: its gradient is 0,
+    so no sign in it could agree. Else the loss is :func:`causal_lm_loss` on the first ``k``."""
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in modules}
-    seen = 0
+    seen = silent = 0
     with torch.enable_grad(), RankOneProbes(model, modules, seed, device) as probes:
-        for batch in itertools.islice(batches, k):
+        for batch in batches:
+            if seen == k:
+                break
+            if advantages is None:
+                loss = causal_lm_loss(model, batch, device)
+            else:
+                rows = torch.as_tensor(advantages[batch.rows], dtype=torch.float32)
+                if not rows.any():
+                    silent += 1
+                    continue
+                loss = grpo_loss(model, batch, rows, device)
             names = list(probes.b)
-            found = torch.autograd.grad(causal_lm_loss(model, batch, device), [probes.b[n] for n in names],
-                                        allow_unused=True)
+            found = torch.autograd.grad(loss, [probes.b[n] for n in names], allow_unused=True)
             for name, g in zip(names, found):
                 if g is not None:
                     grads[name].append(g.detach().float().reshape(-1).cpu())
             seen += 1
     if seen < k:
-        raise DataError(f"grad-sign needs {k} batches, the data made {seen}",
-                        "give more rows, or lower --grad-batches or --batch-tokens")
+        why = (f"; {silent} more had every completion rewarded as the others of its prompt, which gives GRPO no "
+               "gradient" if silent else "")
+        raise DataError(f"grad-sign needs {k} batches, the data made {seen}{why}",
+                        "give more rows (or prompts the model sometimes solves), or lower --grad-batches or "
+                        "--batch-tokens")
     return {name: torch.stack(g) for name, g in grads.items() if len(g) == k}
 
 
@@ -155,6 +201,7 @@ def sign_consistency(grads: torch.Tensor) -> float:
 
 
 def grad_sign_scores(model: nn.Module, modules: Mapping[str, nn.Module], batches: Iterable[Batch], k: int, seed: int,
-                     device: torch.device) -> dict[str, float]:
+                     device: torch.device, advantages: np.ndarray | None = None) -> dict[str, float]:
     """Each module's sign consistency over ``k`` batches (see the module docstring)."""
-    return {name: sign_consistency(g) for name, g in b_gradients(model, modules, batches, k, seed, device).items()}
+    grads = b_gradients(model, modules, batches, k, seed, device, advantages)
+    return {name: sign_consistency(g) for name, g in grads.items()}

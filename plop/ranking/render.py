@@ -90,21 +90,41 @@ def render_report(report) -> Group:
     return Group(*parts)
 
 
+def _type_grad_sign(report) -> dict[str, float | None]:
+    """Each type's mean grad-sign consistency over its scored modules (None: none scored, as 3-D
+    expert weights are not)."""
+    scores: dict[str, list[float]] = {}
+    for m in report.modules:
+        scores.setdefault(m.type, [])
+        if m.grad_sign is not None:
+            scores[m.type].append(m.grad_sign)
+    return {t: sum(v) / len(v) if v else None for t, v in scores.items()}
+
+
 def _ranking_table(report) -> Table:
     rec = report.recommendation
     lo = min(t.nfn_min for t in report.types)
     hi = max(t.nfn_mean for t in report.types)
-    table = Table(title="Module types by mean NFN over layers (low NFN: put LoRA here)",
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    for col, justify in (("#", "right"), ("type", "left"), ("NFN ± std", "right"), ("", "left"),
-                         ("min–max", "right"), ("n", "right"), ("P(sel)", "right"), (f"params@r{rec.rank}", "right")):
+    signal = report.settings.get("signal", "nfn")
+    consistency = _type_grad_sign(report) if signal != "nfn" else None
+    title = ("Module types by mean NFN over layers (low NFN: put LoRA here)" if consistency is None else
+             f"Module types ranked by {signal} (grad-sign: B-gradient signs that hold)")
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    # the grad-sign column takes the NFN bar's place: the table still fits 80 columns
+    columns = [("#", "right"), ("type", "left"), ("NFN ± std", "right"),
+               *([("", "left")] if consistency is None else []), ("min–max", "right"),
+               *([("grad-sign", "right")] if consistency is not None else []), ("n", "right"), ("P(sel)", "right"),
+               (f"params@r{rec.rank}", "right")]
+    for col, justify in columns:
         # every header whole: at 80 columns the bar gives up its width first, not "params@r16"
         table.add_column(col, justify=justify, no_wrap=True, min_width=len(col), overflow="crop" if not col else "fold")
     for t in report.types:
         prob = "–" if t.selection_probability is None else f"{t.selection_probability:.0%}"
+        bar = [_bar(t.nfn_mean, lo, hi)] if consistency is None else []
+        grad = [] if consistency is None else ["–" if consistency.get(t.type) is None else f"{consistency[t.type]:.3f}"]
         table.add_row(
-            str(t.position), _plain(t.type), f"{t.nfn_mean:.3f}±{t.nfn_std:.3f}", _bar(t.nfn_mean, lo, hi),
-            f"{t.nfn_min:.2f}–{t.nfn_max:.2f}", str(t.n_modules), prob, f"{t.lora_params_per_rank * rec.rank:,}",
+            str(t.position), _plain(t.type), f"{t.nfn_mean:.3f}±{t.nfn_std:.3f}", *bar,
+            f"{t.nfn_min:.2f}–{t.nfn_max:.2f}", *grad, str(t.n_modules), prob, f"{t.lora_params_per_rank * rec.rank:,}",
             style="bold green" if t.type in set(rec.types) else None,
         )
     return table
