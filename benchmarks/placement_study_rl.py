@@ -15,9 +15,11 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
 
 * **Arms** (:data:`PLACEMENTS`, most telling first), at the recommendation's budget at ``--rank``:
   all-linear and mlp (the baselines), vod (v_proj + o_proj + down_proj, PLoP's GRPO pick), recommended
-  (plop's diagnosis of the prompts), attention (v1's leader) and inverse. :data:`LATER` holds the
-  arms still to come (issue 33's ``grad-sign``). One ``lora_alpha = 2 x --rank`` for every arm (the
-  recommendation keeps v1's scale of 2) and no dropout.
+  (plop's diagnosis of the prompts), attention (v1's leader), inverse, and grad-sign (issue 33: the
+  types a ``--signal grad-sign`` diagnosis picks under GRPO's objective, on 64 training prompts x 4
+  sampled completions with this study's reward; results/placement_study_rl_v2_grad_sign_report.json).
+  One ``lora_alpha = 2 x --rank`` for every arm (the recommendation keeps v1's scale of 2) and no
+  dropout.
 * **Phase A**: each arm at ``--lr`` x each of ``--grid`` on 2 selection seeds, trained on the training
   rows less a 64-prompt validation split and judged by its greedy reward there.
 * **Phase B**: 5 fresh seeds per arm at its chosen rate: 4 prompts x 8 completions a step, judged on
@@ -31,8 +33,8 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   step a rate of 0 and Phase A's runs are 6 steps.
 
 **Budget** (``--dry-run`` prints the plan and its CPU hours): at :data:`SECONDS_PER_STEP` a step and
-:data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 48 phase-A runs (2.6 h) and 30 phase-B runs
-(4.7 h): 7.3 CPU h; with benchmarks/placement_study.py's 2.5 h, 9.8 h of the issue's 10. Cut
+:data:`SECONDS_PER_PROMPT` a greedy held-out prompt, 56 phase-A runs (3.0 h) and 35 phase-B runs
+(5.4 h): 8.4 CPU h (the grad-sign arm added 1.1 h to v2's 7.3). Cut
 to fit: phase A runs 6 steps (B: 16), on 2 seeds and 64 validation prompts, so it can only tell
 rates apart that differ early; phase B runs 16 steps (:func:`main` says why that is enough); the
 held-out curve has 2 points, not 4.
@@ -64,11 +66,12 @@ RUNS = RESULTS / "placement_study_rl_v2_runs.jsonl"
 SUMMARY = RESULTS / "placement_study_rl_v2_summary.json"
 BASE = RESULTS / "placement_study_rl_v2_base.json"
 REPORT = RESULTS / "placement_study_rl_v2_report.json"
+GRAD_SIGN_REPORT = RESULTS / "placement_study_rl_v2_grad_sign_report.json"
 DATA = {split: HERE / "data" / f"arithmetic_rl_{split}.jsonl" for split in ("train", "test")}
 TASK = "arithmetic"
 PLACEMENTS = {"all-linear": "all-linear", "mlp": "mlp", "vod": "vod=v_proj+o_proj+down_proj",
-              "recommended": "recommended", "attention": "attention", "inverse": "inverse"}
-LATER = {"grad-sign": "the grad-sign arm waits for issue 33 (plop.compare cannot place it yet)"}
+              "recommended": "recommended", "attention": "attention", "inverse": "inverse",
+              "grad-sign": None}  # its types come from its own diagnosis: grad_sign_placement
 BASELINES = ("all-linear", "mlp")
 # Written before any run (issue 32): what "A beats B" means for this study
 RULE = DecisionRule(min_wins=4, of_seeds=5, higher_is_better=True)
@@ -165,7 +168,21 @@ def prepare(args) -> tuple:
     if not REPORT.is_file():
         plop.diagnose(model, pool[:64], tokenizer, samples=None, model_id=model_id, tokens="prompt", rank=args.rank,
                       max_length=args.max_length).save(REPORT)
+    if "grad-sign" in args.arms and not GRAD_SIGN_REPORT.is_file():
+        # GRPO's first-step objective on the model's own groups, with this study's reward and
+        # completion length; the same 64 prompts as the NFN diagnosis
+        plop.diagnose(model, pool[:64], tokenizer, samples=None, model_id=model_id, tokens="response",
+                      rank=args.rank, max_length=args.max_length, signal="grad-sign", generate=4,
+                      max_new_tokens=16, reward=f"{Path(__file__).resolve()}:correct", grad_batches=4,
+                      batch_size=16).save(GRAD_SIGN_REPORT)
     return model, tokenizer, pool, rest, validation, held, kinds, plop.Report.load(REPORT)
+
+
+def grad_sign_placement() -> str:
+    """The grad-sign arm as plop.compare's named type set: its diagnosis's recommended types."""
+    import plop
+
+    return "grad-sign=" + "+".join(plop.Report.load(GRAD_SIGN_REPORT).recommendation.types)
 
 
 def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
@@ -185,7 +202,8 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
                          lr_schedule="constant",
                          logging_steps=1, eval_steps=None if select else run["steps"] // 2,
                          step_size_steps=None if select else args.step_size_steps)
-    comparison = plop.compare(model, tokenizer, train, report, placements=[PLACEMENTS[run["arm"]]],
+    placement = PLACEMENTS[run["arm"]] or grad_sign_placement()
+    comparison = plop.compare(model, tokenizer, train, report, placements=[placement],
                               seeds=[run["seed"]], rank=args.rank, config=config, eval_examples=judged, lr_grid=None,
                               progress=True)
     (row,) = comparison.to_dict()["rows"]
@@ -296,7 +314,7 @@ def main() -> None:
     args = parser.parse_args()
     for arm in args.arms:
         if arm not in PLACEMENTS:
-            raise SystemExit(LATER.get(arm, f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}"))
+            raise SystemExit(f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}")
     p = protocol(args)
     todo = begin(p, RULE, RUNS, args, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
     if todo is None:
