@@ -17,7 +17,8 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   all-linear and mlp (the baselines), vod (v_proj + o_proj + down_proj, PLoP's GRPO pick), recommended
   (plop's diagnosis of the prompts), attention (v1's leader), inverse, and grad-sign (issue 33: the
   types a ``--signal grad-sign`` diagnosis picks under GRPO's objective, on 64 training prompts x 4
-  sampled completions with this study's reward; results/placement_study_rl_v2_grad_sign_report.json).
+  sampled completions with this study's reward; results/placement_study_rl_v2_grad_sign_report.json;
+  when it picks an arm's exact types, as it picked vod's, that arm's runs stand for both: :func:`twin_of`).
   One ``lora_alpha = 2 x --rank`` for every arm (the recommendation keeps v1's scale of 2) and no
   dropout.
 * **Phase A**: each arm at ``--lr`` x each of ``--grid`` on 2 selection seeds, trained on the training
@@ -178,11 +179,25 @@ def prepare(args) -> tuple:
     return model, tokenizer, pool, rest, validation, held, kinds, plop.Report.load(REPORT)
 
 
+def twin_of(types) -> str | None:
+    """The arm whose named type set is ``types``, if one is: the same types at the same rates and
+    seeds make the same runs (exact pairing), so that arm's runs stand for both."""
+    return next((arm for arm, spec in PLACEMENTS.items()
+                 if spec and "=" in spec and set(spec.partition("=")[2].split("+")) == set(types)), None)
+
+
+def grad_sign_types() -> list[str] | None:
+    """The grad-sign diagnosis's recommended types, once it is made."""
+    import plop
+
+    return plop.Report.load(GRAD_SIGN_REPORT).recommendation.types if GRAD_SIGN_REPORT.is_file() else None
+
+
 def grad_sign_placement() -> str:
     """The grad-sign arm as plop.compare's named type set: its diagnosis's recommended types."""
     import plop
 
-    return "grad-sign=" + "+".join(plop.Report.load(GRAD_SIGN_REPORT).recommendation.types)
+    return "grad-sign=" + "+".join(grad_sign_types())
 
 
 def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
@@ -273,6 +288,7 @@ def write_summary(args, p: Protocol) -> None:
     SUMMARY.write_text(json.dumps(
         {"rule": RULE.text, **settings, "alpha": 2.0 * args.rank, "select_seeds": list(p.select_seeds),
          "seeds": list(p.seeds), "validation_prompts": VALIDATION, **result,
+         "grad_sign": {"types": grad_sign_types(), "same_as": twin_of(grad_sign_types() or ())},
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
          "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
@@ -315,6 +331,10 @@ def main() -> None:
     for arm in args.arms:
         if arm not in PLACEMENTS:
             raise SystemExit(f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}")
+    twin = twin_of(grad_sign_types() or ()) if "grad-sign" in args.arms else None
+    if twin:
+        print(f"grad-sign picked {twin}'s types ({', '.join(grad_sign_types())}): {twin}'s runs stand for both")
+        args.arms = [a for a in args.arms if a != "grad-sign"]
     p = protocol(args)
     todo = begin(p, RULE, RUNS, args, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
     if todo is None:

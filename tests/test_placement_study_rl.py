@@ -45,6 +45,11 @@ def test_the_rule_is_written_before_the_runs(study):
     assert "grad-sign" in study.PLACEMENTS and study.PLACEMENTS["grad-sign"] is None  # placed by its own diagnosis
 
 
+def test_an_arm_with_the_types_of_another_is_its_twin(study):
+    assert study.twin_of(["v_proj", "down_proj", "o_proj"]) == "vod"  # order does not matter
+    assert study.twin_of(["v_proj", "o_proj"]) is None and study.twin_of(()) is None
+
+
 def test_the_plan_chooses_rates_first_then_goes_seed_by_seed_baselines_first(study):
     p = study.protocol(plan_args(study))
     plan = sys.modules["study_protocol"].pending(p, [])
