@@ -5,54 +5,83 @@ DeepSeek-V3 (671 B parameters) takes about a second and no memory, and PEFT wrap
 model. The class is the one ``config.json`` names in ``architectures`` (a VLM's
 ``...ForConditionalGeneration``, BERT's ``BertForMaskedLM``), else the one plop loads models with.
 Remote code is never run: a config that needs it is refused.
+
+The file is read torch-free first, bounded like any config (:mod:`plop.utils.untrusted`), and the
+model's size estimated from its numbers (:mod:`.size`), so an absurd config is refused in one line
+before transformers is imported.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+from typing import Any
 
-from ..errors import ModelError
-from ..utils.fsio import read_text_capped
+from ..errors import ModelError, first_line
+from ..utils.fsio import kind_of, read_text_capped
+from ..utils.untrusted import parse_json
+from .size import check_size
 
 MAX_MODEL_CONFIG_BYTES = 4 * 1024 * 1024
+_MODEL_HINT = "pass a model folder with config.json, a config.json, or a .gguf file"
 
 
 def config_path(model: str | Path) -> Path:
-    """The ``config.json`` of a model folder, or the file itself."""
+    """The ``config.json`` of a model folder, or the file itself (a regular file: a FIFO would block)."""
     path = Path(model).expanduser()
     if path.is_dir():
         path = path / "config.json"
+    if not path.exists():
+        raise ModelError(f"{path}: no such model config", _MODEL_HINT)
     if not path.is_file():
-        raise ModelError(f"{path}: no such model config",
-                         "pass a model folder with config.json, a config.json, or a .gguf file")
+        raise ModelError(f"{path} is not a regular file ({kind_of(path.stat().st_mode)})", _MODEL_HINT)
     return path
 
 
-def load_config(model: str | Path):
-    """The transformers config of a ``config.json``, a model folder or a ``.gguf`` file."""
-    from transformers import AutoConfig
+# transformers' save_pretrained writes the floats JSON lacks as {"__float__": "Infinity"}
+# (configuration_utils._encode_special_floats: NemotronH's time_step_limit); read them back as it does
+_FLOAT_TAG = "__float__"
+_TAGGED_FLOATS = {"Infinity": math.inf, "-Infinity": -math.inf, "NaN": math.nan}
 
-    path = Path(model).expanduser()
-    if path.suffix == ".gguf":
-        try:
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-        except (OSError, ValueError, KeyError) as e:
-            raise ModelError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
-    path = config_path(path)
-    try:
-        data = json.loads(read_text_capped(path, MAX_MODEL_CONFIG_BYTES))
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+def _tagged_float(item: dict) -> Any:
+    if item.keys() == {_FLOAT_TAG} and item[_FLOAT_TAG] in _TAGGED_FLOATS:
+        return _TAGGED_FLOATS[item[_FLOAT_TAG]]
+    return item
+
+
+def read_model_config(path: Path) -> dict:
+    """A ``config.json``'s settings, torch-free: a mapping with a ``model_type``, no remote code, and
+    the size of a model plop check can build."""
+    data = parse_json(read_text_capped(path, MAX_MODEL_CONFIG_BYTES), str(path), ModelError, _tagged_float)
     if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
         raise ModelError(f"{path}: a model config needs a model_type")
     if "auto_map" in data:
         raise ModelError(f"{path}: this model runs code of its own (auto_map), which plop check never runs")
+    check_size(data, str(path))
+    return data
+
+
+def load_config(model: str | Path):
+    """The transformers config of a ``config.json``, a model folder or a ``.gguf`` file."""
+    path = config_path(model)
+    if path.suffix == ".gguf":
+        from transformers import AutoConfig
+
+        try:
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"cannot read the model config in {path}: {str(e).splitlines()[0]}") from e
+    data = read_model_config(path)
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
     model_type = data.pop("model_type")
     try:
         return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"{path}: transformers cannot build a {model_type!r} config: {str(e).splitlines()[0]}") from e
+    except (ValueError, KeyError, TypeError, StrictDataclassError) as e:
+        # a value of the wrong type (vocab_size: 1.5) fails transformers' strict dataclass checks
+        raise ModelError(f"{path}: transformers cannot build a {model_type!r} config: {first_line(e)}") from e
 
 
 def model_class(config) -> type:
@@ -72,9 +101,9 @@ def model_class(config) -> type:
 
 def meta_model(model: str | Path):
     """The model of ``model`` (a ``config.json``, a model folder or a ``.gguf``) on the meta device."""
+    config = load_config(model)
     import torch
 
-    config = load_config(model)
     cls = model_class(config)
     try:
         with torch.device("meta"):
