@@ -3,8 +3,8 @@
 ``torch.device("meta")`` gives every parameter a shape and no storage, so building even
 DeepSeek-V3 (671 B parameters) takes about a second and no memory, and PEFT wraps it like a real
 model. The class is the one ``config.json`` names in ``architectures`` (a VLM's
-``...ForConditionalGeneration``, BERT's ``BertForMaskedLM``), else the one plop loads models with.
-Remote code is never run: a config that needs it is refused.
+``...ForConditionalGeneration``, BERT's ``BertForMaskedLM``), else the generative class the stacks
+fine-tune. Remote code is never run: a config that needs it is refused.
 
 The file is read torch-free first, bounded like any config (:mod:`plop.utils.untrusted`), and the
 model's size estimated from its numbers (:mod:`.size`), so an absurd config is refused in one line
@@ -85,7 +85,8 @@ def load_config(model: str | Path):
 
 
 def model_class(config) -> type:
-    """The class ``config.json`` names, when transformers has it; else plop's loading class."""
+    """The class ``config.json`` names, when transformers has it; else the generative class the
+    stacks load (:func:`task_class`)."""
     import transformers
     from transformers import PreTrainedModel
 
@@ -93,10 +94,26 @@ def model_class(config) -> type:
         cls = getattr(transformers, name, None) if isinstance(name, str) and name.isidentifier() else None
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
             return cls
-    from ..model.loading import auto_class
+    return task_class(config)
 
-    auto = auto_class(config)
-    return auto._model_mapping[type(config)]
+
+def task_class(config) -> type:
+    """The class a fine-tuning stack loads ``config`` with when ``architectures`` does not say: the
+    seq2seq LM of an encoder-decoder, else the causal LM, else the image-text-to-text model (a VLM),
+    as their ``AutoModelFor...`` map it. The bare ``...Model`` would name modules without the
+    ``model.`` prefix every stack's model has, so a type with none of these is refused, not guessed."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSeq2SeqLM
+
+    tasks = ([AutoModelForSeq2SeqLM] if getattr(config, "is_encoder_decoder", False) else []) + \
+        [AutoModelForCausalLM, AutoModelForImageTextToText]
+    for auto in tasks:
+        cls = auto._model_mapping.get(type(config), None)
+        if cls is not None:
+            return cls
+    raise ModelError(f"config.json names no architectures transformers has, nor has transformers a causal-LM, "
+                     f"seq2seq-LM or image-text-to-text class for {config.model_type!r}: plop cannot know which "
+                     "model the stack builds",
+                     "add the model's class to config.json as \"architectures\": [\"...\"]")
 
 
 def meta_model(model: str | Path):
