@@ -128,7 +128,7 @@ def test_unsafe_regexes_refused_before_building_deepseek(tmp_path):
 
 # -- nesting and aliases -----------------------------------------------------------------------
 @pytest.mark.spawns
-def test_deep_json_config_and_model_config(tmp_path):
+def test_deep_json_config_model_config_and_report(tmp_path):
     config = tmp_path / "adapter_config.json"
     config.write_text("[" * 5000 + "]" * 5000)
     error = one_line_error(bounded_check(config, LLAMA))
@@ -138,6 +138,10 @@ def test_deep_json_config_and_model_config(tmp_path):
     deep_model.write_text(LLAMA.read_text().replace('"rope_scaling": {', f'"rope_scaling": {deep}, "rope": {{'))
     assert "config.json: nests lists and objects 5,001 levels deep" in one_line_error(
         bounded_check("--target-modules", "q_proj", deep_model))
+    report = tmp_path / "report.json"
+    report.write_text(deep)
+    assert "report.json: nests lists and objects 5,000 levels deep" in one_line_error(
+        bounded_check("--target-modules", "q_proj", LLAMA, "--report", report))
 
 
 @pytest.mark.spawns

@@ -98,6 +98,10 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     # every regex PEFT will run comes from the config (the stack rules add lists of names), so the
     # ReDoS guard runs here, before seconds of building
     check_regexes(spec.lora_kwargs())
+    if isinstance(report, (str, Path)):
+        from ..ranking.report import Report
+
+        report = Report.load(report)
     built = meta_model(path)
     # torch and PEFT from here on, once the input is known to be buildable
     from ..model.coverage import block_units
@@ -110,9 +114,6 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     layout = model_layout(built)
     info = {**model_info(built, str(path)), "dtype": None}
     if report is not None:
-        from ..ranking.report import Report
-
-        report = report if not isinstance(report, (str, Path)) else Report.load(report)
         check_report_matches(report, layout)
     units = {unit: numel for unit, (numel, _) in block_units(built, layout.params).items()}  # before PEFT renames
     kwargs = lora_kwargs(spec, built)

@@ -201,12 +201,17 @@ def json_depth(text: str) -> int:
     return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
 
 
-def parse_json(text: str, source: str, error: type[PlopError] = ConfigError, object_hook=None):
-    """The value of JSON ``text`` from ``source``, or ``error`` in one line: invalid, nested over
-    :data:`MAX_NESTING` levels, or an integer over Python's 4,300 digits."""
+def check_json_depth(text: str, source: str, error: type[PlopError] = ConfigError) -> None:
+    """``error`` in one line when JSON ``text`` from ``source`` nests over :data:`MAX_NESTING` levels."""
     depth = json_depth(text)
     if depth > MAX_NESTING:
         raise error(f"{source}: nests lists and objects {depth:,} levels deep, over the {MAX_NESTING} allowed")
+
+
+def parse_json(text: str, source: str, error: type[PlopError] = ConfigError, object_hook=None):
+    """The value of JSON ``text`` from ``source``, or ``error`` in one line: invalid, nested over
+    :data:`MAX_NESTING` levels, or an integer over Python's 4,300 digits."""
+    check_json_depth(text, source, error)
     try:
         return json.loads(text, object_hook=object_hook)
     except json.JSONDecodeError as e:
