@@ -12,7 +12,7 @@ from typing import Any
 
 # lazy (PEP 562), as plop's top level: plop export reads its own output back through .verify, and
 # must not pay for the meta-device model builder (torch, PEFT) it never uses
-_EXPORTS = {"check": ".check", "Finding": ".findings", "inline_spec": ".check",
+_EXPORTS = {"check": ".check", "Finding": ".result", "inline_spec": ".check",
             "EXIT_CLEAN": ".result", "EXIT_ERRORS": ".result", "CheckResult": ".result"}
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,9 @@
-"""``plop.audit.check``: one config against one model's structure, without its weights."""
+"""``plop.audit.check``: one config against one model's structure, without its weights.
+
+Everything that can refuse the input (the config, its regexes, the model's config.json and its size)
+runs before torch is imported, so a hostile input costs a fraction of a second and tens of MB; the
+modules that build and wrap the model (:mod:`.resolve`, :mod:`.findings`) are imported after.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +11,18 @@ import math
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import default_alpha, targets
 from ..errors import ConfigError
 from ..placement import LoraSettings, Placement
 from ..stacks import StackConfig, read_config
-from ..stacks.reading import names
-from .findings import _type, findings, matrix
+from ..stacks.reading import check_regexes, names
 from .meta import meta_model
-from .resolve import Build, lora_kwargs, wrap
-from .result import CheckResult, RoleRow
+
+if TYPE_CHECKING:
+    from .resolve import Build
+    from .result import CheckResult, RoleRow
 
 
 def inline_spec(target_modules: list[str] | str | None, target_parameters: list[str] | str | None = None,
@@ -50,6 +56,9 @@ def base_model_path(spec: StackConfig, model: str | Path | None) -> str | Path:
 
 
 def _roles(build: Build, layout, cells) -> list[RoleRow]:
+    from .findings import _type
+    from .result import RoleRow
+
     rows = []
     for t, layers in cells.items():
         names = [n for n in {*layout.role_map, *build.ranks} if _type(n, layout) == t]
@@ -83,20 +92,28 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     """Audit ``config`` (a file, a PEFT adapter folder or a :class:`plop.stacks.StackConfig`) against ``model``
     (a model folder, its ``config.json`` or a ``.gguf``; default: the base model the config names).
     ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
-    from ..model.coverage import block_units
-    from ..model.loading import model_info, model_layout
-    from ..ranking.placements import check_report_matches
-
     start = time.perf_counter()
     spec = config if isinstance(config, StackConfig) else read_config(config, flavour)
     path = base_model_path(spec, model)
+    # every regex PEFT will run comes from the config (the stack rules add lists of names), so the
+    # ReDoS guard runs here, before seconds of building
+    check_regexes(spec.lora_kwargs())
+    if isinstance(report, (str, Path)):
+        from ..ranking.report import Report
+
+        report = Report.load(report)
     built = meta_model(path)
+    # torch and PEFT from here on, once the input is known to be buildable
+    from ..model.coverage import block_units
+    from ..model.loading import model_info, model_layout
+    from ..ranking.placements import check_report_matches
+    from .findings import findings, matrix
+    from .resolve import lora_kwargs, wrap
+    from .result import CheckResult
+
     layout = model_layout(built)
     info = {**model_info(built, str(path)), "dtype": None}
     if report is not None:
-        from ..ranking.report import Report
-
-        report = report if not isinstance(report, (str, Path)) else Report.load(report)
         check_report_matches(report, layout)
     units = {unit: numel for unit, (numel, _) in block_units(built, layout.params).items()}  # before PEFT renames
     kwargs = lora_kwargs(spec, built)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -16,19 +15,10 @@ from ..stacks.lint import UNSLOTH_FUSED, VLLM_DORA
 from ..stacks.peft import VISION_EXCLUDE
 from ..stacks.reading import StackConfig
 from .resolve import Build
+from .result import Finding
 
 SEVERITIES = ("error", "warning", "info")
 _ROUTER = re.compile(r"Router|Gate$|Gating")
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str  # error: the run would silently train something else; warning: a known trap
-    code: str
-    message: str
-
-    def to_dict(self) -> dict:
-        return {"severity": self.severity, "code": self.code, "message": self.message}
 
 
 def _owner(key: str, build: Build) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..model.names import layer_index
-from ..stacks.reading import StackConfig, check_regexes
+from ..stacks.reading import StackConfig
 
 ADAPTER = "default"
 # LLaMA-Factory src/llamafactory/model/model_utils/visual.py COMPOSITE_MODELS (vision_model_keys,
@@ -180,11 +180,11 @@ def _collect(inner: nn.Module, build: Build) -> None:
 
 
 def wrap(model: nn.Module, kwargs: dict) -> Build:
-    """``get_peft_model`` on the meta ``model`` (changed in place) with ``kwargs``; what it wrapped."""
+    """``get_peft_model`` on the meta ``model`` (changed in place) with ``kwargs``, whose regexes the
+    caller has put through :func:`plop.stacks.reading.check_regexes`; what it wrapped."""
     from accelerate import init_empty_weights
     from peft import LoraConfig, get_peft_model
 
-    check_regexes(kwargs)
     try:
         config = LoraConfig(**kwargs)
     except (ValueError, TypeError) as e:

@@ -5,10 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .findings import Finding
-
 EXIT_CLEAN = 0
 EXIT_ERRORS = 3  # error-level findings: the run would train something other than the config says
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str  # error: the run would silently train something else; warning: a known trap
+    code: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"severity": self.severity, "code": self.code, "message": self.message}
 
 
 @dataclass

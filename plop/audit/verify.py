@@ -14,7 +14,8 @@ from ..errors import first_line
 from ..model.names import layer_index
 from ..model.roles import peft_matches
 from ..stacks import STACKS
-from ..stacks.reading import check_regexes, parse_yaml
+from ..stacks.reading import check_regexes
+from ..utils.untrusted import parse_yaml
 
 
 def _parse(text: str, fmt: str) -> Any:

@@ -20,7 +20,7 @@ from ..config import STRATEGIES, recorded_settings
 from ..errors import FileError, ReportError, UnsafeRegexError
 from ..placement import LoraSettings, Placement, lora_config
 from ..utils.fsio import atomic_write, read_text_capped
-from ..utils.untrusted import check_regex, plain_safe
+from ..utils.untrusted import check_json_depth, check_regex, plain_safe
 from ..version import __version__
 
 # 2: modules' and data's 'tokens' counts are 'token_count', types' 'rank' is 'position'; 3: the
@@ -310,6 +310,7 @@ class Report:
             text = read_text_capped(path, MAX_REPORT_BYTES)
         except FileError as e:
             raise ReportError(str(e)) from None
+        check_json_depth(text, plain_safe(str(path)), ReportError)  # json.loads recurses once a level
         try:
             raw = json.loads(text, parse_constant=_refuse_constant)
         except json.JSONDecodeError as e:

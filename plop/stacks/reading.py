@@ -2,14 +2,14 @@
 the value parsers they share (torch-free, untrusted input).
 
 Configs are read like reports: under a size cap (:func:`plop.utils.fsio.read_text_capped`, checked
-on the open file before a byte is read), YAML with the safe loader, JSON with the standard parser,
-and a Python file (unsloth) parsed with :mod:`ast` and never run. Regexes go through
-:func:`check_regexes` where they are used.
+on the open file before a byte is read), YAML with the safe loader and JSON with the standard
+parser, both under a nesting limit and YAML under a cap on its expanded aliases
+(:mod:`plop.utils.untrusted`), and a Python file (unsloth) parsed with :mod:`ast` and never run.
+Regexes go through :func:`check_regexes` where they are used.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +19,7 @@ from ..config import names as split_names
 from ..errors import ConfigError
 from ..placement import LoraSettings, Placement, lora_kwargs
 from ..utils.fsio import read_text_capped
-from ..utils.untrusted import check_regex
+from ..utils.untrusted import check_regex, parse_json, parse_yaml
 
 MAX_CONFIG_BYTES = 4 * 1024 * 1024  # training configs are kilobytes; this leaves room for long regex lists
 
@@ -61,25 +61,10 @@ def load_text(path: Path) -> Any:
     """A config file's content: JSON, a Python file's text (unsloth), else YAML."""
     text = read_text_capped(path, MAX_CONFIG_BYTES)
     if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        return parse_json(text, str(path))
     if path.suffix == ".py":
         return text
     return parse_yaml(text, str(path))
-
-
-def parse_yaml(text: str, source: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or type(e).__name__
-        raise ConfigError(f"{source}: not valid YAML ({problem}{where})") from None
 
 
 def names(value: Any, key: str) -> list[str] | None:
@@ -90,6 +75,9 @@ def names(value: Any, key: str) -> list[str] | None:
         return split_names(value)
     if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
         return list(value)
+    if isinstance(value, (list, tuple)):
+        odd = next(v for v in value if not isinstance(v, str))
+        raise ConfigError(f"{key} must be a list of module names, not a list holding {type(odd).__name__}")
     raise ConfigError(f"{key} must be a list of module names, not {type(value).__name__}")
 
 

@@ -1,22 +1,26 @@
-"""Values that come from someone else's files: reports, data rows, regexes.
+"""Values that come from someone else's files: reports, configs, data rows, regexes.
 
 A report is plain JSON anyone can hand you, so its strings may hold terminal escape sequences
 (retitle the window, clear the screen, fake output), rich markup that breaks rendering, or a
-``target_modules`` regex that backtracks for hours; a data row may hold a list where text was
-expected, or a megabyte line. These helpers make such values safe to print, match and tokenize.
+``target_modules`` regex that backtracks for hours; a config may nest thousands of levels deep
+(Python's parsers recurse per level) or hold a YAML alias bomb; a data row may hold a list where
+text was expected, or a megabyte line. These helpers make such values safe to parse, print, match
+and tokenize.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 import re
 import signal
 import subprocess
 import sys
 import unicodedata
 
-from ..errors import FieldTypeError, UnsafeRegexError
+from ..errors import ConfigError, FieldTypeError, PlopError, UnsafeRegexError, first_line
 
 try:  # Python 3.11+; sre_parse before, and deprecated since
     from re import _constants as _sre
@@ -171,6 +175,118 @@ def _check_string_regex(pattern: str, max_length: int, time_budget: float) -> re
     if not _run_probes(pattern, probes, time_budget):
         raise UnsafeRegexError(f"regex {shown} takes over {time_budget:g} s on a test string: it backtracks")
     return regex
+
+
+# -- nested documents ------------------------------------------------------------------------
+MAX_NESTING = 100
+"""The deepest lists and mappings a config may nest. Real ones nest a few levels (a VLM's
+``text_config.rope_scaling``: 3); Python's JSON decoder and PyYAML's composer recurse once per level
+and die with ``RecursionError`` near 1,000, so the limit sits far from both."""
+
+MAX_YAML_VALUES = 1_000_000
+"""The most values a YAML document may hold, its aliases expanded. A training config holds hundreds;
+a 4 MiB file holds at most about 2 million without aliases, but nine nested aliases of nine
+(a "billion laughs") stand for 387 million, which every walk over the value would visit."""
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)  # its brackets are text, not nesting
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = str.maketrans({"[": "\x02", "{": "\x02", "]": "\x00", "}": "\x00"})
+
+
+def json_depth(text: str) -> int:
+    """How deeply the lists and objects of ``text`` nest, counted without parsing (nor recursing)."""
+    steps = _NOT_BRACKET.sub("", _JSON_STRING.sub("", text)).translate(_STEP).encode()
+    # an opening bracket is a 2, a closing one a 0: after n brackets the depth is their sum minus n,
+    # computed in C, as a 4 MiB file of brackets would take a second in a Python loop
+    return max(map(operator.sub, itertools.accumulate(steps), itertools.count(1)), default=0)
+
+
+def check_json_depth(text: str, source: str, error: type[PlopError] = ConfigError) -> None:
+    """``error`` in one line when JSON ``text`` from ``source`` nests over :data:`MAX_NESTING` levels."""
+    depth = json_depth(text)
+    if depth > MAX_NESTING:
+        raise error(f"{source}: nests lists and objects {depth:,} levels deep, over the {MAX_NESTING} allowed")
+
+
+def parse_json(text: str, source: str, error: type[PlopError] = ConfigError, object_hook=None):
+    """The value of JSON ``text`` from ``source``, or ``error`` in one line: invalid, nested over
+    :data:`MAX_NESTING` levels, or an integer over Python's 4,300 digits."""
+    check_json_depth(text, source, error)
+    try:
+        return json.loads(text, object_hook=object_hook)
+    except json.JSONDecodeError as e:
+        raise error(f"{source}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except ValueError as e:
+        raise error(f"{source}: not valid JSON ({first_line(e)})") from None
+
+
+class _Refused(Exception):
+    """A YAML document refused while it is composed: the reason, for :func:`parse_yaml` to place."""
+
+
+@functools.cache
+def _bounded_loader() -> type:
+    """PyYAML's safe loader, refusing to compose a node deeper than :data:`MAX_NESTING`."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_NESTING:
+                    line = self.peek_event().start_mark.line + 1
+                    raise _Refused(f"nests lists and mappings over {MAX_NESTING} levels deep (line {line})")
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    return BoundedLoader
+
+
+def _expanded_size(node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """The values under ``node`` (itself included) with every alias expanded; each distinct node is
+    counted once into ``sizes``, so this takes time in the nodes, not in what they expand to."""
+    key = id(node)
+    if key in open_nodes:
+        raise _Refused("an alias refers to a list or mapping that holds it, so it never ends")
+    if key not in sizes:
+        open_nodes.add(key)
+        items = node.value if isinstance(node.value, list) else []  # a scalar's value is its text
+        children = [child for item in items for child in (item if isinstance(item, tuple) else (item,))]
+        sizes[key] = 1 + sum(_expanded_size(child, sizes, open_nodes) for child in children)
+        open_nodes.discard(key)
+    return sizes[key]
+
+
+def parse_yaml(text: str, source: str):
+    """The value of YAML ``text`` from ``source`` (safe loader), or a one-line :class:`ConfigError`:
+    invalid, nested over :data:`MAX_NESTING` levels, or over :data:`MAX_YAML_VALUES` values."""
+    import yaml
+
+    loader = _bounded_loader()(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        sizes: dict[int, int] = {}
+        size = _expanded_size(node, sizes, set())  # recursion bounded: the composer refused deeper nodes
+        if size > MAX_YAML_VALUES and len(sizes) <= MAX_YAML_VALUES:
+            raise _Refused(f"too large: its aliases expand to {size:,} values, over the {MAX_YAML_VALUES:,} "
+                           f"allowed (an alias bomb)")
+        if size > MAX_YAML_VALUES:
+            raise _Refused(f"too large: it holds {size:,} values, over the {MAX_YAML_VALUES:,} allowed")
+        return loader.construct_document(node)
+    except _Refused as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise ConfigError(f"{source}: not valid YAML ({problem}{where})") from None
+    finally:
+        loader.dispose()
 
 
 # -- text ------------------------------------------------------------------------------------
