@@ -10,6 +10,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI_MARKER = "<!-- cli-reference -->"
+# a Sphinx role as mkdocstrings renders it from plop's docstrings: :class:<code>~plop.config.DiagnoseConfig</code>
+SPHINX_ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):<code>(~?)\.?([\w.]+)</code>")
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs' hook signature
@@ -18,6 +20,18 @@ def on_page_markdown(markdown: str, page, config, files) -> str:  # noqa: ARG001
     if page.file.src_uri == "cli.md":
         return markdown.replace(CLI_MARKER, cli_reference())
     return markdown
+
+
+def on_page_content(html: str, page, config, files) -> str:  # noqa: ARG001 - mkdocs' hook signature
+    """The docstrings' Sphinx roles become cross-references: a link where the site documents the
+    object (mkdocs-autorefs resolves them once every page is rendered), plain code where it does not."""
+    return SPHINX_ROLE.sub(_autoref, html)
+
+
+def _autoref(match: re.Match) -> str:
+    short, name = match.groups()
+    title = name.rsplit(".", 1)[-1] if short else name  # `~` shows the last part, as Sphinx does
+    return f'<autoref identifier="{name}" optional><code>{title}</code></autoref>'
 
 
 def front_page() -> str:

@@ -159,6 +159,8 @@ def test_strict_build_holds_the_reference_pages(site):
     assert all(f"usage: plop {command}" in cli for command in ("diagnose", "show", "export", "check", "train"))
     api = (site / "api.html").read_text()
     assert all(name in api for name in ("plop.diagnosis.diagnose", "plop.audit.check.check", "PlopError"))
+    assert not re.search(r":(class|func|meth|mod|data):<code>", api)  # docstrings' roles became references
+    assert 'href="#plop.errors.PlopError"' in api
     front = (site / "index.html").read_text()
     assert "make demo" in front and 'href="getting-started.html"' in front
 
