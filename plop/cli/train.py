@@ -19,7 +19,7 @@ EXAMPLES = """examples:
   plop train --output-dir runs/math --steps 200 --resume     # continue from the last checkpoint
   plop train --method grpo --reward rewards.py:exact_match --placement all-linear --rank 1 --steps 100
   plop train --output-dir runs/tasks --adapter-name math     # a named adapter in runs/tasks/math/
-  accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (see the README)
+  accelerate launch -m plop.cli train ./my-model --data train.jsonl   # several processes (docs/big-models/data-parallel.md)
 """
 
 
