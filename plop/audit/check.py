@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from ..placement import LoraSettings, Placement
 from ..stacks import StackConfig, read_config
 from ..stacks.reading import names
 from .findings import _type, findings, matrix
-from .meta import meta_model
+from .meta import builder_model, meta_model
 from .resolve import Build, lora_kwargs, wrap
 from .result import CheckResult, RoleRow
 
@@ -84,15 +85,16 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     (a model folder, its ``config.json`` or a ``.gguf``; default: the base model the config names).
     ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
     from ..model.coverage import block_units
-    from ..model.loading import model_info, model_layout
+    from ..model.loading import model_layout
     from ..model.placement import check_report_matches
 
     start = time.perf_counter()
     spec = config if isinstance(config, StackConfig) else read_config(config, flavour)
-    path = base_model_path(spec, model)
-    built = meta_model(path)
+    if spec.expand == "torchtune" and model is not None:
+        spec = replace(spec, notes=[*spec.notes, "MODEL is not used: torchtune builds the model from "
+                                    f"model._component_ ({spec.rules.get('component')}); its checkpointer only loads the weights"])
+    built, info = _model(spec, model)
     layout = model_layout(built)
-    info = {**model_info(built, str(path)), "dtype": None}
     if report is not None:
         from ..ranking.report import Report
 
@@ -113,6 +115,19 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
         result.by_nfn = nfn_budget(roles, report, spec.settings.r)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _model(spec: StackConfig, model: str | Path | None) -> tuple[Any, dict[str, Any]]:
+    """The meta model ``spec`` trains and its facts: a torchtune recipe's from its builder (MODEL,
+    a Hugging Face config, is then only where the checkpointer reads weights from), else MODEL's."""
+    from ..model.loading import model_info
+
+    if spec.expand == "torchtune":
+        built, info = builder_model(spec)
+        return built, {**info, "encoder_decoder": False, "dtype": None, "quantization": None}
+    path = base_model_path(spec, model)
+    built = meta_model(path)
+    return built, {**model_info(built, str(path)), "dtype": None}
 
 
 def _shown(kwargs: Mapping[str, Any]) -> dict[str, Any]:
