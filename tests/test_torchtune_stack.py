@@ -93,6 +93,33 @@ def test_a_builder_plop_has_no_tree_for_is_refused_not_guessed(tmp_path):
         check(recipe(tmp_path, PHI3, _component_=None))
 
 
+def test_a_phi3_export_names_torchtune_s_split_projections():
+    """plop export from a report of transformers' Phi-3 (fused qkv_proj, gate_up_proj): torchtune's
+    switches for them, flagged as not exact (an adapter on each of q/k/v), and read back to the
+    same modules."""
+    import copy
+
+    import archs
+    from conftest import make_batches
+
+    from plop import diagnose
+    from plop.audit.verify import export_difference, resolve_export
+    from plop.stacks import export
+
+    phi3 = archs.build("phi3")
+    report = diagnose(phi3, make_batches(8, 8, vocab=phi3.config.vocab_size), n_bootstrap=5)
+    chosen = copy.deepcopy(report)
+    rec = chosen.recommendation
+    rec.types = rec.target_modules = ["qkv_proj", "gate_up_proj", "down_proj"]
+    rec.modules = [m.name for m in chosen.modules if m.type in rec.types]
+    result = export(chosen, "torchtune")
+    model = yaml.safe_load(result.text)["model"]
+    assert model["lora_attn_modules"] == ["q_proj", "k_proj", "v_proj"] and model["apply_lora_to_mlp"] is True
+    assert not result.exact and any("keeps q_proj, k_proj, v_proj apart" in w for w in result.warnings)
+    assert resolve_export(result.text, "torchtune", chosen) == set(rec.modules)
+    assert export_difference(result.text, "torchtune", chosen) is None
+
+
 # -- against torchtune's own code ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tt():

@@ -34,7 +34,10 @@ from .target import Target
 NAME = "torchtune"
 ATTENTION = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "o_proj": "output_proj"}  # HF -> torchtune
 HF_ATTENTION = {tt: hf for hf, tt in ATTENTION.items()}
-MLP = ("gate_proj", "up_proj", "down_proj")  # torchtune's w1, w3, w2: one switch for all three
+# torchtune's w1, w3, w2: one switch for all three (gate_up_proj: Phi-3's w1 and w3, fused by transformers)
+MLP = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+# transformers' fused Phi-3 attention, which torchtune's checkpoint converter splits for its builder
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 OUTPUT = "lm_head"
 TABLE = Path(__file__).parent.parent / "resources" / "torchtune_builders.json"
 PARTS = ("decoder", "encoder", "fusion")  # Llama-3.2 Vision's *_trainable flags
@@ -48,18 +51,25 @@ def claims(data: Any) -> bool:
 
 def write(t: Target) -> ExportResult:
     types = t.types
-    attention = [ATTENTION[x] for x in types if x in ATTENTION]
+    present = {m.type for m in t.report.modules}
+    chosen = {ATTENTION[x] for x in types if x in ATTENTION} | {a for x in types for a in FUSED.get(x, ())}
+    attention = [a for a in HF_ATTENTION if a in chosen]
+    mlp_types = [x for x in MLP if x in present]  # this model's MLP projections, fused or not
     mlp = any(x in MLP for x in types)
     output = OUTPUT in types
-    covered = [x for x in types if x in ATTENTION] + (list(MLP) if mlp else []) + ([OUTPUT] if output else [])
+    covered = [x for x in types if x in ATTENTION or x in FUSED] + (mlp_types if mlp else []) + ([OUTPUT] if output else [])
     warnings, exact = t.gaps("torchtune", loraplus=False, patterns=False, parameters=False)
     dropped = [x for x in types if x not in covered]
     if dropped:
         warnings.append(f"torchtune has no switch for {dropped}: they get no adapter")
+    split = [x for x in types if x in FUSED]
+    for x in split:
+        warnings.append(f"torchtune's builder keeps {', '.join(FUSED[x])} apart where this model fuses {x}: "
+                        "an adapter on each, not one on the fused projection")
     if t.is_regex:
         warnings.append("torchtune cannot pick layers: the per-layer placement becomes every layer")
-    if mlp and not set(MLP) <= set(types):
-        warnings.append(f"apply_lora_to_mlp covers all of {', '.join(MLP)}, not only {[x for x in types if x in MLP]}")
+    if mlp and not set(mlp_types) <= set(types):
+        warnings.append(f"apply_lora_to_mlp covers all of {', '.join(mlp_types)}, not only {[x for x in types if x in MLP]}")
     settings = {"model": {
         "lora_attn_modules": attention,
         "apply_lora_to_mlp": mlp,
@@ -72,7 +82,7 @@ def write(t: Target) -> ExportResult:
     comment = ("set model._component_ to your model's LoRA builder, "
                "e.g. torchtune.models.llama3_2.lora_llama3_2_1b")
     return finish(t, NAME, settings, "torchtune-lora.yaml", warnings,
-                  exact and not dropped and t.is_exact(covered), comment=comment)
+                  exact and not dropped and not split and t.is_exact(covered), comment=comment)
 
 
 def read(data: Mapping, source: str) -> StackConfig:
@@ -163,8 +173,11 @@ def wrapped(spec: StackConfig) -> list[str]:
 
 def hf_targets(spec: StackConfig) -> list[str]:
     """The Hugging Face module names a recipe's switches reach (what ``plop export`` reads back on
-    a report of the Hugging Face model): output_proj is o_proj, the MLP gate/up/down, the output lm_head."""
-    return [HF_ATTENTION[a] for a in spec.placement.target_modules or []] + \
+    a report of the Hugging Face model): output_proj is o_proj, q/k/v together a fused qkv_proj,
+    the MLP gate/up/down (or gate_up_proj), the output lm_head."""
+    attention = spec.placement.target_modules or []
+    fused = [hf for hf, parts in FUSED.items() if set(parts) <= set(attention)]
+    return [HF_ATTENTION[a] for a in attention] + fused + \
         (list(MLP) if spec.rules.get("mlp") else []) + ([OUTPUT] if spec.rules.get("output") else [])
 
 
