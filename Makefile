@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 # the exact versions the suite was last green on; `make test-latest` installs without them
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-fast test-latest constraints docs bench study clean
+.PHONY: demo test test-fast test-stacks test-latest constraints docs bench study clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ test: $(STAMP)
 # CI runs `make test`
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
+
+# plop against each stack's own code (pytest -m stacks): every `stack-*` extra of pyproject.toml in
+# its own .venv-stacks, so the stacks' dependencies never reach .venv
+STACK_EXTRAS = $(shell sed -n 's/^\(stack-[a-z0-9-]*\) *=.*/\1/p' pyproject.toml | paste -sd, -)
+test-stacks:
+	$(MAKE) .venv-stacks/.plop-installed VENV=.venv-stacks
+	.venv-stacks/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,$(STACK_EXTRAS)]"
+	OMP_NUM_THREADS=2 .venv-stacks/bin/python -m pytest -q -m stacks
 
 # the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a
 # release that breaks plop before it reaches a user; when it passes, `make constraints` adopts it
@@ -59,4 +67,4 @@ study: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/placement_study.py
 
 clean:
-	rm -rf $(VENV) .venv-latest report.json site
+	rm -rf $(VENV) .venv-latest .venv-stacks report.json site

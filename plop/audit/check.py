@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -94,7 +95,9 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     ``report``: a :class:`plop.Report` (or its path) of this model, to weigh the placement by NFN."""
     start = time.perf_counter()
     spec = config if isinstance(config, StackConfig) else read_config(config, flavour)
-    path = base_model_path(spec, model)
+    if spec.expand == "torchtune" and model is not None:
+        spec = replace(spec, notes=[*spec.notes, "MODEL is not used: torchtune builds the model from "
+                                    f"model._component_ ({spec.rules.get('component')}); its checkpointer only loads the weights"])
     # every regex PEFT will run comes from the config (the stack rules add lists of names), so the
     # ReDoS guard runs here, before seconds of building
     check_regexes(spec.lora_kwargs())
@@ -102,17 +105,16 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
         from ..ranking.report import Report
 
         report = Report.load(report)
-    built = meta_model(path)
+    built, info = _model(spec, model)
     # torch and PEFT from here on, once the input is known to be buildable
     from ..model.coverage import block_units
-    from ..model.loading import model_info, model_layout
+    from ..model.loading import model_layout
     from ..ranking.placements import check_report_matches
     from .findings import findings, matrix
     from .resolve import lora_kwargs, wrap
     from .result import CheckResult
 
     layout = model_layout(built)
-    info = {**model_info(built, str(path)), "dtype": None}
     if report is not None:
         check_report_matches(report, layout)
     units = {unit: numel for unit, (numel, _) in block_units(built, layout.params).items()}  # before PEFT renames
@@ -130,6 +132,21 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
         result.by_nfn = nfn_budget(roles, report, spec.settings.r)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _model(spec: StackConfig, model: str | Path | None) -> tuple[Any, dict[str, Any]]:
+    """The meta model ``spec`` trains and its facts: a torchtune recipe's from its builder (MODEL,
+    a Hugging Face config, is then only where the checkpointer reads weights from), else MODEL's."""
+    from ..model.loading import model_info
+
+    if spec.expand == "torchtune":
+        from .builder import builder_model
+
+        built, info = builder_model(spec)
+        return built, {**info, "encoder_decoder": False, "dtype": None, "quantization": None}
+    path = base_model_path(spec, model)
+    built = meta_model(path)
+    return built, {**model_info(built, str(path)), "dtype": None}
 
 
 def _shown(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """What a config trains on a model: each stack's key semantics, then PEFT itself on the meta model.
 
 The stack rules that need the model (axolotl ``lora_target_linear``, LLaMA-Factory ``all`` and its
-VLM target patching, torchtune's switches, mlx-lm's keys and ``num_layers``) turn an
+VLM target patching, torchtune's builders, mlx-lm's keys and ``num_layers``) turn an
 :class:`StackConfig` into the ``LoraConfig`` that stack hands to PEFT. Then ``get_peft_model``
 wraps the meta model: PEFT's own matcher, its transformers-5 MoE conversion and its refusals
 decide what is wrapped, so plop never disagrees with PEFT, and the trainable count is PEFT's.
@@ -18,6 +18,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..model.names import layer_index
+from ..stacks import torchtune
 from ..stacks.reading import StackConfig
 
 ADAPTER = "default"
@@ -126,10 +127,7 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
     elif spec.expand and spec.expand.startswith("llama-factory"):
         kwargs["target_modules"] = _llama_factory(spec, model)
     elif spec.expand == "torchtune":
-        # torchtune's MLP is w1/w2/w3 (gate/down/up), its output projection the LM head
-        extra = (["gate_proj", "up_proj", "down_proj"] if spec.rules.get("mlp") else []) + \
-            ([_head_leaf(model) or "lm_head"] if spec.rules.get("output") else [])
-        kwargs["target_modules"] = list(spec.placement.target_modules or []) + extra
+        kwargs["target_modules"] = torchtune.wrapped(spec)  # full names on the builder's own tree
     elif spec.expand == "mlx-lm":
         _mlx(spec, model, kwargs)
     if spec.stack == "axolotl" and kwargs.get("target_parameters"):

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import first_line
 from ..model.names import layer_index
 from ..model.roles import peft_matches
-from ..stacks import STACKS
+from ..stacks import STACKS, torchtune
 from ..stacks.reading import check_regexes
 from ..utils.untrusted import parse_yaml
 
@@ -29,9 +29,7 @@ def _kwargs_on_names(spec, names: list[str]) -> dict:
     that need module classes: lora_target_linear, lora_target all)."""
     kwargs = spec.lora_kwargs()
     if spec.expand == "torchtune":
-        kwargs["target_modules"] = list(spec.placement.target_modules or []) + \
-            (["gate_proj", "up_proj", "down_proj"] if spec.rules.get("mlp") else []) + \
-            (["lm_head"] if spec.rules.get("output") else [])
+        kwargs["target_modules"] = torchtune.hf_targets(spec)
     elif spec.expand == "mlx-lm":
         n = 1 + max((layer_index(x) for x in names if layer_index(x) is not None), default=-1)
         num = spec.rules.get("num_layers", n)

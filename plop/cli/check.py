@@ -14,6 +14,7 @@ EPILOG = """\
 CONFIG is a PEFT adapter folder or adapter_config.json, an axolotl, LLaMA-Factory, TRL, torchtune
 or mlx-lm YAML, a plop export, or an unsloth script (parsed, never run); or give the targets inline.
 MODEL is a model folder, its config.json or a .gguf (default: the base model the config names, when local).
+A torchtune recipe needs none: its model._component_ builder defines the model (torchtune 0.6.1's builders).
 
 exit status: 0 no error-level finding, 3 error-level findings (the run would train something else
 than the config says), 2 unreadable input, 1 a bug.
