@@ -137,15 +137,15 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
 def _model(spec: StackConfig, model: str | Path | None) -> tuple[Any, dict[str, Any]]:
     """The meta model ``spec`` trains and its facts: a torchtune recipe's from its builder (MODEL,
     a Hugging Face config, is then only where the checkpointer reads weights from), else MODEL's."""
-    from ..model.loading import model_info
-
     if spec.expand == "torchtune":
         from .builder import builder_model
 
         built, info = builder_model(spec)
         return built, {**info, "encoder_decoder": False, "dtype": None, "quantization": None}
     path = base_model_path(spec, model)
-    built = meta_model(path)
+    built = meta_model(path)  # refuses a hostile config.json before torch is imported
+    from ..model.loading import model_info
+
     return built, {**model_info(built, str(path)), "dtype": None}
 
 
