@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import first_line
 from ..model.names import layer_index
 from ..model.roles import peft_matches
-from ..stacks import STACKS
+from ..stacks import STACKS, mlx_lm
 from ..stacks.reading import check_regexes, parse_yaml
 
 
@@ -33,8 +33,7 @@ def _kwargs_on_names(spec, names: list[str]) -> dict:
             (["lm_head"] if spec.rules.get("output") else [])
     elif spec.expand == "mlx-lm":
         n = 1 + max((layer_index(x) for x in names if layer_index(x) is not None), default=-1)
-        num = spec.rules.get("num_layers", n)
-        kwargs["layers_to_transform"] = list(range(0 if num < 0 else max(n - num, 0), n))
+        kwargs["layers_to_transform"] = list(mlx_lm.chosen_blocks(spec.rules.get("num_layers", n), n))
     return kwargs
 
 

@@ -1,12 +1,18 @@
-"""mlx-lm LoRA YAML (``mlx_lm.lora --config FILE``), both ways. Keys: ml-explore/mlx-lm
-mlx_lm/lora.py (CONFIG_DEFAULTS: fine_tune_type lora|dora, num_layers 16, lora_parameters
-{rank 8, scale 20.0, dropout 0.0}) and mlx_lm/tuner/utils.py linear_to_lora_layers: LoRA goes on
-the last ``num_layers`` blocks (-1: all), on the block-relative paths in ``keys``, or without keys
-on every linear layer of those blocks; scale multiplies B·A directly, so it is alpha / rank."""
+"""mlx-lm LoRA YAML (``mlx_lm.lora --config FILE``), both ways, and what mlx-lm's own model of a
+config.json gets from it (:func:`resolve`; mlx-lm builds its own modules, PEFT never sees them).
+
+Keys: ml-explore/mlx-lm mlx_lm/lora.py (CONFIG_DEFAULTS: fine_tune_type lora|dora, num_layers 16,
+lora_parameters {rank 8, scale 20.0, dropout 0.0}) and mlx_lm/tuner/utils.py linear_to_lora_layers:
+LoRA goes on the last ``num_layers`` blocks (0 or -1: all), on the paths inside a block that equal
+one of ``keys`` exactly (not a suffix match), or without keys on every Linear, SwitchLinear and
+Embedding path of the blocks, MoE routers included; scale multiplies B·A directly, so it is
+alpha / rank."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ConfigError
@@ -60,3 +66,183 @@ def read(data: Mapping, source: str) -> StackConfig:
     return StackConfig(NAME, source, Placement(target_modules=names(params.get("keys"), "lora_parameters.keys")),
                        settings, base_model=data.get("model"), expand="mlx-lm",
                        rules={"num_layers": number(data, "num_layers", DEFAULT_LAYERS)})
+
+
+# -- what mlx-lm's own model of a config.json holds, and what its LoRA conversion wraps ----------
+@dataclass(frozen=True)
+class Tree:
+    """Where mlx-lm's model of one model type names things otherwise than transformers' (checked
+    against mlx-lm's own classes by tests/test_mlx_lm_native.py): the MoE block (``moe``), its
+    stacked experts (``experts``: SwitchLinear ``gate_proj``/``up_proj``/``down_proj`` there),
+    whether transformers stores ``gate_up_proj`` as (experts, in, out), and when the model has an
+    ``lm_head`` module: ``tied`` (unless tie_word_embeddings), ``always`` or ``never``."""
+
+    moe: str = "mlp"
+    experts: str = "switch_mlp"
+    transposed: bool = False
+    head: str = "tied"
+
+
+# mlx_lm/models/<type>.py at mlx-lm 0.32.2 ("mistral" loads mlx-lm's llama, MODEL_REMAPPING)
+TREES: dict[str, Tree] = {
+    **{t: Tree() for t in ("llama", "mistral", "qwen2", "qwen3", "phi3", "starcoder2", "olmo2")},
+    **{t: Tree(head="never") for t in ("gemma", "gemma2", "cohere")},
+    "phi": Tree(head="always"),
+    "mixtral": Tree(moe="block_sparse_moe"),
+    "qwen2_moe": Tree(head="always"),
+    "qwen3_moe": Tree(),
+    "olmoe": Tree(),
+    "gpt_oss": Tree(experts="experts", transposed=True, head="always"),
+}
+# model types mlx-lm has a model for that plop does not map (yet), each with why; plop says so and stops
+UNMAPPED: dict[str, str] = {
+    "gemma3_text": "mlx-lm drops lm_head when the checkpoint's weights lack one (sanitize), which config.json does not say",
+    "gemma3": "mlx-lm wraps the text model alone (language_model.model.layers), unmapped",
+    "gpt2": "transformers holds Conv1D projections, mlx-lm Linear ones under other names, unmapped",
+    "gpt_neox": "mlx-lm names its blocks otherwise (gpt_neox.h), unmapped",
+    "gptj": "mlx-lm's blocks are model.h, transformers' transformer.h, unmapped",
+    "deepseek_v3": "mlx-lm's MLA and shared-expert modules are unmapped",
+    "jamba": "mlx-lm's Mamba mixers and experts are unmapped",
+    "mamba": "mlx-lm's Mamba mixers are unmapped",
+    "llava": "mlx-lm loads it as mistral3 (MODEL_REMAPPING), unmapped",
+    "qwen2_vl": "mlx-lm wraps the text model alone, unmapped",
+}
+MLX_LM_VERSION = "0.32.2"  # the version TREES and the rules below are read from (pyproject's stack-mlx extra)
+
+
+@dataclass(frozen=True)
+class Native:
+    """One module of mlx-lm's model that its LoRA conversion can wrap: its path there, its block
+    (None outside ``model.layers``) and path inside it, the transformers module or expert weight
+    plop reports it under, and its shape (``experts`` > 1: a SwitchLinear)."""
+
+    name: str
+    block: int | None
+    inner: str
+    source: str
+    fan_in: int
+    fan_out: int
+    experts: int = 1
+
+    def lora_params(self, rank: int, dora: bool) -> int:
+        """mlx_lm/tuner/lora.py: lora_a (in, r) and lora_b (r, out), per expert for a SwitchLinear;
+        tuner/dora.py adds the magnitude ``m``, one per output (an embedding's rows)."""
+        return self.experts * rank * (self.fan_in + self.fan_out) + (self.fan_out if dora else 0)
+
+
+@dataclass
+class NativeBuild:
+    """What ``linear_to_lora_layers`` wraps (each module with its trainable parameters), the keys
+    that match no module, the paths inside a block there are, and mlx-lm's refusal, if it refuses."""
+
+    wrapped: dict[str, tuple[Native, int]] = field(default_factory=dict)
+    unmatched: list[str] = field(default_factory=list)
+    inner: list[str] = field(default_factory=list)
+    refused: str | None = None
+
+
+def blocks(model: Any) -> tuple[str, int]:
+    """The text model's block list (the ``...layers`` with the most indices) and its length."""
+    counts: dict[str, set[int]] = {}
+    for name, _ in model.named_modules():
+        match = re.match(r"^(.*?\blayers)\.(\d+)$", name)
+        if match and "vision" not in match.group(1) and "visual" not in match.group(1):
+            counts.setdefault(match.group(1), set()).add(int(match.group(2)))
+    if not counts:
+        return "", 0
+    prefix = max(counts, key=lambda p: len(counts[p]))
+    return prefix, len(counts[prefix])
+
+
+def shown(spec: StackConfig) -> dict[str, Any]:
+    """The settings mlx-lm converts with, as ``plop check`` shows them."""
+    keys = spec.placement.target_modules
+    return {"keys": keys if keys is not None else "every Linear, SwitchLinear and Embedding path in a block",
+            "num_layers": spec.rules.get("num_layers", DEFAULT_LAYERS), "rank": spec.settings.r,
+            "scale": spec.settings.alpha / spec.settings.r, "dropout": spec.settings.dropout,
+            "fine_tune_type": "dora" if spec.settings.use_dora else "lora"}
+
+
+def chosen_blocks(num_layers: int, n: int) -> range:
+    """``model.layers[-max(num_layers, 0):]``: the last ``num_layers`` blocks, all of them for 0 or -1."""
+    return range(0 if num_layers <= 0 else max(n - num_layers, 0), n)
+
+
+def tree(model_type: str | None) -> Tree:
+    """The :class:`Tree` of ``model_type``, or one line saying plop does not know it."""
+    if model_type not in TREES:
+        why = UNMAPPED.get(model_type, f"mlx-lm {MLX_LM_VERSION} may have no model for it")
+        raise ConfigError(f"plop does not know mlx-lm's own module tree for model_type {model_type!r} ({why}); "
+                          f"it knows {', '.join(sorted(TREES))}")
+    return TREES[model_type]
+
+
+def _rename(inner: str, shape: Tree, moe_blocks: bool) -> str:
+    """A path inside a transformers block as mlx-lm names it (only MoE blocks differ)."""
+    if moe_blocks and inner.split(".", 1)[0] == "mlp":
+        inner = shape.moe + inner[3:]
+    return inner
+
+
+def native_modules(model: Any, model_type: str | None) -> list[Native]:
+    """Every module mlx-lm's model of this config can wrap, read off the transformers meta model:
+    2-D weights are Linear (Embedding by class), a transformers MoE's ``gate_up_proj`` /
+    ``down_proj`` are mlx-lm's SwitchLinear gate/up/down projections."""
+    shape = tree(model_type)
+    prefix, _ = blocks(model)
+    config = getattr(model, "config", None)
+    head = {"always": True, "never": False}.get(shape.head, not getattr(config, "tie_word_embeddings", False))
+    found = []
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        match = re.match(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$", name) if prefix else None
+        block, inner = (int(match.group(1)), match.group(2)) if match else (None, name)
+        moe = any(p.ndim == 3 for p in params.values())
+        if moe and block is not None and {"gate_up_proj", "down_proj"} <= set(params):
+            found += _experts(name, block, inner, params, shape)
+        elif "weight" in params and params["weight"].ndim == 2 and (name != "lm_head" or head):
+            rows, cols = params["weight"].shape
+            mlx_inner = _rename(inner, shape, block is not None)
+            full = f"{prefix}.{block}.{mlx_inner}" if block is not None else name
+            found.append(Native(full, block, mlx_inner, name, cols, rows))
+    return found
+
+
+def _experts(name: str, block: int, inner: str, params: dict, shape: Tree) -> list[Native]:
+    owner = _rename(inner.rsplit(".", 1)[0], shape, True) if "." in inner else ""
+    base = ".".join(filter(None, [owner, shape.experts]))
+    full = name[: -len(inner)] + base
+    up = params["gate_up_proj"].shape
+    n, hidden, inter = (up[0], up[1], up[2] // 2) if shape.transposed else (up[0], up[2], up[1] // 2)
+    return [Native(f"{full}.{proj}", block, f"{base}.{proj}", f"{name}.{source}", fan_in, fan_out, n)
+            for proj, source, fan_in, fan_out in (("gate_proj", "gate_up_proj", hidden, inter),
+                                                  ("up_proj", "gate_up_proj", hidden, inter),
+                                                  ("down_proj", "down_proj", inter, hidden))]
+
+
+def resolve(spec: StackConfig, model: Any) -> NativeBuild:
+    """mlx_lm/tuner/utils.py linear_to_lora_layers on mlx-lm's model of ``model``'s config:
+    ``keys`` are compared exactly with paths inside each of the last ``num_layers`` blocks, then
+    with full paths in the whole model; without keys, every path inside any block that holds a
+    Linear, SwitchLinear or Embedding (routers included). lora.py's train refuses more
+    ``num_layers`` than blocks, and tuner/utils.py DoRA on a SwitchLinear."""
+    modules = native_modules(model, getattr(getattr(model, "config", None), "model_type", None))
+    _, n = blocks(model)
+    num = spec.rules.get("num_layers", DEFAULT_LAYERS)
+    build = NativeBuild(inner=sorted({m.inner for m in modules if m.block is not None}))
+    if num > n:
+        build.refused = f"mlx-lm refuses it: Requested to train {num} layers but the model only has {n} layers"
+        return build
+    keys = spec.placement.target_modules
+    if keys is None:
+        keys = set(build.inner)
+    chosen = set(chosen_blocks(num, n))
+    for m in modules:
+        if (m.block in chosen and m.inner in keys) or m.name in keys:
+            if spec.settings.use_dora and m.experts > 1:
+                build.refused = "mlx-lm refuses it: SwitchLinear doesn't support DoRA yet"
+                return build
+            build.wrapped[m.name] = (m, m.lora_params(spec.settings.r, spec.settings.use_dora))
+    build.unmatched = [k for k in spec.placement.target_modules or ()
+                       if not any(k in (m.inner, m.name) for m in modules)]
+    return build

@@ -1,0 +1,174 @@
+"""plop check against mlx-lm's own code: mlx-lm builds its own model (random weights, mlx on the
+CPU) from the same config.json, its ``linear_to_lora_layers`` converts it, and plop must name the
+same wrapped modules and count the same trainable parameters. Skips without the stack-mlx extra."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archs import ARCHS
+from plop.audit import EXIT_ERRORS, check
+from plop.audit.meta import meta_model
+from plop.errors import ConfigError
+from plop.stacks import mlx_lm as stack
+
+pytestmark = pytest.mark.stacks
+mlx_lm = pytest.importorskip("mlx_lm")
+
+from mlx.utils import tree_flatten  # noqa: E402  (after the skip: mlx comes with mlx-lm)
+from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
+from mlx_lm.utils import _get_classes  # noqa: E402  (what mlx_lm.utils.load_model builds with)
+
+# what mlx-lm's ModelArgs require beyond plop's tiny architecture sizes (tests/archs.py)
+_MLX_ARGS = dict(rms_norm_eps=1e-6, layer_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
+                 partial_rotary_factor=0.5, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+
+
+def config_json(model_type: str, tie: bool = False) -> dict:
+    return {**ARCHS[model_type].sizes, **_MLX_ARGS, "model_type": model_type, "tie_word_embeddings": tie}
+
+
+def mlx_model(config: dict):
+    model_cls, args_cls = _get_classes(config)
+    return model_cls(args_cls.from_dict(config))
+
+
+def _mlx_shapes(model) -> dict[str, tuple[int, int, int]]:
+    """mlx-lm's wrappable modules as (experts, fan_in, fan_out)."""
+    import mlx.nn as nn
+    from mlx_lm.models.switch_layers import SwitchLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, SwitchLinear):
+            out[name] = tuple(int(x) for x in (m.weight.shape[0], m.weight.shape[2], m.weight.shape[1]))
+        elif isinstance(m, nn.Linear):
+            out[name] = (1, int(m.weight.shape[1]), int(m.weight.shape[0]))
+        elif isinstance(m, nn.Embedding):
+            out[name] = (1, int(m.weight.shape[1]), int(m.weight.shape[0]))
+    return out
+
+
+def mlx_missed(config: dict, mlx_config: dict) -> list[str]:
+    """The keys that equal no path inside mlx-lm's blocks and no full path of its model."""
+    model = mlx_model(config)
+    paths = {name for name, _ in model.named_modules()}
+    paths |= {name for block in model.layers for name, _ in block.named_modules()}
+    return [k for k in mlx_config.get("lora_parameters", {}).get("keys", []) if k not in paths]
+
+
+def mlx_truth(config: dict, mlx_config: dict) -> tuple[list[str], int]:
+    """What mlx_lm.lora's train does before training: freeze, convert, count trainable parameters."""
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+
+    model = mlx_model(config)
+    model.freeze()
+    params = {"rank": 8, "scale": 20.0, "dropout": 0.0, **mlx_config.get("lora_parameters", {})}
+    linear_to_lora_layers(model, mlx_config.get("num_layers", 16), params,
+                          use_dora=mlx_config.get("fine_tune_type") == "dora")
+    kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+    wrapped = sorted(name for name, m in model.named_modules() if isinstance(m, kinds))
+    return wrapped, sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def plop_result(tmp_path: Path, config: dict, mlx_config: dict):
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(mlx_config))
+    return check(tmp_path / "lora.yaml", tmp_path / "config.json", flavour="mlx-lm")
+
+
+@pytest.mark.parametrize("model_type", sorted(stack.TREES))
+@pytest.mark.parametrize("tie", [False, True])
+def test_module_tree_is_mlx_lm_s_own(model_type, tie):
+    """TREES, read on the transformers meta model, gives mlx-lm's own modules and shapes."""
+    config = config_json(model_type, tie)
+    ours = {m.name: (m.experts, m.fan_in, m.fan_out)
+            for m in stack.native_modules(meta_model_of(config), model_type)}
+    assert ours == _mlx_shapes(mlx_model(config))
+
+
+def meta_model_of(config: dict):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "config.json"
+        path.write_text(json.dumps(config))
+        return meta_model(path)
+
+
+VARIANTS = {
+    "defaults": {"num_layers": 1},
+    "all-layers": {"num_layers": -1, "lora_parameters": {"rank": 4}},
+    "keys": {"num_layers": 2, "lora_parameters": {"keys": ["self_attn.q_proj", "self_attn.v_proj"], "rank": 16}},
+    "dora": {"num_layers": 2, "fine_tune_type": "dora", "lora_parameters": {"keys": ["self_attn.o_proj"]}},
+    "full-path": {"num_layers": 1, "lora_parameters": {"keys": ["model.layers.0.self_attn.k_proj", "model.embed_tokens"]}},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(stack.TREES))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_check_equals_mlx_lm_s_conversion(tmp_path, model_type, variant):
+    config, mlx_config = config_json(model_type), VARIANTS[variant]
+    wrapped, trainable = mlx_truth(config, mlx_config)
+    result = plop_result(tmp_path, config, mlx_config)
+    assert (result.stack_modules, result.trainable) == (wrapped, trainable)
+    missed = mlx_missed(config, mlx_config)
+    assert [f.code for f in result.errors] == (["target-miss"] if missed else []) + ([] if wrapped else ["nothing-trained"])
+    assert all(repr(k) in result.errors[0].message for k in missed)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_expert_keys_in_transformers_names_match_nothing(tmp_path, model_type):
+    """mlx-lm #571: Hugging Face expert names as keys; mlx-lm trains attention only, plop says which keys miss."""
+    keys = ["self_attn.q_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"]
+    mlx_config = {"num_layers": -1, "lora_parameters": {"keys": keys, "rank": 8, "scale": 2.0}}
+    config = config_json(model_type)
+    wrapped, trainable = mlx_truth(config, mlx_config)
+    result = plop_result(tmp_path, config, mlx_config)
+    assert (result.stack_modules, result.trainable) == (wrapped, trainable)
+    assert all(name.endswith("self_attn.q_proj") for name in wrapped)
+    (miss,) = [f for f in result.findings if f.code == "target-miss"]
+    assert "'mlp.experts.0.up_proj', 'mlp.experts.0.down_proj'" in miss.message and result.exit_code == EXIT_ERRORS
+
+
+def test_default_keys_wrap_the_router_and_say_so(tmp_path):
+    config = config_json("qwen3_moe")
+    wrapped, trainable = mlx_truth(config, {"num_layers": 2})
+    result = plop_result(tmp_path, config, {"num_layers": 2})
+    assert "model.layers.0.mlp.gate" in wrapped and (result.stack_modules, result.trainable) == (wrapped, trainable)
+    assert "router-wrapped" in [f.code for f in result.findings]
+
+
+def test_more_layers_than_blocks_is_refused_as_mlx_lm_refuses(tmp_path):
+    """mlx_lm/lora.py train: num_layers above the block count raises before any conversion."""
+    result = plop_result(tmp_path, config_json("llama"), {"num_layers": 16})
+    (refusal,) = [f for f in result.findings if f.severity == "error"]
+    assert refusal.code == "stack-refuses" and "only has 2 layers" in refusal.message
+
+
+def _registered(model_type: str) -> bool:
+    """mlx_lm.utils._get_classes: MODEL_REMAPPING, then mlx_lm/models/<type>.py."""
+    import importlib.util
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return importlib.util.find_spec(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}") is not None
+
+
+def test_every_architecture_plop_sweeps_that_mlx_lm_builds_is_in_the_table():
+    """A model type plop supports (tests/archs.py) that mlx-lm registers is mapped or named
+    unmapped with its reason; a type in plop's tables is one mlx-lm registers."""
+    assert sorted(a.model_type for a in ARCHS.values()
+                  if _registered(a.model_type) and a.model_type not in {*stack.TREES, *stack.UNMAPPED}) == []
+    assert sorted(t for t in {*stack.TREES, *stack.UNMAPPED} if not _registered(t)) == []
+
+
+def test_an_unmapped_model_type_is_one_line(tmp_path):
+    config = {**config_json("llama"), "model_type": "gpt_neox"}
+    with pytest.raises(ConfigError, match=r"^plop does not know mlx-lm's own module tree for model_type 'gpt_neox' \("):
+        plop_result(tmp_path, config, {"num_layers": 1})
