@@ -58,7 +58,7 @@ def mlx_missed(config: dict, mlx_config: dict) -> list[str]:
     model = mlx_model(config)
     paths = {name for name, _ in model.named_modules()}
     paths |= {name for block in model.layers for name, _ in block.named_modules()}
-    return [k for k in mlx_config.get("lora_parameters", {}).get("keys", []) if k not in paths]
+    return [k for k in mlx_config.get("lora_parameters", {}).get("keys") or () if k not in paths]
 
 
 def mlx_truth(config: dict, mlx_config: dict) -> tuple[list[str], int]:
@@ -66,9 +66,11 @@ def mlx_truth(config: dict, mlx_config: dict) -> tuple[list[str], int]:
     from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
     from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
 
+    from mlx_lm.lora import CONFIG_DEFAULTS
+
     model = mlx_model(config)
     model.freeze()
-    params = {"rank": 8, "scale": 20.0, "dropout": 0.0, **mlx_config.get("lora_parameters", {})}
+    params = {**CONFIG_DEFAULTS, **mlx_config}["lora_parameters"]  # lora.py main: the config's mapping, whole
     linear_to_lora_layers(model, mlx_config.get("num_layers", 16), params,
                           use_dora=mlx_config.get("fine_tune_type") == "dora")
     kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
@@ -101,12 +103,15 @@ def meta_model_of(config: dict):
         return meta_model(path)
 
 
+_RANK = {"rank": 4, "scale": 2.0, "dropout": 0.0}
 VARIANTS = {
     "defaults": {"num_layers": 1},
-    "all-layers": {"num_layers": -1, "lora_parameters": {"rank": 4}},
-    "keys": {"num_layers": 2, "lora_parameters": {"keys": ["self_attn.q_proj", "self_attn.v_proj"], "rank": 16}},
-    "dora": {"num_layers": 2, "fine_tune_type": "dora", "lora_parameters": {"keys": ["self_attn.o_proj"]}},
-    "full-path": {"num_layers": 1, "lora_parameters": {"keys": ["model.layers.0.self_attn.k_proj", "model.embed_tokens"]}},
+    "all-layers": {"num_layers": -1, "lora_parameters": _RANK},
+    "zero-layers": {"num_layers": 0, "lora_parameters": {**_RANK, "keys": None}},
+    "keys": {"num_layers": 2, "lora_parameters": {**_RANK, "keys": ["self_attn.q_proj", "self_attn.v_proj"]}},
+    "dora": {"num_layers": 2, "fine_tune_type": "dora", "lora_parameters": {**_RANK, "keys": ["self_attn.o_proj"]}},
+    "full-path": {"num_layers": 1, "lora_parameters": {**_RANK, "keys": ["model.layers.0.self_attn.k_proj",
+                                                                        "model.embed_tokens"]}},
 }
 
 
@@ -126,7 +131,7 @@ def test_check_equals_mlx_lm_s_conversion(tmp_path, model_type, variant):
 def test_expert_keys_in_transformers_names_match_nothing(tmp_path, model_type):
     """mlx-lm #571: Hugging Face expert names as keys; mlx-lm trains attention only, plop says which keys miss."""
     keys = ["self_attn.q_proj", "mlp.experts.0.up_proj", "mlp.experts.0.down_proj"]
-    mlx_config = {"num_layers": -1, "lora_parameters": {"keys": keys, "rank": 8, "scale": 2.0}}
+    mlx_config = {"num_layers": -1, "lora_parameters": {"keys": keys, "rank": 8, "scale": 2.0, "dropout": 0.0}}
     config = config_json(model_type)
     wrapped, trainable = mlx_truth(config, mlx_config)
     result = plop_result(tmp_path, config, mlx_config)
@@ -172,3 +177,12 @@ def test_an_unmapped_model_type_is_one_line(tmp_path):
     config = {**config_json("llama"), "model_type": "gpt_neox"}
     with pytest.raises(ConfigError, match=r"^plop does not know mlx-lm's own module tree for model_type 'gpt_neox' \("):
         plop_result(tmp_path, config, {"num_layers": 1})
+
+
+def test_a_partial_lora_parameters_mapping_is_refused_as_mlx_lm_fails(tmp_path):
+    """The Phi-3 cookbook's older form gives alpha, not scale: mlx-lm stops with KeyError 'scale'."""
+    params = {"keys": ["self_attn.o_proj"], "rank": 64, "alpha": 64, "dropout": 0.1}
+    with pytest.raises(KeyError, match="scale"):
+        linear_to_lora_layers(mlx_model(config_json("phi3")), 1, params)
+    with pytest.raises(ConfigError, match=r"lora_parameters lacks scale: .* KeyError 'scale'"):
+        plop_result(tmp_path, config_json("phi3"), {"num_layers": 1, "lora_parameters": params})

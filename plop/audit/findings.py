@@ -119,7 +119,8 @@ def expert_findings(build: Build, layout: ModelLayout, block_weights: int) -> li
     what = "the routed experts get no adapter" if every else f"{', '.join(sorted(frozen))} get no adapter"
     return [Finding("warning", "experts-frozen",
                     f"{what}: {_share(sum(frozen.values()), block_weights)} of the block weights stay untouched "
-                    f"while the rest trains; add them with target_parameters {sorted(frozen)}")]
+                    f"while the rest trains; add them with "
+                    + (f"keys {build.expert_keys}" if build.expert_keys else f"target_parameters {sorted(frozen)}"))]
 
 
 def placement_findings(model: nn.Module, build: Build, layout: ModelLayout) -> list[Finding]:

@@ -51,6 +51,7 @@ class Build:
     missed: list[str] | None = None  # keys the stack's own matcher found nothing for (None: PEFT matched)
     native: list[str] = field(default_factory=list)  # what the stack wrapped, in its own module names
     inner: list[str] = field(default_factory=list)  # the stack's own paths inside a block
+    expert_keys: list[str] = field(default_factory=list)  # those of them that hold the routed experts
 
     @property
     def trainable(self) -> int:
@@ -115,7 +116,8 @@ def native(spec: StackConfig, model: nn.Module) -> Build:
     """What mlx-lm's own conversion wraps on its model of ``model``'s config, under transformers'
     names (an expert weight for SwitchLinear experts) so the findings read it like PEFT's."""
     got = mlx_lm.resolve(spec, model)
-    build = Build(None, refused=got.refused, missed=got.unmatched, native=sorted(got.wrapped), inner=got.inner)
+    build = Build(None, refused=got.refused, missed=got.unmatched, native=sorted(got.wrapped), inner=got.inner,
+                  expert_keys=got.experts)
     for module, params in got.wrapped.values():
         build.ranks[module.source] = spec.settings.r
         build.params[module.source] = build.params.get(module.source, 0) + params

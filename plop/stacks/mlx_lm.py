@@ -22,7 +22,9 @@ from .result import ExportResult, finish
 from .target import Target, layer_path
 
 NAME = "mlx-lm"
+MLX_LM_VERSION = "0.32.2"  # the version these rules and TREES are read from (pyproject's stack-mlx extra)
 DEFAULT_LAYERS = 16
+DEFAULT_PARAMETERS = {"rank": 8, "dropout": 0.0, "scale": 20.0}  # mlx_lm/lora.py CONFIG_DEFAULTS
 
 
 def claims(data: Any) -> bool:
@@ -57,15 +59,23 @@ def write(t: Target) -> ExportResult:
 def read(data: Mapping, source: str) -> StackConfig:
     if data.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise ConfigError(f"{source}: fine_tune_type {data.get('fine_tune_type')!r}; plop check audits lora/dora")
-    params = data.get("lora_parameters") or {}
+    params = data.get("lora_parameters", DEFAULT_PARAMETERS)
     if not isinstance(params, Mapping):
         raise ConfigError(f"{source}: lora_parameters must be a mapping (rank, scale, dropout, keys)")
-    rank = number(params, "rank", 8)
-    settings = LoraSettings(rank, number(params, "scale", 20.0, float) * rank, number(params, "dropout", 0.0, float),
+    # mlx_lm/lora.py main: a config's lora_parameters replaces CONFIG_DEFAULTS' whole mapping, and
+    # linear_to_lora_layers reads config["rank"], ["scale"], ["dropout"]: a missing one is a KeyError
+    lacking = [k for k in DEFAULT_PARAMETERS if k not in params]
+    if lacking:
+        raise ConfigError(f"{source}: lora_parameters lacks {', '.join(lacking)}: mlx-lm replaces its defaults with "
+                          f"this mapping and stops with KeyError {lacking[0]!r} (it never reads alpha)")
+    rank = number(params, "rank", None)
+    settings = LoraSettings(rank, number(params, "scale", None, float) * rank, number(params, "dropout", None, float),
                             use_dora=data.get("fine_tune_type") == "dora")
+    notes = [f"mlx-lm {MLX_LM_VERSION} does not read lora_layers (num_layers replaced it): "
+             f"it adapts the last {DEFAULT_LAYERS} blocks"] if "lora_layers" in data and "num_layers" not in data else []
     return StackConfig(NAME, source, Placement(target_modules=names(params.get("keys"), "lora_parameters.keys")),
                        settings, base_model=data.get("model"), expand="mlx-lm",
-                       rules={"num_layers": number(data, "num_layers", DEFAULT_LAYERS)})
+                       rules={"num_layers": number(data, "num_layers", DEFAULT_LAYERS)}, notes=notes)
 
 
 # -- what mlx-lm's own model of a config.json holds, and what its LoRA conversion wraps ----------
@@ -107,7 +117,6 @@ UNMAPPED: dict[str, str] = {
     "llava": "mlx-lm loads it as mistral3 (MODEL_REMAPPING), unmapped",
     "qwen2_vl": "mlx-lm wraps the text model alone, unmapped",
 }
-MLX_LM_VERSION = "0.32.2"  # the version TREES and the rules below are read from (pyproject's stack-mlx extra)
 
 
 @dataclass(frozen=True)
@@ -138,6 +147,7 @@ class NativeBuild:
     wrapped: dict[str, tuple[Native, int]] = field(default_factory=dict)
     unmatched: list[str] = field(default_factory=list)
     inner: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)  # the SwitchLinear paths inside a block
     refused: str | None = None
 
 
@@ -229,7 +239,8 @@ def resolve(spec: StackConfig, model: Any) -> NativeBuild:
     modules = native_modules(model, getattr(getattr(model, "config", None), "model_type", None))
     _, n = blocks(model)
     num = spec.rules.get("num_layers", DEFAULT_LAYERS)
-    build = NativeBuild(inner=sorted({m.inner for m in modules if m.block is not None}))
+    build = NativeBuild(inner=sorted({m.inner for m in modules if m.block is not None}),
+                        experts=sorted({m.inner for m in modules if m.experts > 1}))
     if num > n:
         build.refused = f"mlx-lm refuses it: Requested to train {num} layers but the model only has {n} layers"
         return build
