@@ -13,7 +13,7 @@ TORCH_INDEX ?=
 # the exact versions the suite was last green on; `make test-latest` installs without them
 CONSTRAINTS ?= constraints.txt
 
-.PHONY: demo test test-fast test-latest constraints bench study clean
+.PHONY: demo test test-fast test-latest test-stacks constraints bench study clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
 
+# plop check against the stacks' own code (pytest -m stacks), in a fresh .venv-stacks holding every
+# stack-* extra of pyproject.toml, under the same constraints; benchmarks/stack_agreement.py runs there too
+STACK_EXTRAS = $(shell sed -n 's/^\(stack-[a-z0-9-]*\) *=.*/\1/p' pyproject.toml | paste -sd, -)
+test-stacks:
+	rm -rf .venv-stacks
+	$(MAKE) .venv-stacks/.plop-installed VENV=.venv-stacks
+	.venv-stacks/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(STACK_EXTRAS)]"
+	OMP_NUM_THREADS=2 .venv-stacks/bin/python -m pytest -q -m stacks
+
 # the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a
 # release that breaks plop before it reaches a user; when it passes, `make constraints` adopts it
 test-latest:
@@ -53,4 +62,4 @@ study: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python benchmarks/placement_study.py
 
 clean:
-	rm -rf $(VENV) .venv-latest report.json
+	rm -rf $(VENV) .venv-latest .venv-stacks report.json

@@ -24,7 +24,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers  # noqa: E402
 from mlx_lm.utils import _get_classes  # noqa: E402  (what mlx_lm.utils.load_model builds with)
 
 # what mlx-lm's ModelArgs require beyond plop's tiny architecture sizes (tests/archs.py)
-_MLX_ARGS = dict(rms_norm_eps=1e-6, layer_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
+_MLX_ARGS = dict(n_shared_experts=1, rms_norm_eps=1e-6, layer_norm_eps=1e-5, rope_theta=10000.0, norm_topk_prob=True,
                  partial_rotary_factor=0.5, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
 
 
@@ -186,3 +186,16 @@ def test_a_partial_lora_parameters_mapping_is_refused_as_mlx_lm_fails(tmp_path):
         linear_to_lora_layers(mlx_model(config_json("phi3")), 1, params)
     with pytest.raises(ConfigError, match=r"lora_parameters lacks scale: .* KeyError 'scale'"):
         plop_result(tmp_path, config_json("phi3"), {"num_layers": 1, "lora_parameters": params})
+
+
+def test_the_mlx_lm_571_config_on_qwen3_30b_a3b(tmp_path):
+    """The issue's config, on the published Qwen3-30B-A3B config.json, both sides at full size
+    (mlx never evaluates the random weights): attention only, and the three expert keys named."""
+    corpus = Path(__file__).parent / "corpus" / "mlx_lm"
+    model = Path(__file__).parent / "fixtures" / "model_configs" / "Qwen3-30B-A3B.json"
+    mlx_config = yaml.safe_load((corpus / "configs" / "mlx-lm-571.yaml").read_text())
+    wrapped, trainable = mlx_truth(json.loads(model.read_text()), mlx_config)
+    result = check(corpus / "configs" / "mlx-lm-571.yaml", model)
+    assert (result.stack_modules, result.trainable) == (wrapped, trainable)
+    assert result.exit_code == EXIT_ERRORS and [f.code for f in result.errors] == ["target-miss"]
+    assert all(repr(f"mlp.experts.0.{p}") in result.errors[0].message for p in ("up_proj", "down_proj", "gate_proj"))

@@ -84,13 +84,15 @@ class Tree:
     """Where mlx-lm's model of one model type names things otherwise than transformers' (checked
     against mlx-lm's own classes by tests/test_mlx_lm_native.py): the MoE block (``moe``), its
     stacked experts (``experts``: SwitchLinear ``gate_proj``/``up_proj``/``down_proj`` there),
-    whether transformers stores ``gate_up_proj`` as (experts, in, out), and when the model has an
-    ``lm_head`` module: ``tied`` (unless tie_word_embeddings), ``always`` or ``never``."""
+    whether transformers stores ``gate_up_proj`` as (experts, in, out), when the model has an
+    ``lm_head`` module (``tied``: unless tie_word_embeddings; ``always``, ``never``), and the paths
+    inside a block that mlx-lm holds as something its conversion cannot wrap (``unwrappable``)."""
 
     moe: str = "mlp"
     experts: str = "switch_mlp"
     transposed: bool = False
     head: str = "tied"
+    unwrappable: tuple[str, ...] = ()
 
 
 # mlx_lm/models/<type>.py at mlx-lm 0.32.2 ("mistral" loads mlx-lm's llama, MODEL_REMAPPING)
@@ -103,6 +105,8 @@ TREES: dict[str, Tree] = {
     "qwen3_moe": Tree(),
     "olmoe": Tree(),
     "gpt_oss": Tree(experts="experts", transposed=True, head="always"),
+    # deepseek_v3.py: kv_b_proj becomes MultiLinear embed_q / unembed_out, the router a bare weight (MoEGate)
+    "deepseek_v3": Tree(head="always", unwrappable=("self_attn.kv_b_proj", "mlp.gate")),
 }
 # model types mlx-lm has a model for that plop does not map (yet), each with why; plop says so and stops
 UNMAPPED: dict[str, str] = {
@@ -111,7 +115,6 @@ UNMAPPED: dict[str, str] = {
     "gpt2": "transformers holds Conv1D projections, mlx-lm Linear ones under other names, unmapped",
     "gpt_neox": "mlx-lm names its blocks otherwise (gpt_neox.h), unmapped",
     "gptj": "mlx-lm's blocks are model.h, transformers' transformer.h, unmapped",
-    "deepseek_v3": "mlx-lm's MLA and shared-expert modules are unmapped",
     "jamba": "mlx-lm's Mamba mixers and experts are unmapped",
     "mamba": "mlx-lm's Mamba mixers are unmapped",
     "llava": "mlx-lm loads it as mistral3 (MODEL_REMAPPING), unmapped",
@@ -210,7 +213,8 @@ def native_modules(model: Any, model_type: str | None) -> list[Native]:
         moe = any(p.ndim == 3 for p in params.values())
         if moe and block is not None and {"gate_up_proj", "down_proj"} <= set(params):
             found += _experts(name, block, inner, params, shape)
-        elif "weight" in params and params["weight"].ndim == 2 and (name != "lm_head" or head):
+        elif "weight" in params and params["weight"].ndim == 2 and (name != "lm_head" or head) \
+                and not (block is not None and inner in shape.unwrappable):
             rows, cols = params["weight"].shape
             mlx_inner = _rename(inner, shape, block is not None)
             full = f"{prefix}.{block}.{mlx_inner}" if block is not None else name
