@@ -199,3 +199,28 @@ def test_the_mlx_lm_571_config_on_qwen3_30b_a3b(tmp_path):
     assert (result.stack_modules, result.trainable) == (wrapped, trainable)
     assert result.exit_code == EXIT_ERRORS and [f.code for f in result.errors] == ["target-miss"]
     assert all(repr(f"mlp.experts.0.{p}") in result.errors[0].message for p in ("up_proj", "down_proj", "gate_proj"))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral", "llama"])
+def test_an_export_holds_mlx_lm_s_own_keys(tmp_path, model_type):
+    """plop export --to mlx-lm on a diagnosed model: every key is a path of mlx-lm's model (its
+    SwitchLinear experts by their own names), and plop check of the export counts what mlx-lm builds."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import make_batches
+    from plop import diagnose
+    from plop.audit.verify import resolve_export
+    from plop.stacks import export
+
+    config = config_json(model_type)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).eval()
+    report = diagnose(model, make_batches(8, 16, vocab=240), rank=4, n_bootstrap=20, top_k=99)  # every type
+    exported = export(report, "mlx-lm")
+    mlx_config = yaml.safe_load(exported.text)
+    assert mlx_missed(config, mlx_config) == [] and exported.exact
+    assert resolve_export(exported.text, "mlx-lm", report) == set(report.recommendation.modules)  # plop's read-back
+    wrapped, trainable = mlx_truth(config, mlx_config)
+    result = plop_result(tmp_path, config, mlx_config)
+    assert (result.stack_modules, result.trainable, result.exit_code) == (wrapped, trainable, 0)

@@ -42,6 +42,8 @@ def resolve_export(text: str, fmt: str, report) -> set[str] | None:
     if STACKS[fmt].read is None:
         return None
     spec = STACKS[fmt].read(_parse(text, fmt), f"the {fmt} export")
+    if spec.expand == "mlx-lm" and report.model.get("model_type") in mlx_lm.TREES:
+        return mlx_lm.reached(spec, [(m.name, m.layer) for m in report.modules], report.model["model_type"])
     names = [m.name for m in report.modules if m.experts is None]
     params = [m.name for m in report.modules if m.experts is not None]
     kwargs = _kwargs_on_names(spec, names)

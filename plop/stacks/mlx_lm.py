@@ -35,10 +35,19 @@ def write(t: Target) -> ExportResult:
     paths = t.by_layer_path()
     chosen_layers = set().union(*paths.values())
     lowest = min(chosen_layers, default=t.n_layers)
-    keys = sorted(paths)  # modules outside the blocks keep their full name, matched at model level
+    shape = TREES.get(t.report.model.get("model_type"))
+    # paths inside a block as mlx-lm's model of this type names them (its SwitchLinear experts
+    # included); modules outside the blocks keep their full name, matched at model level
+    keys = sorted({key for path, layers in paths.items()
+                   for key in (inner_paths(path, shape) if shape and layers else [path])})
     emitted = {m.name for m in t.report.modules
                if layer_path(m.name, m.layer)[0] in paths and (m.layer is None or m.layer >= lowest)}
-    warnings, exact = t.gaps("mlx-lm", loraplus=False, patterns=False, parameters=False)
+    # the chosen expert weights are among the paths, as SwitchLinear keys, where plop knows the tree
+    experts = shape is not None and any(m.experts for m in t.report.modules if m.name in set(t.modules))
+    warnings, exact = t.gaps("mlx-lm", loraplus=False, patterns=False, parameters=experts)
+    if shape is None:
+        warnings.append(f"plop does not know mlx-lm's own module tree for model_type "
+                        f"{t.report.model.get('model_type')!r}: the keys follow transformers' names")
     if emitted != set(t.modules):
         warnings.append(f"mlx-lm takes one set of keys for the last num_layers={t.n_layers - lowest} blocks: "
                         f"{len(emitted) - len(t.modules)} modules beyond the recommendation get adapters too")
@@ -53,7 +62,7 @@ def write(t: Target) -> ExportResult:
         },
     }
     return finish(t, NAME, settings, "mlx-lora.yaml", warnings, exact and emitted == set(t.modules),
-                  comment="keys follow the Hugging Face module names, as mlx-lm's LLaMA-style models do")
+                  comment="keys are paths inside a block of mlx-lm's own model, compared exactly")
 
 
 def read(data: Mapping, source: str) -> StackConfig:
@@ -190,11 +199,22 @@ def tree(model_type: str | None) -> Tree:
     return TREES[model_type]
 
 
-def _rename(inner: str, shape: Tree, moe_blocks: bool) -> str:
-    """A path inside a transformers block as mlx-lm names it (only MoE blocks differ)."""
-    if moe_blocks and inner.split(".", 1)[0] == "mlp":
+EXPERT_WEIGHTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}  # transformers -> SwitchLinear
+
+
+def inner_paths(inner: str, shape: Tree) -> list[str]:
+    """The paths inside an mlx-lm block that hold what transformers holds at ``inner`` inside its
+    block (a module, or an expert weight such as ``mlp.experts.gate_up_proj``); none where mlx-lm
+    holds something its conversion cannot wrap."""
+    if inner in shape.unwrappable:
+        return []
+    if inner.split(".", 1)[0] == "mlp":  # only MoE blocks are named otherwise
         inner = shape.moe + inner[3:]
-    return inner
+    owner, _, leaf = inner.rpartition(".")
+    if owner.rpartition(".")[2] == "experts" and leaf in EXPERT_WEIGHTS:
+        base = ".".join(filter(None, [owner.rpartition(".")[0], shape.experts]))
+        return [f"{base}.{proj}" for proj in EXPERT_WEIGHTS[leaf]]
+    return [inner]
 
 
 def native_modules(model: Any, model_type: str | None) -> list[Native]:
@@ -209,29 +229,42 @@ def native_modules(model: Any, model_type: str | None) -> list[Native]:
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         match = re.match(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$", name) if prefix else None
-        block, inner = (int(match.group(1)), match.group(2)) if match else (None, name)
-        moe = any(p.ndim == 3 for p in params.values())
-        if moe and block is not None and {"gate_up_proj", "down_proj"} <= set(params):
-            found += _experts(name, block, inner, params, shape)
-        elif "weight" in params and params["weight"].ndim == 2 and (name != "lm_head" or head) \
-                and not (block is not None and inner in shape.unwrappable):
-            rows, cols = params["weight"].shape
-            mlx_inner = _rename(inner, shape, block is not None)
-            full = f"{prefix}.{block}.{mlx_inner}" if block is not None else name
-            found.append(Native(full, block, mlx_inner, name, cols, rows))
+        if match is None:
+            if "weight" in params and params["weight"].ndim == 2 and (name != "lm_head" or head):
+                found.append(Native(name, None, name, name, params["weight"].shape[1], params["weight"].shape[0]))
+            continue
+        block, inner = int(match.group(1)), match.group(2)
+        for leaf, weight in params.items():
+            if weight.ndim == 3 and leaf in EXPERT_WEIGHTS and {"gate_up_proj", "down_proj"} <= set(params):
+                found += _experts(f"{prefix}.{block}", block, f"{inner}.{leaf}", params, shape)
+            elif leaf == "weight" and weight.ndim == 2:
+                found += [Native(f"{prefix}.{block}.{path}", block, path, name, weight.shape[1], weight.shape[0])
+                          for path in inner_paths(inner, shape)]
     return found
 
 
-def _experts(name: str, block: int, inner: str, params: dict, shape: Tree) -> list[Native]:
-    owner = _rename(inner.rsplit(".", 1)[0], shape, True) if "." in inner else ""
-    base = ".".join(filter(None, [owner, shape.experts]))
-    full = name[: -len(inner)] + base
+def _experts(block_name: str, block: int, inner: str, params: dict, shape: Tree) -> list[Native]:
+    """The SwitchLinear modules of one transformers expert weight (``gate_up_proj`` holds two)."""
     up = params["gate_up_proj"].shape
     n, hidden, inter = (up[0], up[1], up[2] // 2) if shape.transposed else (up[0], up[2], up[1] // 2)
-    return [Native(f"{full}.{proj}", block, f"{base}.{proj}", f"{name}.{source}", fan_in, fan_out, n)
-            for proj, source, fan_in, fan_out in (("gate_proj", "gate_up_proj", hidden, inter),
-                                                  ("up_proj", "gate_up_proj", hidden, inter),
-                                                  ("down_proj", "down_proj", inter, hidden))]
+    fan_in, fan_out = (inter, hidden) if inner.endswith("down_proj") else (hidden, inter)
+    return [Native(f"{block_name}.{path}", block, path, f"{block_name}.{inner}", fan_in, fan_out, n)
+            for path in inner_paths(inner, shape)]
+
+
+def reached(spec: StackConfig, modules: list[tuple[str, int | None]], model_type: str | None) -> set[str]:
+    """Which of a report's modules and expert weights (name, layer; transformers' names) ``spec``'s
+    keys reach in mlx-lm's model, by :func:`resolve`'s rule on names alone (no shapes needed)."""
+    shape = tree(model_type)
+    n = 1 + max((layer for _, layer in modules if layer is not None), default=-1)
+    chosen = set(chosen_blocks(spec.rules.get("num_layers", DEFAULT_LAYERS), n))
+    keys = spec.placement.target_modules
+    out = set()
+    for name, layer in modules:
+        paths = inner_paths(layer_path(name, layer)[0], shape) if layer is not None else []
+        if (layer in chosen and paths and (keys is None or set(paths) & set(keys))) or name in (keys or ()):
+            out.add(name)
+    return out
 
 
 def resolve(spec: StackConfig, model: Any) -> NativeBuild:
