@@ -120,14 +120,14 @@ TREES: dict[str, Tree] = {
 # model types mlx-lm has a model for that plop does not map (yet), each with why; plop says so and stops
 UNMAPPED: dict[str, str] = {
     "gemma3_text": "mlx-lm drops lm_head when the checkpoint's weights lack one (sanitize), which config.json does not say",
-    "gemma3": "mlx-lm wraps the text model alone (language_model.model.layers), unmapped",
-    "gpt2": "transformers holds Conv1D projections, mlx-lm Linear ones under other names, unmapped",
-    "gpt_neox": "mlx-lm names its blocks otherwise (gpt_neox.h), unmapped",
+    "gemma3": "mlx-lm builds the text model alone, under language_model, unmapped",
+    "gpt2": "transformers holds Conv1D projections (transposed), mlx-lm Linear ones, unmapped",
+    "gpt_neox": "mlx-lm's blocks are model.h, transformers' gpt_neox.layers, unmapped",
     "gptj": "mlx-lm's blocks are model.h, transformers' transformer.h, unmapped",
-    "jamba": "mlx-lm's Mamba mixers and experts are unmapped",
+    "jamba": "mlx-lm's Mamba mixers and router are unmapped",
     "mamba": "mlx-lm's Mamba mixers are unmapped",
-    "llava": "mlx-lm loads it as mistral3 (MODEL_REMAPPING), unmapped",
-    "qwen2_vl": "mlx-lm wraps the text model alone, unmapped",
+    "llava": "mlx-lm loads it as mistral3 and builds the text model alone, unmapped",
+    "qwen2_vl": "mlx-lm builds the text model alone, under language_model, unmapped",
 }
 
 
