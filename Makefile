@@ -35,12 +35,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
 
-# plop against each stack's own code (pytest -m stacks): every `stack-*` extra of pyproject.toml in
-# its own .venv-stacks, so the stacks' dependencies never reach .venv
+# plop check against the stacks' own code (pytest -m stacks), in a fresh .venv-stacks holding every
+# stack-* extra of pyproject.toml, under the same constraints; benchmarks/stack_agreement.py runs there too
 STACK_EXTRAS = $(shell sed -n 's/^\(stack-[a-z0-9-]*\) *=.*/\1/p' pyproject.toml | paste -sd, -)
 test-stacks:
+	rm -rf .venv-stacks
 	$(MAKE) .venv-stacks/.plop-installed VENV=.venv-stacks
-	.venv-stacks/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[test,$(STACK_EXTRAS)]"
+	.venv-stacks/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(STACK_EXTRAS)]"
 	OMP_NUM_THREADS=2 .venv-stacks/bin/python -m pytest -q -m stacks
 
 # the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a

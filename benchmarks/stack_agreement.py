@@ -1,8 +1,9 @@
 """Does ``plop check`` agree with a stack's own code on that stack's published configs?
 ``python benchmarks/stack_agreement.py --stack NAME`` writes ``results/stack_agreement_<NAME>.json``:
 per config, the modules and trainable count plop reports beside the stack's own build, whether they
-agree and, where not, why. Each stack's part is one function in its own section below, registered
-in :data:`STACKS`; it needs that stack's extra (``make test-stacks`` installs them all).
+agree (the same modules and count, or both refuse) and, where not, why. Each stack's part is one
+function in its own section below, registered in :data:`STACKS`; it needs that stack's extra
+(``make test-stacks`` installs them all).
 """
 
 from __future__ import annotations
@@ -15,23 +16,28 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 CORPUS = ROOT / "tests" / "corpus"
 
 
-def plop_side(path: Path) -> dict[str, Any]:
-    """``plop check`` on one config, in-process: exit code, trainable count and adapted modules, or
-    the one line it refuses with."""
+def plop_side(path: Path, model: Path | None = None, flavour: str | None = None) -> dict[str, Any]:
+    """``plop check`` on one config, in-process: exit code, trainable count and adapted modules (in
+    the stack's own names where it has its own tree), or the one line it refuses with (exit 2, or a
+    finding that the stack itself refuses the config)."""
     from plop.audit import check
     from plop.errors import PlopError
 
     try:
-        result = check(path)
+        result = check(path, model, flavour=flavour)
     except PlopError as e:
         return {"exit": 2, "error": str(e).splitlines()[0]}
-    return {"exit": result.exit_code, "trainable": result.trainable, "modules": sorted(result.modules),
-            "findings": [f.code for f in result.findings]}
+    refused = next((f.message for f in result.errors if f.code.endswith("refuses")), None)
+    return {"exit": result.exit_code, "trainable": result.trainable,
+            "modules": sorted(result.stack_modules or result.modules), "findings": [f.code for f in result.findings],
+            **({"error": refused} if refused else {})}
 
 
 def compare(plop: dict[str, Any], stack: dict[str, Any]) -> tuple[bool, str | None]:
@@ -59,8 +65,6 @@ def torchtune_agreement() -> dict[str, Any]:
     """Every recipe in tests/corpus/torchtune (torchtune's own LoRA configs at the pinned release):
     plop check, beside torchtune's builder instantiated from the recipe's ``model:`` block on the
     meta device and trained as its LoRA recipes do (benchmarks/torchtune_builders.py recipe_truth)."""
-    import yaml
-
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from torchtune_builders import _installed_version, recipe_truth
 
@@ -88,7 +92,56 @@ def _summary(side: dict[str, Any]) -> dict[str, Any]:
     return {**{k: v for k, v in side.items() if k != "modules"}, **({"modules": len(side["modules"])} if "modules" in side else {})}
 
 
-STACKS: dict[str, Callable[[], dict[str, Any]]] = {"torchtune": torchtune_agreement}
+# -- mlx-lm -------------------------------------------------------------------------------------
+# mlx_lm/lora.py's run up to training, on the CPU: CONFIG_DEFAULTS under the config (the config's
+# lora_parameters replaces the defaults' whole mapping), mlx-lm's own model of config.json (random
+# weights, never evaluated: mlx is lazy, so even 235B parameters cost nothing), train's num_layers
+# check, then linear_to_lora_layers and the trainable count.
+def mlx_lm_build(config: Path, model: Path) -> dict:
+    """What mlx-lm trains for ``config`` on ``model``: its wrapped modules and trainable count, or its refusal."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.lora import CONFIG_DEFAULTS
+    from mlx_lm.tuner.dora import DoRAEmbedding, DoRALinear
+    from mlx_lm.tuner.lora import LoRAEmbedding, LoRALinear, LoRASwitchLinear
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import _get_classes
+
+    args = {**CONFIG_DEFAULTS, **{k: v for k, v in yaml.safe_load(config.read_text()).items() if v is not None}}
+    model_config = json.loads(model.read_text())
+    try:
+        model_cls, args_cls = _get_classes(model_config)
+        built = model_cls(args_cls.from_dict(model_config))
+        built.freeze()
+        if args["num_layers"] > len(built.layers):
+            raise ValueError(f"Requested to train {args['num_layers']} layers but the model only has "
+                             f"{len(built.layers)} layers.")
+        linear_to_lora_layers(built, args["num_layers"], args["lora_parameters"],
+                              use_dora=args["fine_tune_type"] == "dora")
+    except (ValueError, KeyError, TypeError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    kinds = (LoRALinear, LoRASwitchLinear, LoRAEmbedding, DoRALinear, DoRAEmbedding)
+    return {"modules": sorted(n for n, m in built.named_modules() if isinstance(m, kinds)),
+            "trainable": sum(v.size for _, v in tree_flatten(built.trainable_parameters()))}
+
+
+def mlx_lm_agreement() -> dict[str, Any]:
+    """Every entry of tests/corpus/mlx_lm/index.json (a config, its base model's config.json and
+    their sources): plop check beside mlx-lm's own build."""
+    rows = []
+    for entry in json.loads((CORPUS / "mlx_lm" / "index.json").read_text()):
+        config, model = CORPUS / "mlx_lm" / entry["config"], (CORPUS / "mlx_lm" / entry["model"]).resolve()
+        start = time.perf_counter()
+        stack = mlx_lm_build(config, model)
+        plop = plop_side(config, model, "mlx-lm")
+        agree, reason = compare(plop, stack)
+        rows.append({"config": entry["name"], "agree": agree, "reason": reason, "plop": _summary(plop),
+                     "stack_result": _summary(stack), "seconds": round(time.perf_counter() - start, 2)})
+    from importlib.metadata import version
+
+    return report("mlx_lm", rows, {"version": version("mlx-lm")})
+
+
+STACKS: dict[str, Callable[[], dict[str, Any]]] = {"torchtune": torchtune_agreement, "mlx_lm": mlx_lm_agreement}
 
 
 def main() -> None:

@@ -220,6 +220,20 @@ def test_mlx_lm_keys_on_the_last_num_layers(tmp_path, name, keys, num_layers, n_
     assert len(left_out) == 1 and f"layers 0-{n_layers - num_layers - 1} get no adapter" in left_out[0].message
 
 
+def test_mlx_lm_571_hugging_face_expert_keys_match_nothing_in_mlx_lm(tmp_path):
+    """ml-explore/mlx-lm#571: mlx-lm's Qwen3-MoE holds its experts as mlp.switch_mlp.*, so keys with
+    transformers' expert names reach nothing and it trains attention only, "6.685M" in the issue's
+    log (tests/test_mlx_lm_native.py checks the count against mlx-lm's own build)."""
+    keys = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.experts.0.{p}_proj" for p in ("up", "down", "gate")]
+    config = {"fine_tune_type": "lora", "num_layers": -1,
+              "lora_parameters": {"keys": keys, "rank": 8, "scale": 2.0, "dropout": 0.0}}
+    result = check(write(tmp_path, "mlx.yaml", config), fixture("Qwen3-30B-A3B"))
+    assert result.trainable == 6_684_672 and result.exit_code == EXIT_ERRORS
+    (miss,) = result.errors
+    assert miss.code == "target-miss" and all(repr(k) in miss.message for k in keys[4:])
+    assert "mlp.switch_mlp.up_proj" in miss.message
+
+
 # -- traps: each flagged, a clean config raises nothing -----------------------------------------
 def codes(result) -> list[str]:
     return [f.code for f in result.findings]

@@ -111,7 +111,7 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     from ..model.loading import model_layout
     from ..ranking.placements import check_report_matches
     from .findings import findings, matrix
-    from .resolve import lora_kwargs, wrap
+    from .resolve import lora_kwargs, native, wrap
     from .result import CheckResult
 
     layout = model_layout(built)
@@ -119,7 +119,7 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
         check_report_matches(report, layout)
     units = {unit: numel for unit, (numel, _) in block_units(built, layout.params).items()}  # before PEFT renames
     kwargs = lora_kwargs(spec, built)
-    build = wrap(built, kwargs)
+    build = native(spec, built) if spec.expand == "mlx-lm" else wrap(built, kwargs)
     block_weights = sum(units.values())
     adapted = sum(n for unit, n in units.items() if unit in build.ranks) / block_weights if block_weights else 0.0
     cells = matrix(build, layout)
@@ -127,7 +127,7 @@ def check(config: str | Path | StackConfig, model: str | Path | None = None, *, 
     result = CheckResult(
         spec.stack, spec.source, info, _shown(kwargs), build.trainable, sum(build.params.values()),
         sum(build.saved.values()), roles, findings(spec, build, layout, built, block_weights),
-        round(adapted, 4), modules=sorted(build.ranks))
+        round(adapted, 4), modules=sorted(build.ranks), stack_modules=build.native)
     if report is not None and not build.refused:
         result.by_nfn = nfn_budget(roles, report, spec.settings.r)
     result.seconds = time.perf_counter() - start

@@ -26,8 +26,26 @@ def _owner(key: str, build: Build) -> str:
     return build.wrapped_params.get(key, key)
 
 
+def native_misses(spec: StackConfig, build: Build) -> list[Finding]:
+    """Errors where the stack matched the keys itself (mlx-lm): its refusal, keys that equal no
+    path of its model, nothing trained."""
+    if build.refused:
+        return [Finding("error", "stack-refuses", build.refused)]
+    found = []
+    if build.missed:
+        found.append(Finding("error", "target-miss", f"{len(build.missed)} {spec.stack} keys match no module of its "
+                             f"own model, so it skips them without a word and trains the rest: "
+                             f"{', '.join(map(repr, build.missed))}; its paths inside a block here are "
+                             f"{', '.join(build.inner)}"))
+    if not build.ranks:
+        found.append(Finding("error", "nothing-trained", "this config trains no parameter of this model"))
+    return found
+
+
 def misses(spec: StackConfig, build: Build, layout: ModelLayout) -> list[Finding]:
     """Errors: names, patterns and copies in the config that reach nothing on this model."""
+    if build.missed is not None:
+        return native_misses(spec, build)
     found = [Finding("error", "peft-refuses", build.refused)] if build.refused else []
     if build.refused:
         return found
@@ -91,7 +109,8 @@ def expert_findings(build: Build, layout: ModelLayout, block_weights: int) -> li
     what = "the routed experts get no adapter" if every else f"{', '.join(sorted(frozen))} get no adapter"
     return [Finding("warning", "experts-frozen",
                     f"{what}: {_share(sum(frozen.values()), block_weights)} of the block weights stay untouched "
-                    f"while the rest trains; add them with target_parameters {sorted(frozen)}")]
+                    f"while the rest trains; add them with "
+                    + (f"keys {build.expert_keys}" if build.expert_keys else f"target_parameters {sorted(frozen)}"))]
 
 
 def placement_findings(model: nn.Module, build: Build, layout: ModelLayout) -> list[Finding]:

@@ -1,10 +1,11 @@
 """What a config trains on a model: each stack's key semantics, then PEFT itself on the meta model.
 
 The stack rules that need the model (axolotl ``lora_target_linear``, LLaMA-Factory ``all`` and its
-VLM target patching, torchtune's builders, mlx-lm's keys and ``num_layers``) turn an
-:class:`StackConfig` into the ``LoraConfig`` that stack hands to PEFT. Then ``get_peft_model``
-wraps the meta model: PEFT's own matcher, its transformers-5 MoE conversion and its refusals
-decide what is wrapped, so plop never disagrees with PEFT, and the trainable count is PEFT's.
+VLM target patching, torchtune's builders) turn an :class:`StackConfig` into the ``LoraConfig``
+that stack hands to PEFT. Then ``get_peft_model`` wraps the meta model: PEFT's own matcher, its
+transformers-5 MoE conversion and its refusals decide what is wrapped, so plop never disagrees
+with PEFT, and the trainable count is PEFT's. mlx-lm builds its own model and wraps it itself:
+:func:`native` counts that (:func:`plop.stacks.mlx_lm.resolve`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..errors import first_line
 from ..model.names import layer_index
-from ..stacks import torchtune
+from ..stacks import mlx_lm, torchtune
 from ..stacks.reading import StackConfig
 
 ADAPTER = "default"
@@ -48,6 +49,10 @@ class Build:
     wrapped_params: dict[str, str] = field(default_factory=dict)  # ``module.parameter`` target -> its module
     converted: object = None  # the config after PEFT's own rewriting
     refused: str | None = None
+    missed: list[str] | None = None  # keys the stack's own matcher found nothing for (None: PEFT matched)
+    native: list[str] = field(default_factory=list)  # what the stack wrapped, in its own module names
+    inner: list[str] = field(default_factory=list)  # the stack's own paths inside a block
+    expert_keys: list[str] = field(default_factory=list)  # those of them that hold the routed experts
 
     @property
     def trainable(self) -> int:
@@ -86,38 +91,6 @@ def _llama_factory(spec: StackConfig, model: nn.Module) -> list[str]:
     return targets
 
 
-def _blocks(model: nn.Module) -> tuple[str, int]:
-    """The text model's block list (the ``...layers`` with the most indices) and its length."""
-    counts: dict[str, set[int]] = {}
-    for name, _ in model.named_modules():
-        match = re.match(r"^(.*?\blayers)\.(\d+)$", name)
-        if match and "vision" not in match.group(1) and "visual" not in match.group(1):
-            counts.setdefault(match.group(1), set()).add(int(match.group(2)))
-    if not counts:
-        return "", 0
-    prefix = max(counts, key=lambda p: len(counts[p]))
-    return prefix, len(counts[prefix])
-
-
-def _mlx(spec: StackConfig, model: nn.Module, kwargs: dict) -> None:
-    """ml-explore/mlx-lm mlx_lm/tuner/utils.py linear_to_lora_layers: ``model.layers[-num_layers:]``
-    (all for -1); ``keys`` are paths inside a block; without keys every linear layer of the block
-    (routers and MoE SwitchLinear experts included) gets LoRA."""
-    prefix, n = _blocks(model)
-    num = spec.rules.get("num_layers", 16)
-    first = 0 if num < 0 or num >= n else n - num
-    kwargs["layers_to_transform"] = list(range(first, n))
-    kwargs["layers_pattern"] = prefix.rsplit(".", 1)[-1] if prefix else None
-    if spec.placement.target_modules is None:
-        inside = [name[len(prefix) + 1:].split(".", 1) for name, m in model.named_modules()
-                  if name.startswith(prefix + ".") and isinstance(m, nn.Linear)]
-        kwargs["target_modules"] = sorted({rest for _, rest in (p for p in inside if len(p) == 2)})
-        experts = [f"{name}.{p}" for name, m in model.named_modules() if name.startswith(prefix + ".")
-                   for p, w in m.named_parameters(recurse=False) if w.ndim == 3
-                   and layer_index(name) is not None and layer_index(name) >= first]
-        kwargs["target_parameters"] = experts or None
-
-
 def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
     """The ``LoraConfig`` arguments the stack hands to PEFT for ``model``."""
     kwargs = spec.lora_kwargs()
@@ -129,12 +102,26 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
     elif spec.expand == "torchtune":
         kwargs["target_modules"] = torchtune.wrapped(spec)  # full names on the builder's own tree
     elif spec.expand == "mlx-lm":
-        _mlx(spec, model, kwargs)
+        kwargs = mlx_lm.shown(spec)
     if spec.stack == "axolotl" and kwargs.get("target_parameters"):
         # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
         # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
         kwargs["lora_dropout"] = 0.0
     return kwargs
+
+
+def native(spec: StackConfig, model: nn.Module) -> Build:
+    """What mlx-lm's own conversion wraps on its model of ``model``'s config, under transformers'
+    names (an expert weight for SwitchLinear experts) so the findings read it like PEFT's."""
+    got = mlx_lm.resolve(spec, model)
+    build = Build(None, refused=got.refused, missed=got.unmatched, native=sorted(got.wrapped), inner=got.inner,
+                  expert_keys=got.experts)
+    for module, params in got.wrapped.values():
+        build.ranks[module.source] = spec.settings.r
+        build.params[module.source] = build.params.get(module.source, 0) + params
+        if module.experts > 1:
+            build.wrapped_params[module.source] = module.source.rsplit(".", 1)[0]
+    return build
 
 
 def _strip_base(name: str) -> str:

@@ -47,6 +47,7 @@ class CheckResult:
     by_nfn: dict[str, Any] | None = None
     seconds: float = 0.0
     modules: list[str] = field(default_factory=list)  # every adapted module / expert weight
+    stack_modules: list[str] = field(default_factory=list)  # the same in the stack's own model (mlx-lm), if it builds one
 
     @property
     def errors(self) -> list[Finding]:
@@ -65,5 +66,5 @@ class CheckResult:
             "roles": [{"type": r.type, "adapted": r.adapted, "total": r.total, "trainable_params": r.trainable,
                        "ranks": r.ranks, "layers": {str(k): v for k, v in r.layers.items()}} for r in self.roles],
             "findings": [f.to_dict() for f in self.findings], "by_nfn": self.by_nfn,
-            "modules": self.modules, "seconds": round(self.seconds, 3), "exit_code": self.exit_code,
+            "modules": self.modules, "stack_modules": self.stack_modules, "seconds": round(self.seconds, 3), "exit_code": self.exit_code,
         }

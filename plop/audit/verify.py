@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import first_line
 from ..model.names import layer_index
 from ..model.roles import peft_matches
-from ..stacks import STACKS, torchtune
+from ..stacks import STACKS, mlx_lm, torchtune
 from ..stacks.reading import check_regexes
 from ..utils.untrusted import parse_yaml
 
@@ -32,8 +32,7 @@ def _kwargs_on_names(spec, names: list[str]) -> dict:
         kwargs["target_modules"] = torchtune.hf_targets(spec)
     elif spec.expand == "mlx-lm":
         n = 1 + max((layer_index(x) for x in names if layer_index(x) is not None), default=-1)
-        num = spec.rules.get("num_layers", n)
-        kwargs["layers_to_transform"] = list(range(0 if num < 0 else max(n - num, 0), n))
+        kwargs["layers_to_transform"] = list(mlx_lm.chosen_blocks(spec.rules.get("num_layers", n), n))
     return kwargs
 
 
@@ -42,6 +41,8 @@ def resolve_export(text: str, fmt: str, report) -> set[str] | None:
     if STACKS[fmt].read is None:
         return None
     spec = STACKS[fmt].read(_parse(text, fmt), f"the {fmt} export")
+    if spec.expand == "mlx-lm" and report.model.get("model_type") in mlx_lm.TREES:
+        return mlx_lm.reached(spec, [(m.name, m.layer) for m in report.modules], report.model["model_type"])
     names = [m.name for m in report.modules if m.experts is None]
     params = [m.name for m in report.modules if m.experts is not None]
     kwargs = _kwargs_on_names(spec, names)
