@@ -127,6 +127,10 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
         kwargs["target_modules"] = list(spec.placement.target_modules or []) + extra
     elif spec.expand == "mlx-lm":
         _mlx(spec, model, kwargs)
+    elif spec.expand == "unsloth":
+        from . import unsloth
+
+        unsloth.apply(spec, model, kwargs)
     if spec.stack == "axolotl" and kwargs.get("target_parameters"):
         # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
         # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
