@@ -1,14 +1,11 @@
 """LLaMA-Factory as its own code reads a config: both YAML forms, its freeze table, and its
 target-resolving functions run on the meta model beside plop check's.
 
-The tests marked ``stacks`` load llamafactory 0.9.5's own modules (``make test-stacks`` installs it
-with --no-deps; its package ``__init__`` files pull a training stack plop does not need, so only the
-files that hold the rules are loaded, under their real names)."""
+The tests marked ``stacks`` run llamafactory 0.9.5's own code (``make test-stacks`` installs it with
+--no-deps), loaded as benchmarks/stack_agreement.py loads it for the corpus."""
 
 from __future__ import annotations
 
-import ast
-import dataclasses
 import importlib
 import importlib.util
 import sys
@@ -16,7 +13,6 @@ import types
 from pathlib import Path
 
 import pytest
-import yaml
 
 from plop.audit import check
 from plop.audit.meta import meta_model
@@ -27,6 +23,7 @@ from plop.stacks.llama_factory import COMPOSITE, VERSION
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 CORPUS = Path(__file__).parent / "corpus" / "llama_factory"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def fixture(name: str) -> str:
@@ -62,31 +59,18 @@ def test_the_classic_form_doubles_the_rank_for_a_missing_or_zero_alpha():
         read({"finetuning_type": "lora", "adapter_name_or_path": "saves/lora"}, "lf.yaml")
 
 
-# -- against llamafactory's own code ---------------------------------------------------------------
+# -- against llamafactory's own code (loaded by benchmarks/stack_agreement.py) -----------------------
 @pytest.fixture(scope="module")
 def lf():
-    """llamafactory's visual.py, misc.py and finetuning_args.py, loaded under their own names
-    without the package ``__init__`` files; removed from sys.modules afterwards."""
-    found = importlib.util.find_spec("llamafactory")
-    if found is None:
+    if importlib.util.find_spec("llamafactory") is None:
         pytest.skip("llamafactory is not installed (make test-stacks installs it)")
-    root = Path(found.origin).parent
-    before = set(sys.modules)
-    for package in ("llamafactory", "llamafactory.extras", "llamafactory.hparams", "llamafactory.model",
-                    "llamafactory.model.model_utils"):
-        if package not in sys.modules:
-            stub = types.ModuleType(package)
-            stub.__path__ = [str(root.joinpath(*package.split(".")[1:]))]
-            sys.modules[package] = stub
+    sys.path.insert(0, str(BENCHMARKS))
     try:
-        yield types.SimpleNamespace(
-            root=root,
-            visual=importlib.import_module("llamafactory.model.model_utils.visual"),
-            misc=importlib.import_module("llamafactory.model.model_utils.misc"),
-            args=importlib.import_module("llamafactory.hparams.finetuning_args"))
+        agreement = importlib.import_module("stack_agreement")
     finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
+        sys.path.remove(str(BENCHMARKS))
+    with agreement.llama_factory_code() as code:
+        yield types.SimpleNamespace(code=code, lora=agreement.llama_factory_lora, run=agreement.run)
 
 
 @pytest.mark.stacks
@@ -96,18 +80,8 @@ def test_composite_table_is_llama_factorys_own_registry(lf):
 
     assert version("llamafactory") == VERSION
     theirs = {t: (tuple(c.vision_model_keys), tuple(c.projector_keys), tuple(c.language_model_keys),
-                  tuple(c.lora_conflict_keys)) for t, c in lf.visual.COMPOSITE_MODELS.items()}
+                  tuple(c.lora_conflict_keys)) for t, c in lf.code.visual.COMPOSITE_MODELS.items()}
     assert {t: tuple(c) for t, c in COMPOSITE.items()} == theirs
-
-
-def _their_targets(lf, model, config: dict) -> list[str]:
-    """adapter.py _setup_lora_tuning's two steps, with FinetuningArguments parsing the YAML."""
-    fields = {f.name for f in dataclasses.fields(lf.args.FinetuningArguments)}
-    args = lf.args.FinetuningArguments(**{k: v for k, v in config.items() if k in fields})
-    targets = args.lora_target
-    if len(targets) == 1 and targets[0] == "all":
-        targets = lf.misc.find_all_linear_modules(model, args.freeze_vision_tower)
-    return lf.visual.patch_target_modules(model, args, targets)
 
 
 CASES = [
@@ -120,32 +94,27 @@ CASES = [
     ("Llama-3.1-8B", {"lora_target": "all"}),
     ("Qwen3-30B-A3B", {"lora_target": "all"}),
     ("Phi-3.5-mini-instruct", {"lora_target": "qkv_proj,gate_up_proj"}),
+    ("Qwen3-VL-4B-Instruct", {"peft_config": {"name": "lora", "target_modules": "all"}}),
+    ("Llama-3.1-8B", {"peft_config": {"name": "lora", "target_modules": "all"}}),
+    ("bert-base-uncased", {"peft_config": {"name": "lora", "target_modules": "all"}}),
 ]
 
 
 @pytest.mark.stacks
 @pytest.mark.parametrize("name, config", CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(CASES)])
 def test_targets_equal_llama_factorys_own_functions(lf, name, config):
-    config = {"finetuning_type": "lora", **config}
+    """find_all_linear_modules and patch_target_modules (v1: the plugin's _find_all_linear_modules)
+    pick the same targets as plop check, with the same rank, alpha and dropout."""
+    config = config if "peft_config" in config else {"finetuning_type": "lora", **config}
     model = meta_model(fixture(name))
-    ours = lora_kwargs(read(config, "lf.yaml"), model)["target_modules"]
-    assert sorted(ours) == sorted(_their_targets(lf, model, config))
-
-
-def _plugin_find_all(lf):
-    """v1/plugins/model_plugins/peft.py's own _find_all_linear_modules, compiled from its source
-    (its module imports the whole v1 engine)."""
-    path = lf.root / "v1" / "plugins" / "model_plugins" / "peft.py"
-    tree = ast.parse(path.read_text())
-    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_find_all_linear_modules")
-    namespace: dict = {}
-    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
-    return namespace["_find_all_linear_modules"]
+    spec = read(config, "lf.yaml")
+    ours, theirs = lora_kwargs(spec, model), lf.lora(lf.code, model, config)
+    assert sorted(ours["target_modules"]) == sorted(theirs["target_modules"])
+    assert (ours["r"], ours["lora_alpha"], ours["lora_dropout"]) == (theirs["r"], theirs["lora_alpha"], theirs["lora_dropout"])
 
 
 @pytest.mark.stacks
-@pytest.mark.parametrize("name", ["Qwen3-VL-4B-Instruct", "Llama-3.1-8B", "bert-base-uncased"])
-def test_v1_all_equals_the_plugins_own_function(lf, name):
-    model = meta_model(fixture(name))
-    spec = read(yaml.safe_load("peft_config: {name: lora, target_modules: all}"), "v1.yaml")
-    assert sorted(lora_kwargs(spec, model)["target_modules"]) == sorted(_plugin_find_all(lf)(model))
+def test_the_published_examples_agree_with_llama_factory(lf):
+    """tests/corpus/llama_factory: every examples/**/*lora*.yaml of 0.9.5 with a base config.json."""
+    summary = lf.run("llama_factory")
+    assert summary["configs"] >= 20 and summary["disagreements"] == []

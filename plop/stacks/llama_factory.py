@@ -115,6 +115,8 @@ def _not_new_lora(data: Mapping, source: str, method: Any) -> None:
     if data.get("adapter_name_or_path"):  # adapter.py / peft.py load_adapter: training resumes that adapter
         raise ConfigError(f"{source}: resumes the adapter at {data['adapter_name_or_path']!r}, whose own "
                           "adapter_config.json decides what trains: check that folder instead")
+    if data.get("use_kt"):  # model/loader.py: KTransformers builds the model, with its own module tree
+        raise ConfigError(f"{source}: use_kt trains on KTransformers' own model, whose modules plop cannot know")
     if data.get("use_llama_pro"):
         raise ConfigError(f"{source}: use_llama_pro adapts LLaMA Pro's expanded blocks, which plop check does not model")
 
