@@ -122,3 +122,9 @@ def test_the_moe_notebook_trains_its_experts_at_its_own_rank():
     truth = peft_truth("Qwen3-30B-A3B", listed, ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], r=32,
                        lora_alpha=64)
     assert result.trainable == truth[1] and result.lora_config["r"] == 32 and result.lora_config["lora_alpha"] == 64
+
+
+def test_layers_to_transform_reaches_peft(tmp_path):
+    result = check(script(tmp_path, "r = 8, target_modules = ['q_proj'], layers_to_transform = [0, 1]"),
+                   fixture("Llama-3.1-8B"))
+    assert result.modules == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..placement import LoraSettings, Placement
-from .reading import StackConfig, names, number, pattern, targets
+from .reading import StackConfig, layers, names, number, pattern, targets
 from .result import ExportResult, finish
 from .target import Target
 
@@ -158,6 +158,9 @@ def read(text: str, source: str) -> StackConfig:
     if not calls:
         raise ConfigError(f"{source}: no get_peft_model(...) call to read")
     kwargs = _arguments(calls[0], _bound_once(tree), source)
+    if kwargs.get("finetune_last_n_layers") is not None:  # llama.py 4666: counts the model's own blocks
+        raise ConfigError(f"{source}: finetune_last_n_layers picks blocks by unsloth's own layer count, which plop "
+                          "does not model: give layers_to_transform")
     owner = getattr(getattr(calls[0].func, "value", None), "id", None)
     # FastVisionModel / FastModel (vision.py) turn no list, or "all-linear", into get_peft_regex's
     # regex; FastLanguageModel (llama.py) has its seven projections as the default
@@ -169,7 +172,9 @@ def read(text: str, source: str) -> StackConfig:
     moved = _embeddings_moved(kwargs)
     placement = Placement(target_modules=None if regex else targets(kwargs.get("target_modules"), "target_modules"),
                           target_parameters=names(kwargs.get("target_parameters"), "target_parameters"),
-                          rank_pattern=pattern(kwargs, "rank_pattern"), alpha_pattern=pattern(kwargs, "alpha_pattern"))
+                          rank_pattern=pattern(kwargs, "rank_pattern"), alpha_pattern=pattern(kwargs, "alpha_pattern"),
+                          layers_to_transform=layers(kwargs.get("layers_to_transform"), "layers_to_transform"),
+                          layers_pattern=kwargs.get("layers_pattern"))
     settings = LoraSettings(number(kwargs, "r", 16), number(kwargs, "lora_alpha", 16, float),
                             number(kwargs, "lora_dropout", 0.0, float), use_dora=bool(kwargs.get("use_dora")),
                             use_rslora=bool(kwargs.get("use_rslora")))
