@@ -35,14 +35,23 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
 
-# plop check against the stacks' own code (pytest -m stacks), in a fresh .venv-stacks holding every
-# stack-* extra of pyproject.toml, under the same constraints; benchmarks/stack_agreement.py runs there too
-STACK_EXTRAS = $(shell sed -n 's/^\(stack-[a-z0-9-]*\) *=.*/\1/p' pyproject.toml | paste -sd, -)
+# plop check against the stacks' own code (pytest -m stacks), in .venv-stacks with every stack-* extra of
+# pyproject.toml; those in NO_DEPS_EXTRAS install without their dependencies, whose pins would
+# downgrade plop's (LLaMA-Factory pins transformers<=5.6 and peft<=0.18.1)
+STACKS_VENV    := .venv-stacks
+NO_DEPS_EXTRAS ?= stack-llamafactory
+EXTRAS = $(STACKS_VENV)/bin/python -c 'import sys, tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))\
+["project"]["optional-dependencies"]; skip = "$(NO_DEPS_EXTRAS)".split(); print(" ".join(\
+(r for k, v in extras.items() if k in skip for r in v) if sys.argv[1] == "no-deps" else \
+(k for k in extras if k.startswith("stack-") and k not in skip)))'
+
 test-stacks:
-	rm -rf .venv-stacks
-	$(MAKE) .venv-stacks/.plop-installed VENV=.venv-stacks
-	.venv-stacks/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$(STACK_EXTRAS)]"
-	OMP_NUM_THREADS=2 .venv-stacks/bin/python -m pytest -q -m stacks
+	rm -rf $(STACKS_VENV)
+	$(MAKE) $(STACKS_VENV)/.plop-installed VENV=$(STACKS_VENV)
+	extras=$$($(EXTRAS) with-deps | tr ' ' ','); [ -z "$$extras" ] || \
+	    $(STACKS_VENV)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$$extras]"
+	$(EXTRAS) no-deps | xargs -r $(STACKS_VENV)/bin/python -m pip install -q --no-deps
+	OMP_NUM_THREADS=2 $(STACKS_VENV)/bin/python -m pytest -q -m stacks
 
 # the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a
 # release that breaks plop before it reaches a user; when it passes, `make constraints` adopts it

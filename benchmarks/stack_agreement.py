@@ -9,10 +9,19 @@ function in its own section below, registered in :data:`STACKS`; it needs that s
 from __future__ import annotations
 
 import argparse
+import ast
+import dataclasses
+import functools
+import importlib
+import importlib.util
 import json
+import os
 import sys
 import time
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +133,106 @@ def mlx_lm_build(config: Path, model: Path) -> dict:
             "trainable": sum(v.size for _, v in tree_flatten(built.trainable_parameters()))}
 
 
-def mlx_lm_agreement() -> dict[str, Any]:
-    """Every entry of tests/corpus/mlx_lm/index.json (a config, its base model's config.json and
-    their sources): plop check beside mlx-lm's own build."""
+def indexed_agreement(stack: str, flavour: str, package: str, own_build: Callable[[Path, Path], dict]) -> dict[str, Any]:
+    """Every entry of tests/corpus/<stack>/index.json (a config, its base model's config.json and
+    their sources): plop check beside ``own_build``, the stack's own build of the pair."""
     rows = []
-    for entry in json.loads((CORPUS / "mlx_lm" / "index.json").read_text()):
-        config, model = CORPUS / "mlx_lm" / entry["config"], (CORPUS / "mlx_lm" / entry["model"]).resolve()
+    for entry in json.loads((CORPUS / stack / "index.json").read_text()):
+        config, model = CORPUS / stack / entry["config"], (CORPUS / stack / entry["model"]).resolve()
         start = time.perf_counter()
-        stack = mlx_lm_build(config, model)
-        plop = plop_side(config, model, "mlx-lm")
-        agree, reason = compare(plop, stack)
+        own = own_build(config, model)
+        plop = plop_side(config, model, flavour)
+        agree, reason = compare(plop, own)
         rows.append({"config": entry["name"], "agree": agree, "reason": reason, "plop": _summary(plop),
-                     "stack_result": _summary(stack), "seconds": round(time.perf_counter() - start, 2)})
-    from importlib.metadata import version
-
-    return report("mlx_lm", rows, {"version": version("mlx-lm")})
+                     "stack_result": _summary(own), "seconds": round(time.perf_counter() - start, 2)})
+    return report(stack, rows, {"version": version(package)})
 
 
-STACKS: dict[str, Callable[[], dict[str, Any]]] = {"torchtune": torchtune_agreement, "mlx_lm": mlx_lm_agreement}
+# -- llama_factory ---------------------------------------------------------------------------------
+@contextmanager
+def llama_factory_code() -> Iterator[types.SimpleNamespace]:
+    """llamafactory's visual.py, misc.py and finetuning_args.py under their own names, without the
+    package ``__init__`` files (they import its whole training stack); unloaded afterwards."""
+    found = importlib.util.find_spec("llamafactory")
+    if found is None:
+        raise ModuleNotFoundError("llamafactory is not installed (make test-stacks installs it)")
+    root = Path(found.submodule_search_locations[0])
+    os.environ.setdefault("LLAMAFACTORY_VERBOSITY", "WARN")  # its INFO lines, once per call, would bury the table
+    before = set(sys.modules)
+    for package in ("llamafactory", "llamafactory.extras", "llamafactory.hparams", "llamafactory.model",
+                    "llamafactory.model.model_utils"):
+        if package not in sys.modules:
+            stub = types.ModuleType(package)
+            stub.__path__ = [str(root.joinpath(*package.split(".")[1:]))]
+            stub.__spec__ = importlib.util.spec_from_loader(package, None, is_package=True)
+            stub.__spec__.submodule_search_locations = stub.__path__  # a nested call finds the same files
+            sys.modules[package] = stub
+    try:
+        yield types.SimpleNamespace(
+            root=root, visual=importlib.import_module("llamafactory.model.model_utils.visual"),
+            misc=importlib.import_module("llamafactory.model.model_utils.misc"),
+            args=importlib.import_module("llamafactory.hparams.finetuning_args"),
+            plugin_find_all=_plugin_find_all(root / "v1" / "plugins" / "model_plugins" / "peft.py"))
+    finally:
+        for name in set(sys.modules) - before:
+            if name.partition(".")[0] == "llamafactory":  # what it imported (transformers' models) stays
+                del sys.modules[name]
+
+
+def _plugin_find_all(path: Path) -> Callable:
+    """The v1 plugin's own _find_all_linear_modules, compiled from its source (its module imports
+    the whole v1 engine); it needs nothing but the model."""
+    node = next(n for n in ast.parse(path.read_text()).body
+                if isinstance(n, ast.FunctionDef) and n.name == "_find_all_linear_modules")
+    namespace: dict = {}
+    exec(compile(ast.Module([node], []), str(path), "exec"), namespace)
+    return namespace["_find_all_linear_modules"]
+
+
+def llama_factory_lora(lf: types.SimpleNamespace, model, config: dict) -> dict:
+    """The LoraConfig arguments adapter.py _setup_lora_tuning (or the v1 get_lora_model) hands PEFT."""
+    plugin = config.get("peft_config")
+    if isinstance(plugin, dict):
+        targets = plugin.get("target_modules", "all")
+        targets = lf.plugin_find_all(model) if targets == "all" else [targets] if isinstance(targets, str) else targets
+        return {"r": plugin.get("r", 8), "lora_alpha": plugin.get("lora_alpha", 16),
+                "lora_dropout": plugin.get("lora_dropout", 0.05), "target_modules": targets,
+                "modules_to_save": plugin.get("modules_to_save")}
+    fields = {f.name for f in dataclasses.fields(lf.args.FinetuningArguments)}
+    args = lf.args.FinetuningArguments(**{k: v for k, v in config.items() if k in fields})
+    targets = args.lora_target
+    if len(targets) == 1 and targets[0] == "all":
+        targets = lf.misc.find_all_linear_modules(model, args.freeze_vision_tower)
+    return {"r": args.lora_rank, "lora_alpha": args.lora_alpha, "lora_dropout": args.lora_dropout,
+            "target_modules": lf.visual.patch_target_modules(model, args, targets),
+            "modules_to_save": args.additional_target}
+
+
+def llama_factory_build(config: Path, model: Path) -> dict:
+    """What LLaMA-Factory trains for ``config`` on ``model``: its wrapped modules and trainable
+    count, or why it trains no new adapter of a tree plop can see."""
+    from plop.audit.meta import meta_model
+    from plop.audit.resolve import wrap
+
+    data = yaml.safe_load(config.read_text())
+    settings = data.get("peft_config") if isinstance(data.get("peft_config"), dict) else data
+    if settings.get("adapter_name_or_path"):
+        return {"error": f"loads the adapter at {settings['adapter_name_or_path']}; trains no new one"}
+    if data.get("use_kt"):
+        return {"error": "KTransformers builds the model (use_kt): not the transformers tree"}
+    with llama_factory_code() as lf:
+        built = meta_model(model)
+        build = wrap(built, llama_factory_lora(lf, built, data))
+    if build.refused:
+        return {"error": build.refused}
+    return {"modules": sorted(build.ranks), "trainable": build.trainable}
+
+
+STACKS: dict[str, Callable[[], dict[str, Any]]] = {
+    "torchtune": torchtune_agreement,
+    "mlx_lm": functools.partial(indexed_agreement, "mlx_lm", "mlx-lm", "mlx-lm", mlx_lm_build),
+    "llama_factory": functools.partial(indexed_agreement, "llama_factory", "llama-factory", "llamafactory", llama_factory_build),
+}
 
 
 def main() -> None:

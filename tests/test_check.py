@@ -21,6 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 PUBLISHED_BILLIONS = {
     "Llama-3.1-8B": 8.03, "Qwen3-30B-A3B": 30.5, "Qwen3-235B-A22B": 235.0, "gpt-oss-20b": 20.9,
     "Mixtral-8x7B-v0.1": 46.7, "DeepSeek-V3": 671.0, "Qwen2.5-VL-7B-Instruct": 8.29, "gemma-3-4b-it": 4.3,
+    "Qwen3-VL-4B-Instruct": 4.44,
     "Phi-3.5-mini-instruct": 3.82, "t5-base": 0.223, "bert-base-uncased": 0.110,
 }
 

@@ -16,6 +16,7 @@ from ..stacks.peft import VISION_EXCLUDE
 from ..stacks.reading import StackConfig
 from .resolve import Build
 from .result import Finding
+from .unsloth import reaches_experts
 
 SEVERITIES = ("error", "warning", "info")
 _ROUTER = re.compile(r"Router|Gate$|Gating")
@@ -64,6 +65,8 @@ def misses(spec: StackConfig, build: Build, layout: ModelLayout) -> list[Finding
         if entry == "all":
             continue
         hit = any(entry in k for k in modules) if substring else any(peft_matches(k, [entry]) for k in modules)
+        if spec.stack == "unsloth" and not hit:
+            hit = reaches_experts(entry, {k.rsplit(".", 1)[-1] for k in build.ranks if k in layout.params})
         if not hit and not (moved_to_experts and entry not in converted):
             found.append(Finding("error", "target-miss", f"target {entry!r} matches no module of this model: "
                                  "PEFT skips it without a word and trains the rest"))
@@ -75,7 +78,7 @@ def misses(spec: StackConfig, build: Build, layout: ModelLayout) -> list[Finding
             if not any(re.match(rf"(.*\.)?({key})$", k) for k in [*build.ranks, *map(lambda k: _owner(k, build), build.ranks)]):
                 found.append(Finding("error", "pattern-miss", f"{label} key {key!r} matches no adapted module: "
                                      f"those modules keep the default {'rank' if label == 'rank_pattern' else 'alpha'}"))
-    for entry in spec.modules_to_save or ():
+    for entry in getattr(build.lora_config, "modules_to_save", None) or ():  # as the stack hands them to PEFT
         if not any(peft_matches(k, [entry]) for k in build.saved):
             found.append(Finding("error", "save-miss", f"modules_to_save {entry!r} matches no module: nothing is copied"))
     if not build.ranks and not build.saved:

@@ -18,23 +18,10 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import first_line
-from ..model.names import layer_index
-from ..stacks import mlx_lm, torchtune
+from ..stacks import llama_factory, mlx_lm, torchtune
 from ..stacks.reading import StackConfig
 
 ADAPTER = "default"
-# LLaMA-Factory src/llamafactory/model/model_utils/visual.py COMPOSITE_MODELS (vision_model_keys,
-# projector_keys, lora_conflict_keys) for the multimodal types plop's fixtures cover; matched as
-# substrings of module names, as its find_all_linear_modules and patch_target_modules do
-LLAMA_FACTORY_COMPOSITE = {
-    "qwen2_vl": (["visual.patch_embed", "visual.blocks"], ["visual.merger"], ["patch_embed"]),
-    "qwen2_5_vl": (["visual.patch_embed", "visual.blocks"], ["visual.merger"], ["patch_embed"]),
-    "gemma3": (["vision_tower"], ["multi_modal_projector"], []),
-    "llava": (["vision_tower"], ["multi_modal_projector"], []),
-    "paligemma": (["vision_tower"], ["multi_modal_projector"], []),
-}
-
-
 @dataclass
 class Build:
     """What PEFT wrapped: target -> rank (a module name, or ``module.parameter`` for a 3-D expert
@@ -74,21 +61,25 @@ def _head_leaf(model: nn.Module) -> str | None:
 
 
 def _llama_factory(spec: StackConfig, model: nn.Module) -> list[str]:
-    """hiyouga/LLaMA-Factory src/llamafactory/model/adapter.py _setup_lora_tuning: ``all`` ->
-    find_all_linear_modules (lm_head and, by default, the frozen vision tower and projector left
-    out); on a composite (VLM) model, patch_target_modules turns targets into the full names
-    that contain one of them as a substring and none of the frozen keys."""
-    vision, projector, conflict = LLAMA_FACTORY_COMPOSITE.get(getattr(model.config, "model_type", None), ([], [], []))
-    frozen = (vision if spec.rules.get("freeze_vision_tower", True) else []) + \
-        (projector if spec.rules.get("freeze_multi_modal_projector", True) else [])
+    """hiyouga/LLaMA-Factory src/llamafactory/model/adapter.py _setup_lora_tuning: ``all`` alone ->
+    find_all_linear_modules (leaf names of Linear modules outside the forbidden substrings); on a
+    composite (VLM) model, patch_target_modules turns the targets into the full names that contain
+    one of them as a substring and none of the frozen or conflicting keys
+    (:mod:`plop.stacks.llama_factory` holds its tables)."""
+    model_type = getattr(model.config, "model_type", None)
     targets = list(spec.placement.target_modules or [])
-    if "all" in targets:
-        targets = sorted(_leaf_linear_names(model, ["lm_head", *frozen]))
-    if getattr(model.config, "model_type", None) in LLAMA_FACTORY_COMPOSITE:
-        blocked = frozen + conflict
-        targets = [n for n, _ in model.named_modules()
-                   if any(t in n for t in targets) and not any(b in n for b in blocked)]
+    if targets == ["all"]:
+        targets = sorted(_leaf_linear_names(model, llama_factory.all_linear_forbidden(spec, model_type)))
+    blocked = llama_factory.patch_forbidden(spec, model_type)
+    if blocked is not None:
+        targets = [n for n, _ in model.named_modules() if any(t in n for t in targets) and not any(b in n for b in blocked)]
     return targets
+
+
+def _resized_vocab(model: nn.Module) -> list[str]:
+    """adapter.py: ``resize_vocab`` without additional_target trains the embeddings in full."""
+    embeddings = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if any(m is e for e in embeddings)})
 
 
 def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
@@ -99,10 +90,16 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
         kwargs["target_modules"] = sorted(set(filter(None, extra)) | (_leaf_linear_names(model) - {_head_leaf(model)}))
     elif spec.expand and spec.expand.startswith("llama-factory"):
         kwargs["target_modules"] = _llama_factory(spec, model)
+        if spec.rules.get("resize_vocab") and not spec.modules_to_save:
+            kwargs["modules_to_save"] = _resized_vocab(model)
     elif spec.expand == "torchtune":
         kwargs["target_modules"] = torchtune.wrapped(spec)  # full names on the builder's own tree
     elif spec.expand == "mlx-lm":
         kwargs = mlx_lm.shown(spec)
+    elif spec.expand == "unsloth":
+        from . import unsloth
+
+        unsloth.apply(spec, model, kwargs)
     if spec.stack == "axolotl" and kwargs.get("target_parameters"):
         # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
         # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
