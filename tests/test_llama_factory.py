@@ -70,7 +70,7 @@ def lf():
     finally:
         sys.path.remove(str(BENCHMARKS))
     with agreement.llama_factory_code() as code:
-        yield types.SimpleNamespace(code=code, lora=agreement.llama_factory_lora, run=agreement.run)
+        yield types.SimpleNamespace(code=code, lora=agreement.llama_factory_lora, agreement=agreement.STACKS["llama_factory"])
 
 
 @pytest.mark.stacks
@@ -116,5 +116,5 @@ def test_targets_equal_llama_factorys_own_functions(lf, name, config):
 @pytest.mark.stacks
 def test_the_published_examples_agree_with_llama_factory(lf):
     """tests/corpus/llama_factory: every examples/**/*lora*.yaml of 0.9.5 with a base config.json."""
-    summary = lf.run("llama_factory")
-    assert summary["configs"] >= 20 and summary["disagreements"] == []
+    summary = lf.agreement()
+    assert summary["configs"] >= 20 and summary["disagree"] == []
