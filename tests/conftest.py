@@ -32,7 +32,8 @@ MODEL_SEED = 1234
 # The fast tier (`make test-fast`): every test that runs in this process. A test that starts another
 # process (the CLI as a user runs it, torchrun, a notebook kernel, a killed writer) is marked
 # `spawns` by what it does, where it does it (a helper, a fixture or a file's `pytestmark`), and stays
-# in `make test`; a `slow` test loads the real model. An audit hook holds the fast tier to that: a
+# in `make test`; a `slow` test loads the real model; a `heavy` one trains several runs or builds a
+# large meta model (about a second or more each), which would push the tier past 90 s. An audit hook holds the fast tier to that: a
 # fast test that starts a process fails, naming the command.
 SPAWN_EVENTS = {"subprocess.Popen", "os.posix_spawn", "os.exec", "os.system", "os.spawn"}
 
@@ -57,7 +58,7 @@ sys.addaudithook(_audit)
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if item.get_closest_marker("spawns") is None and item.get_closest_marker("slow") is None:
+        if not any(item.get_closest_marker(m) for m in ("spawns", "slow", "heavy")):
             item.add_marker(pytest.mark.fast)
 
 

@@ -38,6 +38,7 @@ def trained(tmp_path_factory, tokenizer):
     return directory
 
 
+@pytest.mark.heavy
 def test_named_adapters_land_in_their_own_folders(trained):
     assert (trained / "adapter_model.safetensors").is_file()
     assert (trained / "add" / "adapter_model.safetensors").is_file()

@@ -147,6 +147,7 @@ def test_axolotl_expert_parameters_on_qwen3_moe(tmp_path):
     assert result.findings == []
 
 
+@pytest.mark.heavy
 def test_llama_factory_all_on_qwen2_5_vl_leaves_the_vision_tower_frozen(tmp_path):
     """LLaMA-Factory: lora_target all = every linear module outside the frozen vision tower and
     projector (freeze_vision_tower, freeze_multi_modal_projector default true), lm_head aside."""
@@ -175,6 +176,7 @@ def _trl_config(path: Path):
     return get_peft_config(model_args)
 
 
+@pytest.mark.heavy
 def test_trl_through_trl_itself_on_qwen3_235b(tmp_path):
     config = {"model_name_or_path": "Qwen/Qwen3-235B-A22B", "use_peft": True, "lora_r": 8,
               "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
@@ -265,6 +267,7 @@ def test_frozen_experts_say_how_much_stays_untouched():
     assert result.exit_code == 0
 
 
+@pytest.mark.heavy
 def test_router_wrapped_by_all_linear_on_qwen3_moe(tmp_path):
     result = check(write(tmp_path, "adapter_config.json", {"r": 8, "target_modules": "all-linear"}), fixture("Qwen3-30B-A3B"))
     assert "router-wrapped" in codes(result) and "peft-conversion" in codes(result)

@@ -93,6 +93,7 @@ def test_absurd_size_refused_naming_the_field(tmp_path, changes, base, line):
     assert line in error
 
 
+@pytest.mark.heavy
 def test_real_models_estimate_near_their_built_size_and_pass():
     """The caps are far from every published config, and the estimate is near the built model."""
     for path in sorted(FIXTURES.glob("*.json")):

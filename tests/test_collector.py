@@ -177,6 +177,7 @@ def _run(model, collector, data):
         model.model(**batch)
 
 
+@pytest.mark.heavy
 def test_memory_does_not_grow_with_batches(tiny_llama):
     modules = find_linear_modules(tiny_llama)
     short, long = make_batches(16, 32, seed=1), make_batches(160, 32, seed=2)

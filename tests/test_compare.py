@@ -16,6 +16,8 @@ from plop.ranking.placements import COMPARE_DEFAULT
 from plop.errors import PlopError
 from tiny_lm import examples, make_model, make_tokenizer
 
+pytestmark = pytest.mark.heavy  # trains several runs or builds large meta models: `make test`, not the fast tier
+
 torch.set_num_threads(1)
 
 

@@ -14,6 +14,8 @@ from plop.finetune.config import SUMMARY_FILE
 from plop.files.reward import RewardError, load_reward
 from tiny_lm import examples, make_model, make_tokenizer
 
+pytestmark = pytest.mark.heavy  # trains several runs or builds large meta models: `make test`, not the fast tier
+
 torch.set_num_threads(1)
 
 

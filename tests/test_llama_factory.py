@@ -30,6 +30,7 @@ def fixture(name: str) -> str:
     return str(FIXTURES / f"{name}.json")
 
 
+@pytest.mark.heavy
 def test_the_qwen3_vl_example_trains_the_text_model_only():
     """LLaMA-Factory's own examples/train_lora/qwen3vl_lora_sft.yaml: ``lora_target: all`` on
     Qwen3-VL-4B leaves the vision tower and merger frozen: 36 blocks x 7 projections at rank 8."""

@@ -45,6 +45,7 @@ def test_texts_are_decoded_from_their_shifted_selves():
         == _tokens(tokenizer, texts)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_train_fine_tunes_an_encoder_decoder(name, tmp_path):
     tokenizer = tiny_lm.make_tokenizer()

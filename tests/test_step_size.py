@@ -83,6 +83,7 @@ def test_policy_kl_is_the_kl_to_a_copy_of_the_base_model():
     assert policy_kl(_lora(perturbed=False), sequences) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize("method", ["sft", "grpo"])
 def test_compare_records_each_run_s_step_size_after_its_first_steps(method, tmp_path):
     tokenizer = make_tokenizer()

@@ -66,6 +66,7 @@ def test_a_model_given_beside_a_recipe_is_named_unused():
     assert any(f.code == "stack-rule" and f.message.startswith("MODEL is not used") for f in result.findings)
 
 
+@pytest.mark.heavy
 def test_vision_trainable_flags_choose_the_parts(tmp_path):
     """decoder_trainable / encoder_trainable / fusion_trainable: a frozen part gets no adapter."""
     shipped = check(VISION)

@@ -45,6 +45,7 @@ def report(tokenizer):
     return diagnose(make_model(), [e.text for e in examples(16)], tokenizer)
 
 
+@pytest.mark.heavy
 def test_loss_falls_and_summary_records_the_run(tmp_path, tokenizer):
     result = train(make_model(), tokenizer, examples(64), config(tmp_path, steps=30, logging_steps=1),
                    placement="all-linear", progress=False)
@@ -81,6 +82,7 @@ def test_only_the_recommended_modules_carry_adapters(tmp_path, tokenizer, report
     assert result.summary["types"] == report.recommendation.types
 
 
+@pytest.mark.heavy
 def test_an_allocate_report_trains_each_type_at_its_own_rank(tmp_path, tokenizer):
     """What the README advises at a tight budget: diagnose --allocate, then train on that report."""
     report = diagnose(make_model(), [e.text for e in examples(16)], tokenizer, strategy="allocate")
@@ -101,6 +103,7 @@ def test_named_placement_without_a_report(tmp_path, tokenizer):
     assert result.summary["target_modules"] == ["down_proj", "gate_proj", "up_proj"]
 
 
+@pytest.mark.heavy
 def test_loraplus_gives_b_matrices_ratio_times_the_learning_rate(tmp_path, tokenizer):
     def initial_lrs(ratio: float) -> dict[str, list[float]]:
         run = config(tmp_path / str(ratio), steps=1, lr=1e-3, lora=LoraSettings(loraplus_ratio=ratio))
@@ -130,6 +133,7 @@ def test_dora_trains_saves_and_reloads(tmp_path, tokenizer):
     torch.testing.assert_close(logits(reloaded, tokenizer), logits(result.model, tokenizer))
 
 
+@pytest.mark.heavy
 def test_resume_continues_from_the_last_checkpoint(tmp_path, tokenizer):
     first = train(make_model(), tokenizer, examples(), config(tmp_path, steps=4, logging_steps=1), placement="qv",
                   progress=False)
@@ -143,6 +147,7 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, tokenizer):
     assert curve[:4] == first.summary["loss_curve"]  # the first 4 steps come from the checkpoint, not a rerun
 
 
+@pytest.mark.heavy
 def test_without_a_placement_train_diagnoses_first_as_plop_train_does(tmp_path, tokenizer):
     """``plop.train(model, tokenizer, examples)`` places the adapters by a diagnosis of its own data,
     saved in the run directory and kept on resume; ``plop train`` on the same model and data trains
@@ -171,6 +176,7 @@ def test_without_a_placement_train_diagnoses_first_as_plop_train_does(tmp_path, 
     assert resumed.report.recommendation == api.report.recommendation
 
 
+@pytest.mark.heavy
 def test_an_occupied_output_dir_is_refused_unless_resumed_or_overwritten(tmp_path, tokenizer):
     train(make_model(), tokenizer, examples(), config(tmp_path, steps=2), placement="qv", progress=False)
     with pytest.raises(PlopError, match="already holds a training run"):
@@ -276,6 +282,7 @@ def test_nfn_is_remeasured_after_training_adapted_against_frozen(tmp_path, token
     assert json.loads((result.adapter_path / SUMMARY_FILE).read_text())["nfn_change"] == change
 
 
+@pytest.mark.heavy
 def test_a_constant_schedule_holds_the_rate_after_its_warm_up(tmp_path):
     """lr_schedule="constant" with warmup_steps=2: the logged rate rises over the warm-up, then stays
     at lr to the last step (the default decays linearly to 0)."""

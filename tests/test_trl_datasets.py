@@ -153,6 +153,7 @@ def test_dpo_trainer_trains_exactly_the_recommended_modules(fmt, model_dir, tmp_
     assert _adapted(trainer.model) == set(report.recommendation.modules)
 
 
+@pytest.mark.heavy
 def test_streams_budgets_allocation_and_lora_settings(model_dir):
     model = _model(model_dir)
     stream = datasets.Dataset.from_list(_rows("text") * 4).to_iterable_dataset()

@@ -17,6 +17,8 @@ from plop.errors import ConfigError
 from plop.stacks import read
 from test_check import codes, fixture, module_names, peft_truth
 
+pytestmark = pytest.mark.heavy  # trains several runs or builds large meta models: `make test`, not the fast tier
+
 CALL = "from unsloth import {cls}\nmodel = {cls}.get_peft_model(model, {args})\n"
 
 
