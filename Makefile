@@ -30,7 +30,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q
 
-# the in-process tests alone (759 tests, about 80 s on 2 cores): what to run while editing;
+# the in-process tests alone (778 tests, about 60 s on 2 cores): what to run while editing;
 # CI runs `make test`
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=2 $(BIN)/python -m pytest -q -m fast
