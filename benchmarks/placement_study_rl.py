@@ -283,12 +283,13 @@ def write_summary(args, p: Protocol) -> None:
     """The summary JSON (with the rule, every setting and the hours spent), a Markdown table and the plot."""
     finished = done(RUNS)
     result = summary(finished, p)
+    chosen = grad_sign_types()
     settings = {k: getattr(args, k) for k in ("steps", "select_steps", "grid", "rank", "lr", "step_size_steps",
                                               "max_length")}
     SUMMARY.write_text(json.dumps(
         {"rule": RULE.text, **settings, "alpha": 2.0 * args.rank, "select_seeds": list(p.select_seeds),
          "seeds": list(p.seeds), "validation_prompts": VALIDATION, **result,
-         "grad_sign": {"types": grad_sign_types(), "same_as": twin_of(grad_sign_types() or ())},
+         "grad_sign": {"types": chosen, "same_as": twin_of(chosen or ())},
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
          "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
@@ -331,9 +332,10 @@ def main() -> None:
     for arm in args.arms:
         if arm not in PLACEMENTS:
             raise SystemExit(f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}")
-    twin = twin_of(grad_sign_types() or ()) if "grad-sign" in args.arms else None
+    chosen = grad_sign_types() if "grad-sign" in args.arms else None
+    twin = twin_of(chosen or ())
     if twin:
-        print(f"grad-sign picked {twin}'s types ({', '.join(grad_sign_types())}): {twin}'s runs stand for both")
+        print(f"grad-sign picked {twin}'s types ({', '.join(chosen)}): {twin}'s runs stand for both")
         args.arms = [a for a in args.arms if a != "grad-sign"]
     p = protocol(args)
     todo = begin(p, RULE, RUNS, args, seconds, f"{SECONDS_PER_STEP:g} s a step, {SECONDS_PER_PROMPT:g} s a greedy prompt")
