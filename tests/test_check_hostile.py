@@ -240,3 +240,12 @@ def test_bounded_yaml_loader_is_still_the_safe_loader():
     with pytest.raises(ValueError, match="not valid YAML"):
         parse_yaml("a: !!python/object/apply:os.system ['true']\n", "evil.yml")
     assert parse_yaml("a: &x [1, 2]\nb: *x\n", "ok.yml") == yaml.safe_load("a: &x [1, 2]\nb: *x\n")
+
+
+@pytest.mark.spawns
+def test_large_flat_yaml_refused_from_its_events(tmp_path):
+    """4 MiB of one-character values: composing them all in Python took 45 s; the parser's events,
+    counted in C, refuse the document within the hostile-case bound."""
+    config = tmp_path / "axolotl.yml"
+    config.write_text("adapter: lora\nlora_target_modules: [" + ",".join(["q"] * ((2 << 20) - 40)) + "]\n")
+    assert "too large: it holds over 1,000,000 values" in one_line_error(bounded_check(config, LLAMA))
