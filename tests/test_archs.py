@@ -9,7 +9,7 @@ import torch
 import archs
 from conftest import make_batches
 
-MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba"}
+MOE = {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba", "llama4_text"}
 
 
 def test_the_sweep_builds_the_families_it_claims():

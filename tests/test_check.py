@@ -21,7 +21,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 PUBLISHED_BILLIONS = {
     "Llama-3.1-8B": 8.03, "Qwen3-30B-A3B": 30.5, "Qwen3-235B-A22B": 235.0, "gpt-oss-20b": 20.9,
     "Mixtral-8x7B-v0.1": 46.7, "DeepSeek-V3": 671.0, "Qwen2.5-VL-7B-Instruct": 8.29, "gemma-3-4b-it": 4.3,
-    "Qwen3-VL-4B-Instruct": 4.44,
+    "Qwen3-VL-4B-Instruct": 4.44, "Llama-4-Scout-17B-16E": 109.0,
     "Phi-3.5-mini-instruct": 3.82, "t5-base": 0.223, "bert-base-uncased": 0.110,
 }
 
@@ -134,6 +134,31 @@ def test_axolotl_lora_target_linear_on_mixtral(tmp_path):
     names = module_names("Mixtral-8x7B-v0.1", lambda n, m: isinstance(m, nn.Linear) and n != "lm_head")
     assert_predicts(result, peft_truth("Mixtral-8x7B-v0.1", names))
     assert [f.code for f in result.findings] == ["experts-frozen"]
+
+
+@pytest.mark.heavy
+def test_llama4_routed_experts_are_seen_frozen_and_then_adapted(tmp_path):
+    """Llama-4's experts (Llama4TextExperts, ~97B of Scout's 109B) predate transformers'
+    experts decorator: the attention-and-MLP list leaves them frozen, which plop now says, and
+    target_parameters on them counts what PEFT wraps."""
+    from torch import nn
+
+    name = "Llama-4-Scout-17B-16E"
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    config = {"base_model": "meta-llama/Llama-4-Scout-17B-16E", "adapter": "lora", "lora_r": 8,
+              "lora_target_modules": linear, "lora_target_parameters": None}
+    result = check(write(tmp_path, "axolotl.yml", config), fixture(name))
+    assert_predicts(result, peft_truth(name, module_names(name, lambda n, m: isinstance(m, nn.Linear)
+                                                          and n.rsplit(".", 1)[-1] in linear)))
+    (frozen,) = [f for f in result.findings if f.code == "experts-frozen"]
+    assert "the routed experts get no adapter: 91 % of the block weights" in frozen.message
+    params = [f"language_model.model.layers.{i}.feed_forward.experts.{p}" for i in range(48)
+              for p in ("gate_up_proj", "down_proj")]
+    config["lora_target_parameters"] = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+    result = check(write(tmp_path, "axolotl.yml", config), fixture(name))
+    assert_predicts(result, peft_truth(name, module_names(name, lambda n, m: isinstance(m, nn.Linear)
+                                                          and n.rsplit(".", 1)[-1] in linear), params))
+    assert not [f for f in result.findings if f.code == "experts-frozen"]
 
 
 def test_axolotl_expert_parameters_on_qwen3_moe(tmp_path):

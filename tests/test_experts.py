@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import archs
 from conftest import make_batches
 from plop.measure.experts import ExpertStats
-from plop.model.experts import expert_weights, find_experts
+from plop.model.experts import dense_routed, expert_weights, find_experts
 
-MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba"]
+MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "jamba", "llama4_text"]
 LENGTHS = [12, 7, 12, 3]  # right padding in both batches
 
 
@@ -65,15 +65,18 @@ def brute_force(model, name: str, batches) -> dict[str, torch.Tensor]:
             for prefix, module in experts.items():
                 router = getattr(blocks[prefix], "router", None) or blocks[prefix].gate
                 w = {k: v.detach().double() for k, v in expert_weights(module).items()}
-                b = module.gate_up_proj_bias.detach().double() if module.has_bias else 0.0
+                has_bias = getattr(module, "has_bias", False)
+                b = module.gate_up_proj_bias.detach().double() if has_bias else 0.0
                 acc = sums.setdefault(prefix, torch.zeros(2, 2, w["down_proj"].shape[0], dtype=torch.float64))
                 hidden = captured[prefix].double()
                 for i, j in batch["attention_mask"].nonzero().tolist():
                     z = hidden[i, j]
                     for e in _route(router, z, router.top_k).tolist():
-                        h = w["gate_up_proj"][e] @ z
-                        u = _gate(module, h + (b[e] if module.has_bias else 0.0))
-                        acc[0, :, e] += torch.stack([h.norm() / z.norm(), torch.tensor(1.0, dtype=torch.float64)])
+                        # Llama-4 feeds each expert the token scaled by its sigmoid router score
+                        x = z * torch.sigmoid(router.weight[e].double() @ z) if dense_routed(module) else z
+                        h = w["gate_up_proj"][e] @ x
+                        u = _gate(module, h + (b[e] if has_bias else 0.0))
+                        acc[0, :, e] += torch.stack([h.norm() / x.norm(), torch.tensor(1.0, dtype=torch.float64)])
                         acc[1, :, e] += torch.stack([(w["down_proj"][e] @ u).norm() / u.norm(),
                                                      torch.tensor(1.0, dtype=torch.float64)])
     finally:
@@ -145,7 +148,7 @@ def test_hooks_are_removed_even_when_the_forward_raises():
     assert not any(m._forward_pre_hooks for m in experts.values())
 
 
-@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "llama4_text"])
 def test_peft_target_parameters_train_the_experts(name):
     """PEFT wraps the 3-D parameters named by their suffix, and one backward step reaches the
     LoRA factors of every expert (lora_dropout must be 0 for ParamWrapper)."""

@@ -9,7 +9,9 @@ weights, no ``nn.Linear``::
 
 and called as ``experts(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K))`` on the
 flattened tokens, whichever kernel ``config._experts_implementation`` picks (eager, batched_mm,
-grouped_mm, ...). A forward pre-hook on that module sees the tokens and their routing, so for
+grouped_mm, ...); Llama-4's experts take ``(E * T, H)`` rows instead, a token's row zero for an
+expert it is not routed to (:mod:`plop.model.experts`). A forward pre-hook on that module sees the
+tokens and their routing, so for
 every expert ``e`` and the tokens ``z_t`` routed to it, it recomputes::
 
     ratio_t(gate_up_e) = ||W_e z_t|| / ||z_t||                          (no bias: NFN is about W)
@@ -34,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ..model.experts import expert_weights, input_weight_name
+from ..model.experts import activation, dense_routed, expert_weights, input_bias, input_weight_name
 from .hooks import Hooks
 from .nfn import normalized_feature_norm, random_baselines
 
@@ -177,7 +179,12 @@ class ExpertStats(Hooks):
         stats = [self.stats[f"{prefix}.{n}"] for n in names]
 
         def hook(module: nn.Module, args, kwargs) -> None:
-            hidden, index = list(signature.bind(*args, **kwargs).arguments.values())[:2]
+            if dense_routed(module):  # (E * T, H) rows, zero where a token is not routed to the expert
+                hidden = args[0].reshape(stats[0].shape[0], -1, args[0].shape[-1])
+                routed = torch.linalg.vector_norm(hidden, dim=-1).T > 0  # (T, E)
+                index = torch.where(routed, torch.arange(routed.shape[1], device=routed.device), -1)
+            else:
+                hidden, index = list(signature.bind(*args, **kwargs).arguments.values())[:2]
             self._accumulate(module, stats, hidden, index)
 
         return hook
@@ -200,22 +207,23 @@ class ExpertStats(Hooks):
     @torch.no_grad()
     def _accumulate(self, module: nn.Module, stats: list[ExpertWeightStats], hidden: torch.Tensor,
                     index: torch.Tensor) -> None:
+        """``hidden`` is ``(T, H)``, or ``(E, T, H)`` when each expert sees its own scaled copy of
+        the tokens (:func:`~plop.model.experts.dense_routed`)."""
         n_experts = stats[0].shape[0]
-        tokens, chosen, samples, groups = self._routed(index, n_experts, hidden.shape[0])
+        tokens, chosen, samples, groups = self._routed(index, n_experts, hidden.shape[-2])
         per_expert = torch.bincount(chosen, minlength=n_experts).tolist()
         weights = expert_weights(module)
         w_in, w_down = weights[input_weight_name(module)], weights["down_proj"]
-        bias = getattr(module, f"{input_weight_name(module)}_bias", None) if module.has_bias else None
+        bias = input_bias(module)
         sums = torch.zeros(2, 5, n_experts, device=hidden.device)
         per_sample = torch.zeros(2, 2, n_experts, groups, device=hidden.device)
         input_max = torch.zeros(2, device=hidden.device)
         for e, rows, owner in zip(range(n_experts), tokens.split(per_expert), samples.split(per_expert)):
             if rows.numel() == 0:
                 continue
-            z = hidden[rows].float()
+            z = (hidden[e] if hidden.ndim == 3 else hidden)[rows].float()
             h = z @ w_in[e].float().T
-            u = h if bias is None else h + bias[e].float()
-            u = module._apply_gate(u) if module.has_gate else module.act_fn(u)
+            u = activation(module, h if bias is None else h + bias[e].float())
             for k, (x, y) in enumerate(((z, h), (u, u @ w_down[e].float().T))):
                 x_norm = torch.linalg.vector_norm(x, dim=-1)
                 ok = x_norm > 0  # a zero input has no direction
