@@ -37,9 +37,9 @@ test-fast: $(STAMP)
 
 # plop check against the stacks' own code (pytest -m stacks), in .venv-stacks with every stack-* extra of
 # pyproject.toml; those in NO_DEPS_EXTRAS install without their dependencies, whose pins would
-# downgrade plop's (LLaMA-Factory pins transformers<=5.6 and peft<=0.18.1)
+# downgrade plop's (LLaMA-Factory pins transformers<=5.6 and peft<=0.18.1; axolotl its own torch)
 STACKS_VENV    := .venv-stacks
-NO_DEPS_EXTRAS ?= stack-llamafactory
+NO_DEPS_EXTRAS ?= stack-llamafactory stack-axolotl
 EXTRAS = $(STACKS_VENV)/bin/python -c 'import sys, tomllib; extras = tomllib.load(open("pyproject.toml", "rb"))\
 ["project"]["optional-dependencies"]; skip = "$(NO_DEPS_EXTRAS)".split(); print(" ".join(\
 (r for k, v in extras.items() if k in skip for r in v) if sys.argv[1] == "no-deps" else \
@@ -50,7 +50,7 @@ test-stacks:
 	$(MAKE) $(STACKS_VENV)/.plop-installed VENV=$(STACKS_VENV)
 	extras=$$($(EXTRAS) with-deps | tr ' ' ','); [ -z "$$extras" ] || \
 	    $(STACKS_VENV)/bin/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e ".[$$extras]"
-	$(EXTRAS) no-deps | xargs -r $(STACKS_VENV)/bin/python -m pip install -q --no-deps
+	$(EXTRAS) no-deps | xargs -r $(STACKS_VENV)/bin/python -m pip install -q --no-deps --ignore-requires-python
 	OMP_NUM_THREADS=2 $(STACKS_VENV)/bin/python -m pytest -q -m stacks
 
 # the whole suite on the newest releases pyproject.toml allows, in a fresh .venv-latest: catches a

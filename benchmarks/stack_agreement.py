@@ -228,10 +228,51 @@ def llama_factory_build(config: Path, model: Path) -> dict:
     return {"modules": sorted(build.ranks), "trainable": build.trainable}
 
 
+# -- axolotl ---------------------------------------------------------------------------------------
+# axolotl's own load_lora (axolotl/loaders/adapter.py): the LoraConfig it builds from the YAML's
+# fields (lora_target_linear through its find_all_linear_names, lora_modules_to_save, its dropout
+# patch for expert parameters) and its get_peft_model call, on the model class its loader picks for
+# config.json (built on the meta device), after its own schema of those fields (utils/schemas/peft.py)
+# has checked them and filled their defaults. The rest of its config validation and its plugins are
+# not run.
+def axolotl_build(config: Path, model: Path) -> dict:
+    """What axolotl trains for ``config`` on ``model``: its wrapped modules and trainable count, or its refusal."""
+    os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")  # its telemetry, off before it is imported
+    import transformers
+    from accelerate import init_empty_weights
+    from axolotl.loaders.adapter import load_lora
+    from axolotl.utils.dict import DictDefault
+    from axolotl.utils.schemas.peft import LoraConfig as LoraSchema
+
+    from plop.audit.meta import load_config
+    from plop.audit.resolve import wrapped_targets
+
+    data = yaml.safe_load(config.read_text())
+    try:  # its LoRA fields through its own schema (lora_dropout's default of 0, its checks)
+        cfg = DictDefault({**data, **LoraSchema.model_validate(data).model_dump()})
+    except ValueError as e:  # pydantic's ValidationError
+        return {"error": f"axolotl refuses it: {str(e).splitlines()[0]}"}
+    if cfg.peft and cfg.peft.loftq_config:  # LoftQ's first values come from quantizing the weights on a
+        cfg.peft = None                     # GPU; without it PEFT wraps the same modules at the same shapes
+    # axolotl's ModelLoader: the image-text class for a multimodal config (a processor_type), else the
+    # class model_type names, else the causal LM
+    named = getattr(transformers, cfg.model_type or "", None)
+    auto = transformers.AutoModelForImageTextToText if cfg.processor_type else named or transformers.AutoModelForCausalLM
+    with init_empty_weights():
+        built = (auto.from_config if auto.__name__.startswith("Auto") else auto._from_config)(load_config(model))
+        try:
+            peft_model, _ = load_lora(built, cfg)
+        except (ValueError, TypeError, KeyError, RuntimeError, NotImplementedError) as e:
+            return {"error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+    return {"modules": sorted(key for key, _ in wrapped_targets(peft_model.base_model.model).values()),
+            "trainable": peft_model.get_nb_trainable_parameters()[0]}
+
+
 STACKS: dict[str, Callable[[], dict[str, Any]]] = {
     "torchtune": torchtune_agreement,
     "mlx_lm": functools.partial(indexed_agreement, "mlx_lm", "mlx-lm", "mlx-lm", mlx_lm_build),
     "llama_factory": functools.partial(indexed_agreement, "llama_factory", "llama-factory", "llamafactory", llama_factory_build),
+    "axolotl": functools.partial(indexed_agreement, "axolotl", "axolotl", "axolotl", axolotl_build),
 }
 
 

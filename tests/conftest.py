@@ -7,10 +7,12 @@ Everything runs on one CPU thread and takes milliseconds per model; the only slo
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import math
 import os
 import sys
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -134,6 +136,18 @@ def tiny_bert():
 
 
 # -- token batches ----------------------------------------------------------------------------
+def stack_agreement(package: str):
+    """benchmarks/stack_agreement.py, the differential tests' loader of a stack's own code; the
+    test skips when ``package`` (a stack-* extra) is not installed."""
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (make test-stacks installs it)")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        return importlib.import_module("stack_agreement")
+    finally:
+        sys.path.pop(0)
+
+
 def make_batches(n_seqs: int = 16, seq_len: int = 32, batch_size: int = 8, *, vocab: int = VOCAB, seed: int = 7,
                  lengths: list[int] | None = None, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     """``[{"input_ids", "attention_mask"}]``, right-padded to the longest sequence of each batch.

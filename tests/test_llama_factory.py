@@ -6,14 +6,12 @@ The tests marked ``stacks`` run llamafactory 0.9.5's own code (``make test-stack
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import sys
 import types
 from pathlib import Path
 
 import pytest
 
+from conftest import stack_agreement
 from plop.audit import check
 from plop.audit.meta import meta_model
 from plop.audit.resolve import lora_kwargs
@@ -23,7 +21,6 @@ from plop.stacks.llama_factory import COMPOSITE, VERSION
 
 FIXTURES = Path(__file__).parent / "fixtures" / "model_configs"
 CORPUS = Path(__file__).parent / "corpus" / "llama_factory"
-BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def fixture(name: str) -> str:
@@ -63,13 +60,7 @@ def test_the_classic_form_doubles_the_rank_for_a_missing_or_zero_alpha():
 # -- against llamafactory's own code (loaded by benchmarks/stack_agreement.py) -----------------------
 @pytest.fixture(scope="module")
 def lf():
-    if importlib.util.find_spec("llamafactory") is None:
-        pytest.skip("llamafactory is not installed (make test-stacks installs it)")
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        agreement = importlib.import_module("stack_agreement")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    agreement = stack_agreement("llamafactory")
     with agreement.llama_factory_code() as code:
         yield types.SimpleNamespace(code=code, lora=agreement.llama_factory_lora, agreement=agreement.STACKS["llama_factory"])
 

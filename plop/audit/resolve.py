@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..errors import first_line
-from ..stacks import llama_factory, mlx_lm, torchtune
+from ..stacks import axolotl, llama_factory, mlx_lm, torchtune
 from ..stacks.reading import StackConfig
 
 ADAPTER = "default"
@@ -49,15 +49,19 @@ class Build:
 # -- stack rules that need the model -------------------------------------------------------------
 def _leaf_linear_names(model: nn.Module, forbidden: list[str] = ()) -> set[str]:
     """Last name components of modules whose class name holds "Linear" (not "Embedding"), as
-    axolotl's find_all_linear_names and LLaMA-Factory's find_all_linear_modules collect them."""
+    LLaMA-Factory's find_all_linear_modules collects them."""
     return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
             if name and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__
             and not any(f in name for f in forbidden)}
 
 
-def _head_leaf(model: nn.Module) -> str | None:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return next((n.rsplit(".", 1)[-1] for n, m in model.named_modules() if head is not None and m is head), None)
+def _axolotl_linear(model: nn.Module) -> set[str]:
+    """axolotl's find_all_linear_names (loaders/adapter.py, 0.21): the last name component of every
+    ``nn.Linear`` (Llama-4's router is one) or module whose class name holds "Linear", less
+    :data:`~plop.stacks.axolotl.OUTPUT_EMBEDDING` by name (not the model's actual head)."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+            if name and (isinstance(m, nn.Linear) or "Linear" in type(m).__name__)
+            and type(m).__name__ != "LlamaLinearScalingRotaryEmbedding"} - {axolotl.OUTPUT_EMBEDDING}
 
 
 def _llama_factory(spec: StackConfig, model: nn.Module) -> list[str]:
@@ -87,7 +91,7 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
     kwargs = spec.lora_kwargs()
     if spec.expand == "axolotl-linear":
         extra = spec.placement.target_modules if isinstance(spec.placement.target_modules, list) else [spec.placement.target_modules]
-        kwargs["target_modules"] = sorted(set(filter(None, extra)) | (_leaf_linear_names(model) - {_head_leaf(model)}))
+        kwargs["target_modules"] = sorted(set(filter(None, extra)) | _axolotl_linear(model))
     elif spec.expand and spec.expand.startswith("llama-factory"):
         kwargs["target_modules"] = _llama_factory(spec, model)
         if spec.rules.get("resize_vocab") and not spec.modules_to_save:

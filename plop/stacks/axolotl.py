@@ -2,7 +2,8 @@
 (LoraConfig section) and src/axolotl/loaders/adapter.py (_build_peft_lora_config, main 2025):
 ``lora_target_modules`` (a list or a regex string) and ``lora_target_parameters`` go to
 ``peft.LoraConfig`` as they are; ``lora_target_linear: true`` adds every module whose class name
-holds "Linear" by its last name component, minus the output embedding (find_all_linear_names);
+holds "Linear", or that is an ``nn.Linear``, by its last name component, minus the name
+:data:`OUTPUT_EMBEDDING` (find_all_linear_names);
 ``peft_layers_to_transform``/``peft_layers_pattern``, ``lora_modules_to_save``,
 ``lora_exclude_modules``, ``lora_rank_pattern``/``lora_alpha_pattern``,
 ``peft_use_dora``/``peft_use_rslora``; bias is always "none"."""
@@ -19,6 +20,10 @@ from .result import ExportResult, finish
 from .target import Target
 
 NAME = "axolotl"
+OUTPUT_EMBEDDING = "lm_head"
+"""The name find_all_linear_names leaves out of ``lora_target_linear``: loaders/utils.py
+get_linear_embedding_layers(model_type)[1], "lm_head" for every model type in 0.21 (a name, not
+the model's actual head); tests/test_axolotl_stack.py checks it against axolotl's table."""
 # the keys that say where the adapters go (the axolotl plugin sets these, and leaves the run's
 # own rank, alpha and dropout alone)
 PLACEMENT_KEYS = ("lora_target_modules", "lora_target_linear", "lora_rank_pattern", "lora_alpha_pattern",
