@@ -116,6 +116,8 @@ def mlx_lm_build(config: Path, model: Path) -> dict:
     from mlx_lm.utils import _get_classes
 
     args = {**CONFIG_DEFAULTS, **{k: v for k, v in yaml.safe_load(config.read_text()).items() if v is not None}}
+    if args["fine_tune_type"] == "full":  # train_model unfreezes the last num_layers blocks whole, no adapter
+        return {"error": "fine_tune_type full: mlx-lm trains whole blocks, no LoRA"}
     model_config = json.loads(model.read_text())
     try:
         model_cls, args_cls = _get_classes(model_config)

@@ -125,6 +125,8 @@ UNMAPPED: dict[str, str] = {
     "gpt_neox": "mlx-lm's blocks are model.h, transformers' gpt_neox.layers, unmapped",
     "gptj": "mlx-lm's blocks are model.h, transformers' transformer.h, unmapped",
     "jamba": "mlx-lm's Mamba mixers and router are unmapped",
+    "llama4_text": "mlx-lm's llama4_text is dense (every block a feed_forward MLP of intermediate_size_mlp, "
+                   "no experts, no router), unlike transformers' Llama-4 MoE, unmapped",
     "mamba": "mlx-lm's Mamba mixers are unmapped",
     "llava": "mlx-lm loads it as mistral3 and builds the text model alone, unmapped",
     "qwen2_vl": "mlx-lm builds the text model alone, under language_model, unmapped",
