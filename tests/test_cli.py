@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -22,8 +23,14 @@ PLOP = [sys.executable, "-m", "plop.cli"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "COLUMNS": "120", "PYTHONWARNINGS": "ignore"}
 
 
-def run(*args: str, cwd: Path | None = None, check: int | None = 0) -> subprocess.CompletedProcess:
-    proc = subprocess.run([*PLOP, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300)
+def run(*args: str, cwd: Path | None = None, check: int | None = 0,
+        address_space: int | None = None) -> subprocess.CompletedProcess:
+    """``plop ARGS``; ``address_space`` caps the process's virtual memory in bytes, so an allocation
+    past it fails in the process (as on a GPU) instead of waking the kernel's OOM killer, which
+    takes whatever else holds memory on the machine into account."""
+    limit = (lambda: resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))) if address_space else None
+    proc = subprocess.run([*PLOP, *args], capture_output=True, text=True, cwd=cwd, env=ENV, timeout=300,
+                          preexec_fn=limit)
     if check is not None:
         assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
     return proc
@@ -222,7 +229,7 @@ def test_out_of_memory_suggests_smaller_batches(model_dir, tmp_path):
     """One 60k-token sample makes eager attention ask for a 60k x 60k score matrix per head."""
     data = write_jsonl(tmp_path / "long.jsonl", [{"text": "the cat sat on the mat " * 20000}])
     line = one_line_error(run("diagnose", str(model_dir), "--data", str(data), "--max-length", "60000",
-                              "--out", str(tmp_path / "r.json"), check=None))
+                              "--out", str(tmp_path / "r.json"), check=None, address_space=8 << 30))
     assert "out of memory" in line and "--batch-tokens" in line and "--batch-size" in line
     assert not (tmp_path / "r.json").exists()
 
