@@ -79,7 +79,8 @@ ARCHS: dict[str, Arch] = {
     "olmoe": Arch("olmoe", "causal", {**_TEXT, **_MOE}),
     "gpt_oss": Arch("gpt_oss", "causal", {**_TEXT, **_MOE, "intermediate_size": 32, "sliding_window": 16,
                                           "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
-    "llama4_text": Arch("llama4_text", "causal", {**_TEXT, **_MOE, "num_experts_per_tok": 1, "intermediate_size": 32,
+    # top-2 routing (Scout routes top-1): two nonzero rows per token test the routing plop reconstructs
+    "llama4_text": Arch("llama4_text", "causal", {**_TEXT, **_MOE, "intermediate_size": 32,
                                                   "intermediate_size_mlp": 64, "interleave_moe_layer_step": 1}),
     "deepseek_v3": Arch("deepseek_v3", "causal", {
         **_TEXT, **_MOE, "n_routed_experts": 4, "n_group": 2, "topk_group": 1, "first_k_dense_replace": 1,

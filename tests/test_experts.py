@@ -228,3 +228,19 @@ def test_train_puts_lora_on_the_expert_weights_and_refuses_dora(tmp_path):
         train(archs.build("mixtral"), tiny_lm.make_tokenizer(), tiny_lm.examples(12),
               TrainConfig(lora=LoraSettings(r=2, use_dora=True), steps=1, output_dir=str(tmp_path / "dora")), placement="mlp",
               progress=False)
+
+
+def test_llama4_experts_stay_recognised_while_peft_parametrizes_them():
+    """PEFT's ParamWrapper turns Llama4TextExperts into a Parametrized subclass while its adapters
+    are active: the experts are still found, measured on their own layout, and equal to the base
+    model's numbers when the adapters are zero."""
+    from peft import LoraConfig, get_peft_model
+
+    base_stats = collect(archs.build("llama4_text"), "llama4_text", _batches())
+    model = get_peft_model(archs.build("llama4_text"), LoraConfig(
+        r=2, target_modules=[], target_parameters=["feed_forward.experts.gate_up_proj"]))
+    stats = {k.removeprefix("base_model.model.").replace(".base_layer", ""): s  # found by PEFT's base layer
+             for k, s in collect(model, "llama4_text", _batches()).stats.items()}
+    assert set(stats) == set(base_stats.stats)
+    for key, s in base_stats.stats.items():
+        np.testing.assert_allclose(stats[key].sums, s.sums, rtol=1e-6)

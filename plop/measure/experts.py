@@ -11,8 +11,8 @@ and called as ``experts(hidden_states (T, H), top_k_index (T, K), top_k_weights 
 flattened tokens, whichever kernel ``config._experts_implementation`` picks (eager, batched_mm,
 grouped_mm, ...); Llama-4's experts take ``(E * T, H)`` rows instead, a token's row zero for an
 expert it is not routed to (:mod:`plop.model.experts`). A forward pre-hook on that module sees the
-tokens and their routing, so for
-every expert ``e`` and the tokens ``z_t`` routed to it, it recomputes::
+tokens and their routing, so for every expert ``e`` and the tokens ``z_t`` routed to it, it
+recomputes::
 
     ratio_t(gate_up_e) = ||W_e z_t|| / ||z_t||                          (no bias: NFN is about W)
     ratio_t(down_e)    = ||D_e u_t|| / ||u_t||,  u_t = gate(W_e z_t + b_e)   (the expert's own activation)
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ..errors import ModelError
 from ..model.experts import activation, dense_routed, expert_weights, input_bias, input_weight_name
 from .hooks import Hooks
 from .nfn import normalized_feature_norm, random_baselines
@@ -179,15 +180,25 @@ class ExpertStats(Hooks):
         stats = [self.stats[f"{prefix}.{n}"] for n in names]
 
         def hook(module: nn.Module, args, kwargs) -> None:
-            if dense_routed(module):  # (E * T, H) rows, zero where a token is not routed to the expert
-                hidden = args[0].reshape(stats[0].shape[0], -1, args[0].shape[-1])
-                routed = torch.linalg.vector_norm(hidden, dim=-1).T > 0  # (T, E)
-                index = torch.where(routed, torch.arange(routed.shape[1], device=routed.device), -1)
+            bound = list(signature.bind(*args, **kwargs).arguments.values())
+            if dense_routed(module):
+                self._accumulate(module, stats, *self._dense_routing(bound[0], stats[0].shape[0], prefix))
             else:
-                hidden, index = list(signature.bind(*args, **kwargs).arguments.values())[:2]
-            self._accumulate(module, stats, hidden, index)
+                self._accumulate(module, stats, *bound[:2])
 
         return hook
+
+    @staticmethod
+    @torch.no_grad()
+    def _dense_routing(rows: torch.Tensor, n_experts: int, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E, T, H)`` hidden states and a ``(T, E)`` routing from a dense-routed call's
+        ``(E * T, H)`` rows: a token goes to the experts whose row of it is not zero."""
+        if rows.shape[0] % n_experts:
+            raise ModelError(f"{prefix}: its {rows.shape[0]} input rows do not split over its {n_experts} experts, "
+                             f"so plop cannot tell which tokens each expert got")
+        hidden = rows.reshape(n_experts, -1, rows.shape[-1])
+        routed = torch.linalg.vector_norm(hidden, dim=-1).T > 0
+        return hidden, torch.where(routed, torch.arange(n_experts, device=rows.device), -1)
 
     def _routed(self, index: torch.Tensor, n_experts: int, n_tokens: int) -> tuple[torch.Tensor, ...]:
         """``(tokens, experts, samples, groups)``: the routed pairs sorted by expert, each token's

@@ -15,11 +15,13 @@ from torch import nn
 
 DENSE_ROUTED = ("Llama4TextExperts",)
 """Experts classes called on every (expert, token) pair, unrouted pairs zeroed (Llama-4's ~97B of
-Scout's 108B parameters: without this they are neither measured nor adapted)."""
+Scout's 109B parameters: without this they are neither measured nor adapted)."""
 
 
 def dense_routed(module: nn.Module) -> bool:
-    return type(module).__name__ in DENSE_ROUTED
+    """By the class or a base of it: PEFT's ParamWrapper parametrizes the module, which makes its
+    class a ``ParametrizedLlama4TextExperts`` subclass while adapters are active."""
+    return any(cls.__name__ in DENSE_ROUTED for cls in type(module).__mro__)
 
 
 def is_experts(module: nn.Module) -> bool:
@@ -27,7 +29,7 @@ def is_experts(module: nn.Module) -> bool:
     attributes that say how the weights are laid out, or a :data:`DENSE_ROUTED` class."""
     down = getattr(module, "down_proj", None)
     return (isinstance(down, torch.Tensor) and down.ndim == 3
-            and (hasattr(module, "is_transposed") and hasattr(module, "has_gate") or dense_routed(module)))
+            and ((hasattr(module, "is_transposed") and hasattr(module, "has_gate")) or dense_routed(module)))
 
 
 def find_experts(model: nn.Module) -> dict[str, nn.Module]:
