@@ -249,3 +249,18 @@ def test_large_flat_yaml_refused_from_its_events(tmp_path):
     config = tmp_path / "axolotl.yml"
     config.write_text("adapter: lora\nlora_target_modules: [" + ",".join(["q"] * ((2 << 20) - 40)) + "]\n")
     assert "too large: it holds over 1,000,000 values" in one_line_error(bounded_check(config, LLAMA))
+
+
+@pytest.mark.parametrize("text, line", [
+    ("a: 1\n\tb: 2\n", "not valid YAML (found a tab character that violates indentation, line 2 column 1)"),
+    ("a: \x01\n", "not valid YAML (control characters are not allowed: #x0001, at character 4)"),
+    ("a: " + "9" * 5000 + "\n", "not valid YAML (Exceeds the limit (4300 digits) for integer string conversion"),
+    ("a: [1, 2\n", "not valid YAML (did not find expected ',' or ']', line 2 column 1)"),
+])
+def test_broken_yaml_says_what_and_where(text, line):
+    """Each mistake in one ConfigError line, with its place: what a user needs to fix the file."""
+    from plop.utils.untrusted import parse_yaml
+
+    with pytest.raises(ValueError) as caught:
+        parse_yaml(text, "lora.yml")
+    assert str(caught.value).startswith("lora.yml: " + line)

@@ -180,8 +180,8 @@ def _check_string_regex(pattern: str, max_length: int, time_budget: float) -> re
 # -- nested documents ------------------------------------------------------------------------
 MAX_NESTING = 100
 """The deepest lists and mappings a config may nest. Real ones nest a few levels (a VLM's
-``text_config.rope_scaling``: 3); Python's JSON decoder and PyYAML's composer recurse once per level
-and die with ``RecursionError`` near 1,000, so the limit sits far from both."""
+``text_config.rope_scaling``: 3); Python's JSON decoder recurses once per level and dies with
+``RecursionError`` near 1,000, and libyaml stops at 1,000, so the limit sits far from both."""
 
 MAX_YAML_VALUES = 1_000_000
 """The most values a YAML document may hold, its aliases expanded. A training config holds hundreds;
@@ -288,14 +288,19 @@ def parse_yaml(text: str, source: str):
         return loader.construct_document(node)
     except _Refused as e:
         raise ConfigError(f"{source}: {e}") from None
+    except yaml.reader.ReaderError as e:  # a character YAML forbids, found before any token
+        char = e.character if isinstance(e.character, str) else f"#x{e.character:04x}"  # libyaml: a code point
+        raise ConfigError(f"{source}: not valid YAML ({e.reason}: {char}, at character {e.position + 1})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else "?"
+        where = f", line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         if "nesting depth" in problem:  # libyaml's own limit (1,000 levels), met while it reads ahead
             raise ConfigError(f"{source}: nests lists and mappings over {MAX_NESTING} levels deep "
-                              f"(line {line})") from None
-        raise ConfigError(f"{source}: not valid YAML ({problem}, line {line})") from None
+                              f"(line {mark.line + 1})") from None
+        raise ConfigError(f"{source}: not valid YAML ({problem}{where})") from None
+    except ValueError as e:  # an integer over Python's 4,300 digits, as in parse_json
+        raise ConfigError(f"{source}: not valid YAML ({first_line(e)})") from None
     finally:
         if loader is not None:
             loader.dispose()
