@@ -231,6 +231,25 @@ def llama_factory_build(config: Path, model: Path) -> dict:
 
 
 # -- axolotl ---------------------------------------------------------------------------------------
+@contextmanager
+def _peft_as_shipped() -> Iterator[None]:
+    """load_lora patches PEFT's classes for the whole process (ParamWrapper's dropout, Gemma-4's
+    clippable linears); undo that afterwards, so plop's side of the comparison runs on PEFT itself."""
+    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.lora.model import LoraModel
+
+    saved = {cls: dict(vars(cls)) for cls in (ParamWrapper, LoraModel)}
+    try:
+        yield
+    finally:
+        for cls, attributes in saved.items():
+            for name in set(vars(cls)) - set(attributes):
+                delattr(cls, name)
+            for name, value in attributes.items():
+                if vars(cls).get(name) is not value:
+                    setattr(cls, name, value)
+
+
 # axolotl's own load_lora (axolotl/loaders/adapter.py): the LoraConfig it builds from the YAML's
 # fields (lora_target_linear through its find_all_linear_names, lora_modules_to_save, its dropout
 # patch for expert parameters) and its get_peft_model call, on the model class its loader picks for
@@ -260,7 +279,7 @@ def axolotl_build(config: Path, model: Path) -> dict:
     # class model_type names, else the causal LM
     named = getattr(transformers, cfg.model_type or "", None)
     auto = transformers.AutoModelForImageTextToText if cfg.processor_type else named or transformers.AutoModelForCausalLM
-    with init_empty_weights():
+    with init_empty_weights(), _peft_as_shipped():
         built = (auto.from_config if auto.__name__.startswith("Auto") else auto._from_config)(load_config(model))
         try:
             peft_model, _ = load_lora(built, cfg)

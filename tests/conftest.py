@@ -135,7 +135,7 @@ def tiny_bert():
     return make_bert()
 
 
-# -- token batches ----------------------------------------------------------------------------
+# -- the stacks' own code --------------------------------------------------------------------------
 def stack_agreement(package: str):
     """benchmarks/stack_agreement.py, the differential tests' loader of a stack's own code; the
     test skips when ``package`` (a stack-* extra) is not installed."""
@@ -148,6 +148,7 @@ def stack_agreement(package: str):
         sys.path.pop(0)
 
 
+# -- token batches ----------------------------------------------------------------------------
 def make_batches(n_seqs: int = 16, seq_len: int = 32, batch_size: int = 8, *, vocab: int = VOCAB, seed: int = 7,
                  lengths: list[int] | None = None, pad_id: int = 0) -> list[dict[str, torch.Tensor]]:
     """``[{"input_ids", "attention_mask"}]``, right-padded to the longest sequence of each batch.

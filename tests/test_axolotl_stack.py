@@ -58,6 +58,39 @@ def test_target_linear_equals_axolotl_on_every_causal_architecture(tmp_path, agr
 
 
 @pytest.mark.stacks
+@pytest.mark.parametrize("model, config", [
+    # explicit expert parameters with dropout: its schema refuses, and so does plop
+    ("Qwen3-30B-A3B", {"lora_dropout": 0.05, "lora_target_modules": ["q_proj"],
+                       "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}),
+    # PEFT converts w1/w3/w2 into expert parameters: load_lora drops their dropout and trains them
+    ("Mixtral-8x7B-v0.1", {"lora_dropout": 0.05, "lora_target_modules": ["q_proj", "w1", "w2", "w3"]}),
+])
+def test_dropout_beside_expert_parameters_is_axolotls(tmp_path, agreement, model, config):
+    from peft.tuners.lora.layer import ParamWrapper
+
+    path = tmp_path / "axolotl.yml"
+    path.write_text(yaml.safe_dump({"base_model": model, "adapter": "lora", "lora_r": 8, "lora_alpha": 16, **config}))
+    fixture = Path(__file__).resolve().parent / "fixtures" / "model_configs" / f"{model}.json"
+    own = agreement.axolotl_build(path, fixture)
+    assert not hasattr(ParamWrapper, "_axolotl_dropout_patched")  # plop's side runs on PEFT as shipped
+    ours = agreement.plop_side(path, fixture, "axolotl")
+    assert agreement.compare(ours, own) == (True, None)
+    assert ("error" in own) == ("lora_target_parameters" in config)
+
+
+@pytest.mark.stacks
+@pytest.mark.parametrize("missing", ["lora_r", "lora_alpha"])
+def test_a_missing_rank_or_alpha_fails_in_axolotl_and_plop_says_so(tmp_path, agreement, missing):
+    """axolotl's schema leaves both None and load_lora hands that to PEFT, which fails."""
+    path = tmp_path / "axolotl.yml"
+    config = {"base_model": "m", "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_target_modules": ["q_proj"]}
+    path.write_text(yaml.safe_dump({k: v for k, v in config.items() if k != missing}))
+    fixture = Path(__file__).resolve().parent / "fixtures" / "model_configs" / "Llama-3.1-8B.json"
+    own, ours = agreement.axolotl_build(path, fixture), agreement.plop_side(path, fixture, "axolotl")
+    assert "error" in own and f"set {missing}" in ours["error"]
+
+
+@pytest.mark.stacks
 def test_the_published_examples_agree_with_axolotl(agreement):
     """tests/corpus/axolotl: axolotl's LoRA examples whose base config.json the corpus holds."""
     summary = agreement.STACKS["axolotl"]()

@@ -145,7 +145,7 @@ def test_llama4_routed_experts_are_seen_frozen_and_then_adapted(tmp_path):
 
     name = "Llama-4-Scout-17B-16E"
     linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    config = {"base_model": "meta-llama/Llama-4-Scout-17B-16E", "adapter": "lora", "lora_r": 8,
+    config = {"base_model": "meta-llama/Llama-4-Scout-17B-16E", "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
               "lora_target_modules": linear, "lora_target_parameters": None}
     result = check(write(tmp_path, "axolotl.yml", config), fixture(name))
     assert_predicts(result, peft_truth(name, module_names(name, lambda n, m: isinstance(m, nn.Linear)
@@ -162,14 +162,32 @@ def test_llama4_routed_experts_are_seen_frozen_and_then_adapted(tmp_path):
 
 
 def test_axolotl_expert_parameters_on_qwen3_moe(tmp_path):
-    config = {"base_model": "Qwen/Qwen3-30B-A3B", "adapter": "lora", "lora_r": 8, "lora_dropout": 0.05,
+    """axolotl's schema refuses dropout beside lora_target_parameters; at dropout 0 it trains them."""
+    config = {"base_model": "Qwen/Qwen3-30B-A3B", "adapter": "lora", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
               "lora_target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
               "lora_target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+    with pytest.raises(ValueError, match="axolotl refuses lora_dropout 0.05 with lora_target_parameters"):
+        check(write(tmp_path, "axolotl.yml", config), fixture("Qwen3-30B-A3B"))
+    config["lora_dropout"] = 0.0
     result = check(write(tmp_path, "axolotl.yml", config), fixture("Qwen3-30B-A3B"))
     params = [f"model.layers.{i}.mlp.experts.{p}" for i in range(48) for p in ("gate_up_proj", "down_proj")]
     names = module_names("Qwen3-30B-A3B", _suffix("q_proj", "k_proj", "v_proj", "o_proj"))
     assert_predicts(result, peft_truth("Qwen3-30B-A3B", names, params))
     assert result.findings == []
+
+
+def test_axolotl_dropout_on_experts_that_peft_converts(tmp_path):
+    """Mixtral's w1/w3/w2 in lora_target_modules become expert parameters by PEFT's own conversion;
+    axolotl then builds those adapters without dropout (PEFT alone would refuse) and trains them."""
+    config = {"base_model": "mistralai/Mixtral-8x7B-v0.1", "adapter": "lora", "lora_r": 8, "lora_alpha": 16,
+              "lora_dropout": 0.05,
+              "lora_target_modules": ["q_proj", "w1", "w2", "w3"]}
+    result = check(write(tmp_path, "axolotl.yml", config), fixture("Mixtral-8x7B-v0.1"))
+    truth = peft_truth("Mixtral-8x7B-v0.1", config["lora_target_modules"], r=8, lora_dropout=0.0)
+    assert {n for n in truth[0] if ".experts." in n} == {
+        f"model.layers.{i}.mlp.experts.{p}" for i in range(32) for p in ("gate_up_proj", "down_proj")}
+    assert_predicts(result, truth)
+    assert result.exit_code == 0
 
 
 @pytest.mark.heavy

@@ -31,7 +31,7 @@ def test_clean_exits_0_and_errors_exit_3(tmp_path):
     assert clean.returncode == 0, clean.stderr
     assert "no findings" in clean.stdout
     config = tmp_path / "axolotl.yml"
-    config.write_text("base_model: x\nadapter: lora\nlora_r: 8\nlora_target_modules: [q_proj, W_pack]\n")
+    config.write_text("base_model: x\nadapter: lora\nlora_r: 8\nlora_alpha: 16\nlora_target_modules: [q_proj, W_pack]\n")
     bad = run(str(config), LLAMA, "--json")
     assert bad.returncode == 3, bad.stderr
     result = json.loads(bad.stdout)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import copy
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from torch import nn
 
 from ..errors import first_line
+from ..model.peft_rules import converted_parameters
 from ..stacks import axolotl, llama_factory, mlx_lm, torchtune
 from ..stacks.reading import StackConfig
 
@@ -47,21 +49,25 @@ class Build:
 
 
 # -- stack rules that need the model -------------------------------------------------------------
+def _leaf_names(model: nn.Module, keep: Callable[[str, nn.Module], bool]) -> set[str]:
+    """The last name components of the modules ``keep(name, module)`` selects, as both stacks'
+    "all linear" rules collect them."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and keep(name, m)}
+
+
 def _leaf_linear_names(model: nn.Module, forbidden: list[str] = ()) -> set[str]:
-    """Last name components of modules whose class name holds "Linear" (not "Embedding"), as
-    LLaMA-Factory's find_all_linear_modules collects them."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if name and "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__
-            and not any(f in name for f in forbidden)}
+    """LLaMA-Factory's find_all_linear_modules: modules whose class name holds "Linear" (not
+    "Embedding"), outside the forbidden substrings."""
+    return _leaf_names(model, lambda name, m: "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__
+                       and not any(f in name for f in forbidden))
 
 
 def _axolotl_linear(model: nn.Module) -> set[str]:
-    """axolotl's find_all_linear_names (loaders/adapter.py, 0.21): the last name component of every
-    ``nn.Linear`` (Llama-4's router is one) or module whose class name holds "Linear", less
+    """axolotl's find_all_linear_names (loaders/adapter.py, 0.21): every ``nn.Linear`` (Llama-4's
+    router is one) or module whose class name holds "Linear", less
     :data:`~plop.stacks.axolotl.OUTPUT_EMBEDDING` by name (not the model's actual head)."""
-    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-            if name and (isinstance(m, nn.Linear) or "Linear" in type(m).__name__)
-            and type(m).__name__ != "LlamaLinearScalingRotaryEmbedding"} - {axolotl.OUTPUT_EMBEDDING}
+    return _leaf_names(model, lambda name, m: (isinstance(m, nn.Linear) or "Linear" in type(m).__name__)
+                       and type(m).__name__ != "LlamaLinearScalingRotaryEmbedding") - {axolotl.OUTPUT_EMBEDDING}
 
 
 def _llama_factory(spec: StackConfig, model: nn.Module) -> list[str]:
@@ -104,11 +110,26 @@ def lora_kwargs(spec: StackConfig, model: nn.Module) -> dict:
         from . import unsloth
 
         unsloth.apply(spec, model, kwargs)
-    if spec.stack == "axolotl" and kwargs.get("target_parameters"):
-        # axolotl patches PEFT's ParamWrapper to build expert adapters with dropout 0
-        # (loaders/adapter.py _patch_peft_param_wrapper_dropout); PEFT alone refuses dropout there
+    if spec.stack == "axolotl" and kwargs.get("lora_dropout") and _axolotl_converts(kwargs, model):
+        # when PEFT's MoE conversion turns target_modules into expert parameters, axolotl's load_lora
+        # patches PEFT's ParamWrapper to build those with dropout 0 (_patch_peft_param_wrapper_dropout),
+        # the other layers keeping theirs; PEFT alone refuses. Dropout has no parameters to count.
         kwargs["lora_dropout"] = 0.0
     return kwargs
+
+
+def _axolotl_converts(kwargs: dict, model: nn.Module) -> bool:
+    """axolotl's _peft_will_auto_convert_target_params: no target_parameters given, and PEFT's
+    conversion of the target_modules makes some (its schema refuses dropout with given ones)."""
+    from peft import LoraConfig
+
+    if kwargs.get("target_parameters"):
+        return False
+    try:
+        config = LoraConfig(**{**kwargs, "lora_dropout": 0.0})
+    except (ValueError, TypeError):  # refused: the wrap reports it
+        return False
+    return bool(converted_parameters(model, config))
 
 
 def native(spec: StackConfig, model: nn.Module) -> Build:

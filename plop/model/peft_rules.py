@@ -42,17 +42,35 @@ def _mamba_refusal(model: nn.Module, config, names: list[str]) -> str | None:
     return None
 
 
-def _conversion_refusal(model: nn.Module, config) -> str | None:
+def _converted(model: nn.Module, config):
+    """A copy of the ``LoraConfig`` as PEFT's transformers-5 MoE conversion rewrites it for
+    ``model`` (raising its ValueError), or None when this PEFT has no such conversion."""
     try:
         from peft.utils.transformers_weight_conversion import convert_peft_config_for_transformers
     except ImportError:
         return None
-    before = config.target_modules
     converted = copy.deepcopy(config)
+    convert_peft_config_for_transformers(converted, model, None)
+    return converted
+
+
+def converted_parameters(model: nn.Module, config) -> list[str]:
+    """The expert ``target_parameters`` that conversion turns ``config``'s target_modules into."""
     try:
-        convert_peft_config_for_transformers(converted, model, None)
+        converted = _converted(model, config)
+    except ValueError:  # a refusal: the wrap itself reports it
+        return []
+    return list(getattr(converted, "target_parameters", None) or ())
+
+
+def _conversion_refusal(model: nn.Module, config) -> str | None:
+    before = config.target_modules
+    try:
+        converted = _converted(model, config)
     except ValueError as error:
         return f"PEFT refuses it on this MoE model: {error}"
+    if converted is None:
+        return None
     same = converted.target_modules == before if isinstance(before, str) else \
         set(converted.target_modules or ()) == set(before)
     if same and not converted.target_parameters:

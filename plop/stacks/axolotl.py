@@ -76,9 +76,16 @@ def read(data: Mapping, source: str) -> StackConfig:
         layers_to_transform=layers(data.get("peft_layers_to_transform"), "peft_layers_to_transform"),
         layers_pattern=data.get("peft_layers_pattern"),
         exclude_modules=targets(data.get("lora_exclude_modules"), "lora_exclude_modules") or None)
+    missing = [k for k in ("lora_r", "lora_alpha") if data.get(k) is None]
+    if missing:  # its schema defaults both to None, which load_lora hands to PEFT's LoraConfig as they are
+        raise ConfigError(f"{source}: axolotl gives PEFT {' and '.join(f'{k}: None' for k in missing)} when "
+                          f"the config leaves them out, and PEFT fails on it; set {' and '.join(missing)}")
     settings = LoraSettings(number(data, "lora_r", 8), number(data, "lora_alpha", 16, float),
                             number(data, "lora_dropout", 0.0, float), use_dora=bool(data.get("peft_use_dora")),
                             use_rslora=bool(data.get("peft_use_rslora")))
+    if placement.target_parameters and settings.dropout:  # utils/schemas/peft.py, a model validator
+        raise ConfigError(f"{source}: axolotl refuses lora_dropout {settings.dropout:g} with lora_target_parameters "
+                          f"(its schema: PEFT's ParamWrapper has no dropout); set lora_dropout: 0")
     return StackConfig(NAME, source, placement, settings,
                        modules_to_save=names(data.get("lora_modules_to_save"), "lora_modules_to_save") or None,
                        base_model=data.get("base_model"), expand="axolotl-linear" if data.get("lora_target_linear") else None)
