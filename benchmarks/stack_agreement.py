@@ -115,7 +115,9 @@ def mlx_lm_build(config: Path, model: Path) -> dict:
     from mlx_lm.tuner.utils import linear_to_lora_layers
     from mlx_lm.utils import _get_classes
 
-    args = {**CONFIG_DEFAULTS, **{k: v for k, v in yaml.safe_load(config.read_text()).items() if v is not None}}
+    from mlx_lm.lora import yaml_loader  # PyYAML's SafeLoader with mlx-lm's float resolver: what main() reads with
+
+    args = {**CONFIG_DEFAULTS, **{k: v for k, v in yaml.load(config.read_text(), yaml_loader).items() if v is not None}}
     if args["fine_tune_type"] == "full":  # train_model unfreezes the last num_layers blocks whole, no adapter
         return {"error": "fine_tune_type full: mlx-lm trains whole blocks, no LoRA"}
     model_config = json.loads(model.read_text())

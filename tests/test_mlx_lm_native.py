@@ -224,3 +224,17 @@ def test_an_export_holds_mlx_lm_s_own_keys(tmp_path, model_type):
     wrapped, trainable = mlx_truth(config, mlx_config)
     result = plop_result(tmp_path, config, mlx_config)
     assert (result.stack_modules, result.trainable, result.exit_code) == (wrapped, trainable, 0)
+
+
+def test_numbers_are_read_as_mlx_lm_reads_them():
+    """mlx-lm's loader adds a float resolver, so scale 2e1 (no dot: a string in YAML 1.1) is 20.0
+    to mlx-lm; plop reads it the same (as alpha = scale x rank)."""
+    from mlx_lm.lora import yaml_loader
+
+    from plop.utils.untrusted import parse_yaml
+
+    text = "num_layers: 2\nlora_parameters:\n  rank: 8\n  scale: 2e1\n  dropout: 5e-2\n  keys: [self_attn.q_proj]\n"
+    theirs = yaml.load(text, yaml_loader)["lora_parameters"]
+    assert (theirs["scale"], theirs["dropout"]) == (20.0, 0.05)
+    spec = stack.read(parse_yaml(text, "lora.yaml"), "lora.yaml")
+    assert (spec.settings.alpha, spec.settings.dropout) == (8 * theirs["scale"], theirs["dropout"])

@@ -65,12 +65,27 @@ def write(t: Target) -> ExportResult:
                   comment="keys are paths inside a block of mlx-lm's own model, compared exactly")
 
 
+# mlx_lm/lora.py adds this float resolver to PyYAML's SafeLoader, so "2e1" and "1e-5" (no dot, a
+# string under YAML 1.1) reach mlx-lm as floats; plop's loader does not, so it applies it here
+_MLX_FLOAT = re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?)$""", re.X)
+
+
+def _as_mlx_reads(values: Mapping) -> dict:
+    """``values`` with the strings mlx-lm's loader reads as floats turned into floats."""
+    return {k: float(v.replace("_", "")) if isinstance(v, str) and _MLX_FLOAT.match(v) else v for k, v in values.items()}
+
+
 def read(data: Mapping, source: str) -> StackConfig:
+    data = _as_mlx_reads(data)
     if data.get("fine_tune_type", "lora") not in ("lora", "dora"):
         raise ConfigError(f"{source}: fine_tune_type {data.get('fine_tune_type')!r}; plop check audits lora/dora")
     params = data.get("lora_parameters", DEFAULT_PARAMETERS)
     if not isinstance(params, Mapping):
         raise ConfigError(f"{source}: lora_parameters must be a mapping (rank, scale, dropout, keys)")
+    params = _as_mlx_reads(params)
     # mlx_lm/lora.py main: a config's lora_parameters replaces CONFIG_DEFAULTS' whole mapping, and
     # linear_to_lora_layers reads config["rank"], ["scale"], ["dropout"]: a missing one is a KeyError
     lacking = [k for k in DEFAULT_PARAMETERS if k not in params]
