@@ -29,6 +29,10 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   the mean token length of the sampled and of the held-out greedy completions.
 * **Decision rule** (:data:`RULE`, printed at start, stored in the summary): see its ``text``; every
   arm against all-linear and against mlp.
+* **Post-hoc rate check** (``--sensitivity all-linear:2``, added after phase B was seen): all-linear
+  and inverse took x4 in phase A and collapsed on most seeds in phase B, which 6 selection steps
+  could not show; all-linear again at x2 (the others' rate) on the same 5 seeds tells whether the
+  verdicts against all-linear are about the placement or the rate. Reported apart from the verdicts.
 * **Schedule**: a constant learning rate (``lr_schedule="constant"``) from the first step, in both
   phases, so a late step is worth an early one; no warm-up, as transformers' warm-up gives its first
   step a rate of 0 and Phase A's runs are 6 steps.
@@ -57,7 +61,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, verdicts)
+from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot,
+                            sensitivity_runs, verdicts)
 
 from plop.finetune.evidence import DecisionRule
 
@@ -121,7 +126,8 @@ def examples(split: str, tokenizer, n: int | None = None):
 
 def protocol(args) -> Protocol:
     return Protocol(tasks=(TASK,), arms=tuple(args.arms), grid=tuple(args.grid), select_seeds=(100, 101),
-                    seeds=(0, 1, 2, 3, 4), select_steps=args.select_steps, steps=args.steps)
+                    seeds=(0, 1, 2, 3, 4), select_steps=args.select_steps, steps=args.steps,
+                    sensitivity=tuple(args.sensitivity))
 
 
 SCORE = Score("held-out greedy reward", "eval_reward_after", True, "policy_kl",
@@ -232,8 +238,10 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
 
 
 def lr_for(run: dict, p: Protocol, args) -> float | None:
-    """Phase A's rate is its multiplier's; phase B's is its arm's choice (None until phase A is done)."""
-    multiplier = run["multiplier"] if run["phase"] == "A" else chosen_multiplier(done(RUNS), p, TASK, run["arm"], True)
+    """Phase A's and a rate check's rate is its multiplier's; phase B's is its arm's choice (None until
+    phase A is done)."""
+    multiplier = (chosen_multiplier(done(RUNS), p, TASK, run["arm"], True) if run["phase"] == "B"
+                  else run["multiplier"])
     return None if multiplier is None else args.lr * multiplier
 
 
@@ -262,11 +270,14 @@ def base_reward(args) -> dict:
 
 def summary(finished: list[dict], p: Protocol) -> dict:
     """Each arm's phase-A choice, its phase-B reward (mean ± std, by kind), step size and completion
-    lengths, and the rule's verdicts against each baseline."""
+    lengths, and the rule's verdicts against each baseline; then the post-hoc rate checks, each
+    judged as a baseline by the same rule, apart."""
     runs = final_runs(finished, p, TASK)
+    checks = sensitivity_runs(finished, p, TASK)
     arms = per_arm(runs, SCORE)
-    for arm, entry in arms.items():
-        done_runs = runs[arm].values()
+    checked = per_arm(checks, SCORE)
+    for arm, entry in [*arms.items(), *checked.items()]:
+        done_runs = {**runs, **checks}[arm].values()
         entry["by_kind"] = {k: float(np.mean([r["by_kind"][k] for r in done_runs])) for k in KINDS}
         entry["completion_length"] = {
             "sampled": float(np.mean([np.mean(r["completion_length"]["sampled"]) for r in done_runs])),
@@ -276,7 +287,10 @@ def summary(finished: list[dict], p: Protocol) -> dict:
                                                              and r["steps"] == p.select_steps] or [np.nan]))
                                            for m in p.grid},
                      "multiplier": chosen_multiplier(finished, p, TASK, a, True)} for a in p.arms}
-    return {"arms": arms, "selection": selection, "verdicts": verdicts(runs, p, RULE, BASELINES)}
+    post_hoc = {name: {**checked[name], "verdicts": verdicts({**runs, name: by_seed}, p, RULE, (name,))[name]}
+                for name, by_seed in checks.items() if name in checked}
+    return {"arms": arms, "selection": selection, "verdicts": verdicts(runs, p, RULE, BASELINES),
+            "sensitivity": post_hoc}
 
 
 def write_summary(args, p: Protocol) -> None:
@@ -293,12 +307,14 @@ def write_summary(args, p: Protocol) -> None:
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
          "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
+    against = {**{b: result["verdicts"][b] for b in BASELINES},
+               **{name: e["verdicts"] for name, e in result["sensitivity"].items()}}
     print("\n| arm | lr | held-out reward (mean ± std) | seeds | policy KL | "
-          + " | ".join(f"vs {b}: wins, CI, p (Holm)" for b in BASELINES) + " |\n" + "|---" * (5 + len(BASELINES)) + "|")
-    for arm, e in result["arms"].items():
+          + " | ".join(f"vs {b}: wins, CI, p (Holm)" for b in against) + " |\n" + "|---" * (5 + len(against)) + "|")
+    for arm, e in [*result["arms"].items(), *result["sensitivity"].items()]:
         versus = [f"{v['wins']}/5, [{v['interval']['low']:+.3f}, {v['interval']['high']:+.3f}], {v['p_adjusted']:.3f}"
-                  + (" **beats**" if v["beats"] else "") if (v := result["verdicts"][b]["verdicts"].get(arm)) else "–"
-                  for b in BASELINES]
+                  + (" **beats**" if v["beats"] else "") if (v := judged["verdicts"].get(arm)) else "–"
+                  for judged in against.values()]
         kl = f"{e['policy_kl']:.3g}" if e["policy_kl"] is not None else "–"
         print(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {kl} | "
               + " | ".join(versus) + " |")
@@ -315,6 +331,8 @@ def main() -> None:
     parser.add_argument("--grid", type=lambda v: [float(m) for m in v.split(",")], default=[0.5, 1, 2, 4],
                         help="multipliers of --lr tried in phase A")
     parser.add_argument("--arms", type=lambda v: v.split(","), default=list(PLACEMENTS))
+    parser.add_argument("--sensitivity", type=lambda v: [(a, float(m)) for a, m in (x.split(":") for x in v.split(","))],
+                        default=[], help="ARM:MULT[,...]: post-hoc rate checks on phase B's seeds, reported apart")
     parser.add_argument("--rank", type=int, default=2, help="the top-3 recommendation's rank: sets the budget")
     parser.add_argument("--step-size-steps", type=int, default=4, help="the policy KL to the base after this many steps")
     parser.add_argument("--max-length", type=int, default=128)
@@ -329,7 +347,7 @@ def main() -> None:
     parser.add_argument("--summary-only", action="store_true", help="summarise the runs already done, run nothing")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its CPU hours, run nothing")
     args = parser.parse_args()
-    for arm in args.arms:
+    for arm in [*args.arms, *(a for a, _ in args.sensitivity)]:
         if arm not in PLACEMENTS:
             raise SystemExit(f"unknown arm {arm!r}: choose from {', '.join(PLACEMENTS)}")
     chosen = grad_sign_types() if "grad-sign" in args.arms else None

@@ -17,6 +17,9 @@ arithmetic) and benchmarks/placement_study.py (SFT on GSM8K and code) differ in 
   by seed, then phase B seed by seed with the most telling arms first, so a study stopped anywhere is
   still paired. ``--shard I/N``: worker I takes every N-th run; a phase-B run needs its arm's phase A
   complete, and a worker reaching one that is not stops (run it again when the others have finished).
+* **Post-hoc rate checks** (``sensitivity``, planned after phase B): an arm again on phase B's seeds at
+  another multiplier of the grid, when its chosen rate looks like the reason for its result. They
+  never replace phase B's runs or its verdicts; a study reports them apart, as post hoc.
 
 Planning and judging need no model; the LR rule comes from plop.finetune.compare (which imports torch).
 """
@@ -45,6 +48,8 @@ class Protocol:
     seeds: tuple[int, ...]
     select_steps: int
     steps: int
+    # (arm, multiplier) pairs re-run on phase B's seeds after phase B was seen: reported apart
+    sensitivity: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,11 +65,14 @@ class Score:
 
 
 def planned(p: Protocol) -> list[dict]:
-    """Phase A then phase B, each seed by seed (tasks, then arms, within a seed)."""
+    """Phase A then phase B, each seed by seed (tasks, then arms, within a seed), then the post-hoc
+    rate checks (phase "S") on phase B's seeds."""
     select = [{"phase": "A", "task": t, "arm": a, "multiplier": m, "seed": s, "steps": p.select_steps}
               for s in p.select_seeds for t in p.tasks for a in p.arms for m in p.grid]
-    return select + [{"phase": "B", "task": t, "arm": a, "multiplier": None, "seed": s, "steps": p.steps}
-                     for s in p.seeds for t in p.tasks for a in p.arms]
+    final = [{"phase": "B", "task": t, "arm": a, "multiplier": None, "seed": s, "steps": p.steps}
+             for s in p.seeds for t in p.tasks for a in p.arms]
+    return select + final + [{"phase": "S", "task": t, "arm": a, "multiplier": m, "seed": s, "steps": p.steps}
+                             for s in p.seeds for t in p.tasks for a, m in p.sensitivity]
 
 
 def key(run: dict) -> tuple:
@@ -107,10 +115,26 @@ def hours(runs: list[dict], seconds: Callable[[dict], float]) -> float:
 
 def print_plan(p: Protocol, todo: list[dict], seconds: Callable[[dict], float], rates: str) -> None:
     """``--dry-run``: the runs left per phase and their estimated CPU hours."""
-    for phase in ("A", "B"):
+    for phase in ("A", "B", "S"):
         runs = [r for r in todo if r["phase"] == phase]
+        if phase == "S" and not runs:
+            continue
         print(f"phase {phase}: {len(runs)} runs to go, {hours(runs, seconds):.1f} CPU h")
     print(f"in all {len(todo)} of {len(planned(p))} runs, {hours(todo, seconds):.1f} CPU h at {rates}")
+
+
+def sensitivity_name(arm: str, multiplier: float) -> str:
+    return f"{arm} at x{multiplier:g} (post hoc)"
+
+
+def sensitivity_runs(finished: list[dict], p: Protocol, task: str) -> dict[str, dict[int, dict]]:
+    """The post-hoc rate checks of ``task``, per :func:`sensitivity_name` and seed."""
+    out: dict[str, dict[int, dict]] = {sensitivity_name(a, m): {} for a, m in p.sensitivity}
+    for r in finished:
+        name = sensitivity_name(r["arm"], r["multiplier"]) if r["phase"] == "S" else None
+        if r["task"] == task and r["steps"] == p.steps and name in out:
+            out[name][r["seed"]] = r
+    return out
 
 
 def final_runs(finished: list[dict], p: Protocol, task: str) -> dict[str, dict[int, dict]]:

@@ -36,7 +36,7 @@ def test_the_reward_reads_the_last_integer(study):
 
 
 def plan_args(study, **kw):
-    values = dict(arms=list(study.PLACEMENTS), grid=[0.5, 1, 2, 4], select_steps=6, steps=16)
+    values = dict(arms=list(study.PLACEMENTS), grid=[0.5, 1, 2, 4], select_steps=6, steps=16, sensitivity=[])
     return argparse.Namespace(**{**values, **kw})
 
 
@@ -121,3 +121,33 @@ def test_the_summary_judges_each_arm_against_each_baseline(study):
     assert result["selection"]["vod"]["multiplier"] == 1
     partial = study.summary([r for r in records if not (r["phase"] == "B" and r["arm"] == "vod" and r["seed"] == 4)], p)
     assert partial["verdicts"]["all-linear"]["pending"] == ["vod"]  # a missing seed is not judged
+
+
+def test_a_post_hoc_rate_check_runs_after_phase_b_on_its_seeds_and_is_judged_apart(study):
+    args = plan_args(study, sensitivity=[("all-linear", 2.0)], lr=2e-4)
+    p = study.protocol(args)
+    plan = sys.modules["study_protocol"].pending(p, [])
+    checks = [r for r in plan if r["phase"] == "S"]
+    assert plan[-len(checks):] == checks and [r["seed"] for r in checks] == list(p.seeds)
+    assert {(r["arm"], r["multiplier"], r["steps"]) for r in checks} == {("all-linear", 2.0, 16)}
+    assert study.lr_for(checks[0], p, args) == pytest.approx(4e-4)  # its own multiplier, not phase A's choice
+    rng = np.random.default_rng(1)
+    records = selection(study, p, best=4)
+    for s in p.seeds:
+        for arm, phase, multiplier in [*((a, "B", None) for a in p.arms), ("all-linear", "S", 2.0)]:
+            # all-linear collapses at its chosen x4 and recovers at x2
+            rate = 0.05 if (arm, phase) == ("all-linear", "B") else 0.6
+            items = (rng.random(40) < rate).astype(float).tolist()
+            records.append({"phase": phase, "task": study.TASK, "arm": arm, "multiplier": multiplier, "seed": s,
+                            "steps": p.steps, "lr": 2e-4, "eval_items_after": items,
+                            "eval_reward_after": float(np.mean(items)), "step_size": {"policy_kl": 0.01},
+                            "by_kind": {k: 0.5 for k in study.KINDS},
+                            "completion_length": {"sampled": [8.0], "held_out": 7.0}})
+    result = study.summary(records, p)
+    assert result["arms"]["all-linear"]["mean"] < 0.2  # the check never replaces phase B's runs
+    assert result["verdicts"]["all-linear"]["verdicts"]["mlp"]["beats"]
+    (name,) = result["sensitivity"]
+    check = result["sensitivity"][name]
+    assert name == "all-linear at x2 (post hoc)" and check["mean"] > 0.4 and check["seeds"] == list(p.seeds)
+    assert not check["verdicts"]["verdicts"]["mlp"]["beats"]  # against the check, mlp's lead is gone
+    assert check["verdicts"]["verdicts"]["all-linear"]["wins"] == 0
