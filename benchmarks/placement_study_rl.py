@@ -29,10 +29,12 @@ is withdrawn until this study says otherwise. v2 follows benchmarks/study_protoc
   the mean token length of the sampled and of the held-out greedy completions.
 * **Decision rule** (:data:`RULE`, printed at start, stored in the summary): see its ``text``; every
   arm against all-linear and against mlp.
-* **Post-hoc rate check** (``--sensitivity all-linear:2``, added after phase B was seen): all-linear
+* **Post-hoc rate check** (``--sensitivity all-linear:1``, added after phase B was seen): all-linear
   and inverse took x4 in phase A and collapsed on most seeds in phase B, which 6 selection steps
-  could not show; all-linear again at x2 (the others' rate) on the same 5 seeds tells whether the
-  verdicts against all-linear are about the placement or the rate. Reported apart from the verdicts.
+  could not show. all-linear again at x1, its phase-A runner-up and the rate at which its step
+  matches the others' at x2 (the probe: at one rate all-linear's policy KL is 4.5x attention's, and
+  a KL grows with the square of the rate), on the same 5 seeds, tells whether the verdicts against
+  all-linear are about the placement or the rate. Reported apart from the verdicts.
 * **Schedule**: a constant learning rate (``lr_schedule="constant"``) from the first step, in both
   phases, so a late step is worth an early one; no warm-up, as transformers' warm-up gives its first
   step a rate of 0 and Phase A's runs are 6 steps.
