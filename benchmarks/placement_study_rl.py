@@ -320,7 +320,7 @@ def write_summary(args, p: Protocol) -> None:
         kl = f"{e['policy_kl']:.3g}" if e["policy_kl"] is not None else "–"
         print(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {kl} | "
               + " | ".join(versus) + " |")
-    runs = final_runs(finished, p, TASK)
+    runs = {**final_runs(finished, p, TASK), **sensitivity_runs(finished, p, TASK)}
     if any(runs.values()):
         plot(runs, SCORE, f"GRPO arithmetic, {args.steps} steps, each arm at its own LR", SUMMARY.with_suffix(".png"))
 
