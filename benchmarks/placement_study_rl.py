@@ -278,8 +278,9 @@ def summary(finished: list[dict], p: Protocol) -> dict:
     checks = sensitivity_runs(finished, p, TASK)
     arms = per_arm(runs, SCORE)
     checked = per_arm(checks, SCORE)
+    every = {**runs, **checks}
     for arm, entry in [*arms.items(), *checked.items()]:
-        done_runs = {**runs, **checks}[arm].values()
+        done_runs = every[arm].values()
         entry["by_kind"] = {k: float(np.mean([r["by_kind"][k] for r in done_runs])) for k in KINDS}
         entry["completion_length"] = {
             "sampled": float(np.mean([np.mean(r["completion_length"]["sampled"]) for r in done_runs])),

@@ -115,10 +115,8 @@ def hours(runs: list[dict], seconds: Callable[[dict], float]) -> float:
 
 def print_plan(p: Protocol, todo: list[dict], seconds: Callable[[dict], float], rates: str) -> None:
     """``--dry-run``: the runs left per phase and their estimated CPU hours."""
-    for phase in ("A", "B", "S"):
+    for phase in ("A", "B") + (("S",) if p.sensitivity else ()):
         runs = [r for r in todo if r["phase"] == phase]
-        if phase == "S" and not runs:
-            continue
         print(f"phase {phase}: {len(runs)} runs to go, {hours(runs, seconds):.1f} CPU h")
     print(f"in all {len(todo)} of {len(planned(p))} runs, {hours(todo, seconds):.1f} CPU h at {rates}")
 
@@ -127,23 +125,24 @@ def sensitivity_name(arm: str, multiplier: float) -> str:
     return f"{arm} at x{multiplier:g} (post hoc)"
 
 
+def _by_seed(finished: list[dict], p: Protocol, task: str, phase: str, names, name_of) -> dict[str, dict[int, dict]]:
+    """``phase``'s runs of ``task`` at the planned steps, per name (``name_of(run)``) and seed."""
+    out: dict[str, dict[int, dict]] = {n: {} for n in names}
+    for r in finished:
+        if r["phase"] == phase and r["task"] == task and r["steps"] == p.steps and (n := name_of(r)) in out:
+            out[n][r["seed"]] = r
+    return out
+
+
 def sensitivity_runs(finished: list[dict], p: Protocol, task: str) -> dict[str, dict[int, dict]]:
     """The post-hoc rate checks of ``task``, per :func:`sensitivity_name` and seed."""
-    out: dict[str, dict[int, dict]] = {sensitivity_name(a, m): {} for a, m in p.sensitivity}
-    for r in finished:
-        name = sensitivity_name(r["arm"], r["multiplier"]) if r["phase"] == "S" else None
-        if r["task"] == task and r["steps"] == p.steps and name in out:
-            out[name][r["seed"]] = r
-    return out
+    return _by_seed(finished, p, task, "S", [sensitivity_name(a, m) for a, m in p.sensitivity],
+                    lambda r: sensitivity_name(r["arm"], r["multiplier"]))
 
 
 def final_runs(finished: list[dict], p: Protocol, task: str) -> dict[str, dict[int, dict]]:
     """Phase B's runs of ``task`` at the planned steps, per arm and seed."""
-    out: dict[str, dict[int, dict]] = {a: {} for a in p.arms}
-    for r in finished:
-        if r["phase"] == "B" and r["task"] == task and r["steps"] == p.steps and r["arm"] in out:
-            out[r["arm"]][r["seed"]] = r
-    return out
+    return _by_seed(finished, p, task, "B", p.arms, lambda r: r["arm"])
 
 
 def verdicts(runs: dict[str, dict[int, dict]], p: Protocol, rule: DecisionRule,
