@@ -58,7 +58,7 @@ SECONDS_PER_RUN = 20.0  # a model copy, the evaluations and the step size: a few
 VALIDATION = 40
 HELD_OUT = 100
 SCORE = Score("held-out loss", "eval_loss_after", False, "relative_output_change",
-              lambda r: [(c["step"], c["loss"]) for c in r["loss_curve"]])
+              lambda r: [(c["step"], c["loss"]) for c in r["loss_curve"]], "training loss")
 
 
 def protocol(args) -> Protocol:

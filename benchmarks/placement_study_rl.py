@@ -133,7 +133,8 @@ def protocol(args) -> Protocol:
 
 
 SCORE = Score("held-out greedy reward", "eval_reward_after", True, "policy_kl",
-              lambda r: [(0, r["eval_reward_before"])] + [(c["step"], c["reward"]) for c in r["eval_reward_curve"]])
+              lambda r: [(0, r["eval_reward_before"])] + [(c["step"], c["reward"]) for c in r["eval_reward_curve"]],
+              "held-out greedy reward")
 
 
 def seconds(run: dict) -> float:

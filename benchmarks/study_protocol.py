@@ -55,13 +55,15 @@ class Protocol:
 @dataclass(frozen=True)
 class Score:
     """What a study judges by: ``final``, a run record's held-out score; ``step_size``, the key of
-    its ``step_size`` dict; ``curve(record)``, its (step, value) points for the plot."""
+    its ``step_size`` dict; ``curve(record)``, its (step, value) points for the plot, which show
+    ``curve_name`` (the held-out score itself for GRPO, the training loss for SFT)."""
 
     name: str
     final: str
     higher_is_better: bool
     step_size: str
     curve: Callable[[dict], list[tuple[int, float]]]
+    curve_name: str
 
 
 def planned(p: Protocol) -> list[dict]:
@@ -194,7 +196,7 @@ def plot(runs: dict[str, dict[int, dict]], score: Score, title: str, path: Path)
         if points:
             right.scatter(*zip(*points), color=line.get_color(), label=arm, s=14)
     left.set_xlabel("step")
-    left.set_ylabel(f"{score.name} (mean over seeds)")
+    left.set_ylabel(f"{score.curve_name} (mean over seeds)")
     left.legend(fontsize=7)
     right.set_xscale("log")
     right.set_xlabel(f"step size: {score.step_size}")
