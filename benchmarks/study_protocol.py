@@ -15,7 +15,7 @@ arithmetic) and benchmarks/placement_study.py (SFT on GSM8K and code) differ in 
   per baseline.
 * **Resumable**: every finished run is one JSON line, keyed by :func:`key`; the plan goes phase A seed
   by seed, then phase B seed by seed with the most telling arms first, so a study stopped anywhere is
-  still paired. ``--shard I/N``: worker I takes every N-th run; a phase-B run needs its arm's phase A
+  still paired. ``--shard I/N``: worker I takes every N-th run of the plan; a phase-B run needs its arm's phase A
   complete, and a worker reaching one that is not stops (run it again when the others have finished).
 * **Post-hoc rate checks** (``sensitivity``, planned after phase B): an arm again on phase B's seeds at
   another multiplier of the grid, when its chosen rate looks like the reason for its result. They
@@ -83,7 +83,14 @@ def key(run: dict) -> tuple:
 
 
 def done(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+    """The finished runs, each key once (the first line): two workers that once ran one run twice
+    (the file keeps both lines) must not weigh it twice."""
+    first: dict[tuple, dict] = {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        if line.strip():
+            run = json.loads(line)
+            first.setdefault(key(run), run)
+    return list(first.values())
 
 
 def pending(p: Protocol, finished: list[dict]) -> list[dict]:
@@ -91,13 +98,16 @@ def pending(p: Protocol, finished: list[dict]) -> list[dict]:
     return [r for r in planned(p) if key(r) not in keys]
 
 
-def shard(runs: list[dict], spec: str) -> list[dict]:
-    """Worker ``I`` of ``N`` (``--shard I/N``) takes every N-th run in plan order: N one-thread
-    workers on N cores finish sooner than one N-thread worker, and each still goes seed by seed."""
+def shard(p: Protocol, finished: list[dict], spec: str) -> list[dict]:
+    """Worker ``I`` of ``N``'s runs left (``--shard I/N``): every N-th run of the whole plan, less
+    those finished. N one-thread workers on N cores finish sooner than one N-thread worker, and each
+    still goes seed by seed. Counting in the plan, not in what is left, keeps a worker's share fixed:
+    one restarted while another still runs takes none of the other's runs."""
     index, count = (int(v) for v in spec.split("/"))
     if not 0 <= index < count:
         raise SystemExit(f"--shard {spec}: give I/N with 0 <= I < N")
-    return runs[index::count]
+    keys = {key(r) for r in finished}
+    return [r for r in planned(p)[index::count] if key(r) not in keys]
 
 
 def chosen_multiplier(finished: list[dict], p: Protocol, task: str, arm: str, higher_is_better: bool) -> float | None:
@@ -212,7 +222,7 @@ def begin(p: Protocol, rule: DecisionRule, path: Path, args, seconds: Callable[[
     """A study's start: its rule printed before anything runs, then this worker's runs left, or
     None after ``--dry-run`` printed the plan."""
     print(f"decision rule: {rule.text}", flush=True)
-    todo = shard(pending(p, done(path)), args.shard)
+    todo = shard(p, done(path), args.shard)
     if args.dry_run:
         print_plan(p, todo, seconds, rates)
         return None

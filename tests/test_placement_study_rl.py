@@ -69,12 +69,29 @@ def test_finished_runs_are_skipped_by_their_full_key(study):
     assert sys.modules["study_protocol"].pending(p, [plan[0], plan[-1]] + other) == plan[1:-1]
 
 
+def test_a_run_written_twice_counts_once(study, tmp_path):
+    protocol = sys.modules["study_protocol"]
+    plan = protocol.pending(study.protocol(plan_args(study)), [])
+    first, again, other = {**plan[0], "validation": 0.5}, {**plan[0], "validation": 0.7}, {**plan[1], "validation": 0.6}
+    path = tmp_path / "runs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (first, other, again)))
+    assert protocol.done(path) == [first, other]
+    assert protocol.done(tmp_path / "absent.jsonl") == []
+
+
 def test_workers_share_the_plan(study):
-    plan = sys.modules["study_protocol"].pending(study.protocol(plan_args(study)), [])
-    parts = [sys.modules["study_protocol"].shard(plan, f"{i}/3") for i in range(3)]
+    protocol = sys.modules["study_protocol"]
+    p = study.protocol(plan_args(study))
+    plan = protocol.pending(p, [])
+    parts = [protocol.shard(p, [], f"{i}/3") for i in range(3)]
     assert sorted(map(str, sum(parts, []))) == sorted(map(str, plan))
+    # worker 1 restarted after worker 0 finished two runs: it takes none of worker 0's others
+    restarted = protocol.shard(p, parts[0][:2], "1/3")
+    assert restarted == parts[1]
+    assert not {protocol.key(r) for r in restarted} & {protocol.key(r) for r in parts[0]}
+    assert protocol.shard(p, parts[0][:2], "0/3") == parts[0][2:]
     with pytest.raises(SystemExit):
-        sys.modules["study_protocol"].shard(plan, "3/3")
+        protocol.shard(p, [], "3/3")
 
 
 def selection(study, p, best):
