@@ -17,6 +17,8 @@ every arm one rate and ``alpha = 2 x rank``; v2 follows benchmarks/study_protoco
   ``--step-size-steps`` steps and the training-loss curve.
 * **Decision rule** (:data:`RULE`, printed at start, stored in the summary): a lower held-out loss
   on 4 of 5 seeds and a bootstrap CI below 0, against all-linear and against mlp, per task.
+* **Post-hoc rate checks** (``--sensitivity ARM:MULT``, after phase B, on its seeds): judged apart,
+  as in the RL study, when an arm's chosen rate rather than its placement looks like its result.
 * **Schedule**: constant after a 2-step warm-up (``lr_schedule="constant"``), in both phases.
 
 **Budget** (``--dry-run``): at v1's one-thread seconds a step (:data:`SECONDS_PER_STEP`) 32 phase-A
@@ -38,7 +40,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, verdicts)
+from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, post_hoc,
+                            selection, sensitivity_arg, sensitivity_runs, table, training_hours, verdicts)
 
 from plop.finetune.evidence import DecisionRule
 
@@ -63,7 +66,8 @@ SCORE = Score("held-out loss", "eval_loss_after", False, "relative_output_change
 
 def protocol(args) -> Protocol:
     return Protocol(tasks=tuple(args.tasks.split(",")), arms=ARMS, grid=tuple(args.grid), select_seeds=(100,),
-                    seeds=(0, 1, 2, 3, 4), select_steps=args.select_steps, steps=args.steps)
+                    seeds=(0, 1, 2, 3, 4), select_steps=args.select_steps, steps=args.steps,
+                    sensitivity=tuple(args.sensitivity))
 
 
 def seconds(run: dict) -> float:
@@ -121,14 +125,12 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
 
 
 def summary(finished: list[dict], p: Protocol) -> dict:
-    """Per task: each arm's choice of rate, held-out loss, step size, and the rule's verdicts."""
-    out = {}
-    for task in p.tasks:
-        runs = final_runs(finished, p, task)
-        out[task] = {"arms": per_arm(runs, SCORE),
-                     "multiplier": {a: chosen_multiplier(finished, p, task, a, False) for a in p.arms},
-                     "verdicts": verdicts(runs, p, RULE, BASELINES)}
-    return out
+    """Per task: each arm's phase-A validation losses and choice of rate, held-out loss, step size and
+    the rule's verdicts; then the post-hoc rate checks, each judged as a baseline, apart."""
+    return {task: {"arms": per_arm(final_runs(finished, p, task), SCORE),
+                   "selection": selection(finished, p, task, False),
+                   "verdicts": verdicts(final_runs(finished, p, task), p, RULE, BASELINES),
+                   "sensitivity": post_hoc(finished, p, task, RULE, SCORE)} for task in p.tasks}
 
 
 def main() -> None:
@@ -137,6 +139,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="phase B's steps (v1: 96; cut to fit the budget)")
     parser.add_argument("--select-steps", type=int, default=16, help="phase A's steps")
     parser.add_argument("--grid", type=lambda v: [float(m) for m in v.split(",")], default=[0.5, 1, 2, 4])
+    parser.add_argument("--sensitivity", type=sensitivity_arg, default=[],
+                        help="ARM:MULT[,...]: post-hoc rate checks on phase B's seeds, reported apart")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--step-size-steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -159,8 +163,8 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     prepared: dict[str, tuple] = {}
     for run in [] if args.summary_only else todo:
-        multiplier = run["multiplier"] if run["phase"] == "A" else \
-            chosen_multiplier(done(RUNS), p, run["task"], run["arm"], False)
+        multiplier = chosen_multiplier(done(RUNS), p, run["task"], run["arm"], False) if run["phase"] == "B" \
+            else run["multiplier"]
         if multiplier is None:
             print(f"{run['task']} {run['arm']}: phase A not finished (another worker's runs): stopping; run again later")
             break
@@ -176,13 +180,14 @@ def main() -> None:
     SUMMARY.write_text(json.dumps({"rule": RULE.text, **{k: getattr(args, k) for k in (
         "steps", "select_steps", "grid", "rank", "lr", "batch_size", "step_size_steps")}, "alpha": 2.0 * args.rank,
         "validation_rows": VALIDATION, "held_out_rows": HELD_OUT, "tasks": result,
+        "training_hours": training_hours(finished),
         "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
-    for task in p.tasks:
-        runs = final_runs(finished, p, task)
+    for task, entry in result.items():
+        print(f"\n{task}\n" + table(entry["arms"], entry["sensitivity"], entry["verdicts"], SCORE))
+        runs = {**final_runs(finished, p, task), **sensitivity_runs(finished, p, task)}
         if any(runs.values()):
             plot(runs, SCORE, f"SFT {task}, {args.steps} steps, each arm at its own LR",
                  RESULTS / f"placement_study_v2_{task}.png")
-    print(json.dumps({t: r["arms"] for t, r in result.items()}, indent=2))
 
 
 if __name__ == "__main__":

@@ -63,8 +63,8 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot,
-                            sensitivity_runs, verdicts)
+from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, post_hoc,
+                            selection, sensitivity_arg, sensitivity_runs, table, training_hours, verdicts)
 
 from plop.finetune.evidence import DecisionRule
 
@@ -269,8 +269,6 @@ def base_reward(args) -> dict:
     return result
 
 
-
-
 def summary(finished: list[dict], p: Protocol) -> dict:
     """Each arm's phase-A choice, its phase-B reward (mean ± std, by kind), step size and completion
     lengths, and the rule's verdicts against each baseline; then the post-hoc rate checks, each
@@ -278,7 +276,7 @@ def summary(finished: list[dict], p: Protocol) -> dict:
     runs = final_runs(finished, p, TASK)
     checks = sensitivity_runs(finished, p, TASK)
     arms = per_arm(runs, SCORE)
-    checked = per_arm(checks, SCORE)
+    checked = post_hoc(finished, p, TASK, RULE, SCORE)
     every = {**runs, **checks}
     for arm, entry in [*arms.items(), *checked.items()]:
         done_runs = every[arm].values()
@@ -286,15 +284,8 @@ def summary(finished: list[dict], p: Protocol) -> dict:
         entry["completion_length"] = {
             "sampled": float(np.mean([np.mean(r["completion_length"]["sampled"]) for r in done_runs])),
             "held_out": float(np.mean([r["completion_length"]["held_out"] for r in done_runs]))}
-    selection = {a: {"validation_reward": {m: float(np.mean([r["validation"] for r in finished if r["phase"] == "A"
-                                                             and r["arm"] == a and r["multiplier"] == m
-                                                             and r["steps"] == p.select_steps] or [np.nan]))
-                                           for m in p.grid},
-                     "multiplier": chosen_multiplier(finished, p, TASK, a, True)} for a in p.arms}
-    post_hoc = {name: {**checked[name], "verdicts": verdicts({**runs, name: by_seed}, p, RULE, (name,))[name]}
-                for name, by_seed in checks.items() if name in checked}
-    return {"arms": arms, "selection": selection, "verdicts": verdicts(runs, p, RULE, BASELINES),
-            "sensitivity": post_hoc}
+    return {"arms": arms, "selection": selection(finished, p, TASK, True), "verdicts": verdicts(runs, p, RULE, BASELINES),
+            "sensitivity": checked}
 
 
 def write_summary(args, p: Protocol) -> None:
@@ -309,19 +300,9 @@ def write_summary(args, p: Protocol) -> None:
          "seeds": list(p.seeds), "validation_prompts": VALIDATION, **result,
          "grad_sign": {"types": chosen, "same_as": twin_of(chosen or ())},
          "base": json.loads(BASE.read_text()) if BASE.is_file() else None,
-         "training_hours": round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2),
+         "training_hours": training_hours(finished),
          "devices": dict(Counter(r.get("device", "unrecorded") for r in finished))}, indent=2) + "\n")
-    against = {**{b: result["verdicts"][b] for b in BASELINES},
-               **{name: e["verdicts"] for name, e in result["sensitivity"].items()}}
-    print("\n| arm | lr | held-out reward (mean ± std) | seeds | policy KL | "
-          + " | ".join(f"vs {b}: wins, CI, p (Holm)" for b in against) + " |\n" + "|---" * (5 + len(against)) + "|")
-    for arm, e in [*result["arms"].items(), *result["sensitivity"].items()]:
-        versus = [f"{v['wins']}/5, [{v['interval']['low']:+.3f}, {v['interval']['high']:+.3f}], {v['p_adjusted']:.3f}"
-                  + (" **beats**" if v["beats"] else "") if (v := judged["verdicts"].get(arm)) else "–"
-                  for judged in against.values()]
-        kl = f"{e['policy_kl']:.3g}" if e["policy_kl"] is not None else "–"
-        print(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {kl} | "
-              + " | ".join(versus) + " |")
+    print("\n" + table(result["arms"], result["sensitivity"], {b: result["verdicts"][b] for b in BASELINES}, SCORE))
     runs = {**final_runs(finished, p, TASK), **sensitivity_runs(finished, p, TASK)}
     if any(runs.values()):
         plot(runs, SCORE, f"GRPO arithmetic, {args.steps} steps, each arm at its own LR", SUMMARY.with_suffix(".png"))
@@ -335,7 +316,7 @@ def main() -> None:
     parser.add_argument("--grid", type=lambda v: [float(m) for m in v.split(",")], default=[0.5, 1, 2, 4],
                         help="multipliers of --lr tried in phase A")
     parser.add_argument("--arms", type=lambda v: v.split(","), default=list(PLACEMENTS))
-    parser.add_argument("--sensitivity", type=lambda v: [(a, float(m)) for a, m in (x.split(":") for x in v.split(","))],
+    parser.add_argument("--sensitivity", type=sensitivity_arg,
                         default=[], help="ARM:MULT[,...]: post-hoc rate checks on phase B's seeds, reported apart")
     parser.add_argument("--rank", type=int, default=2, help="the top-3 recommendation's rank: sets the budget")
     parser.add_argument("--step-size-steps", type=int, default=4, help="the policy KL to the base after this many steps")

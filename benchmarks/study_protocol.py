@@ -186,6 +186,49 @@ def per_arm(runs: dict[str, dict[int, dict]], score: Score) -> dict[str, dict]:
     return out
 
 
+def selection(finished: list[dict], p: Protocol, task: str, higher_is_better: bool) -> dict[str, dict]:
+    """Phase A per arm: its mean validation score at each multiplier, and the multiplier chosen."""
+    return {a: {"validation": {m: float(np.mean([r["validation"] for r in finished if r["phase"] == "A"
+                                                 and r["task"] == task and r["arm"] == a and r["multiplier"] == m
+                                                 and r["steps"] == p.select_steps] or [np.nan]))
+                               for m in p.grid},
+                "multiplier": chosen_multiplier(finished, p, task, a, higher_is_better)} for a in p.arms}
+
+
+def training_hours(finished: list[dict]) -> float:
+    """The CPU (or device) hours the runs spent training, by their own step times."""
+    return round(sum(r["seconds_per_step"] * r["steps"] for r in finished) / 3600, 2)
+
+
+def sensitivity_arg(value: str) -> list[tuple[str, float]]:
+    """``--sensitivity ARM:MULT[,...]``."""
+    return [(arm, float(multiplier)) for arm, multiplier in (item.split(":") for item in value.split(","))]
+
+
+def post_hoc(finished: list[dict], p: Protocol, task: str, rule: DecisionRule, score: Score) -> dict[str, dict]:
+    """The post-hoc rate checks of ``task``, each summarised like an arm and judged by the same rule
+    as one more baseline against phase B's arms (its own family), apart from phase B's verdicts."""
+    runs, checks = final_runs(finished, p, task), sensitivity_runs(finished, p, task)
+    return {name: {**entry, "verdicts": verdicts({**runs, name: checks[name]}, p, rule, (name,))[name]}
+            for name, entry in per_arm(checks, score).items()}
+
+
+def table(arms: dict[str, dict], checks: dict[str, dict], by_baseline: dict[str, dict], score: Score) -> str:
+    """A Markdown table: each arm (phase B, then the post-hoc checks) with its rate, score, step size,
+    and its verdict against each baseline (phase B's, then each check's)."""
+    against = {**by_baseline, **{name: e["verdicts"] for name, e in checks.items()}}
+    rows = [f"| arm | lr | {score.name} (mean ± std) | seeds | {score.step_size} | "
+            + " | ".join(f"vs {b}: wins, CI, p (Holm)" for b in against) + " |", "|---" * (5 + len(against)) + "|"]
+    for arm, e in [*arms.items(), *checks.items()]:
+        versus = [f"{v['wins']}/{len(v['seed_wins'])}, [{v['interval']['low']:+.3f}, {v['interval']['high']:+.3f}], "
+                  f"{v['p_adjusted']:.3f}" + (" **beats**" if v["beats"] else "")
+                  if (v := judged["verdicts"].get(arm)) else "–" for judged in against.values()]
+        step = f"{e[score.step_size]:.3g}" if e[score.step_size] is not None else "–"
+        rows.append(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {step} | "
+                    + " | ".join(versus) + " |")
+    return "\n".join(rows)
+
+
 def plot(runs: dict[str, dict[int, dict]], score: Score, title: str, path: Path) -> None:
     """Left: each arm's curve (mean over its seeds). Right: every run's held-out score against its
     step size, so a lead that is only a bigger step shows as a slope."""

@@ -27,7 +27,8 @@ def study():
 
 @pytest.fixture
 def p(study):
-    return study.protocol(argparse.Namespace(tasks="gsm8k,code", grid=[0.5, 1, 2, 4], select_steps=16, steps=32))
+    return study.protocol(argparse.Namespace(tasks="gsm8k,code", grid=[0.5, 1, 2, 4], select_steps=16, steps=32,
+                                             sensitivity=[]))
 
 
 def test_the_rule_judges_a_loss(study):
@@ -56,5 +57,33 @@ def test_a_lower_validation_loss_chooses_the_rate_and_a_lower_held_out_loss_wins
     result = study.summary(records, p)
     assert result["code"]["verdicts"]["all-linear"]["verdicts"]["recommended"]["beats"]
     assert not result["code"]["verdicts"]["mlp"]["verdicts"]["attention"]["beats"]
-    assert result["code"]["multiplier"]["recommended"] == 4
+    assert result["code"]["selection"]["recommended"]["multiplier"] == 4
+    assert result["code"]["selection"]["recommended"]["validation"][4] == pytest.approx(0.9)
     assert result["gsm8k"]["verdicts"]["mlp"]["pending"] == ["all-linear", "recommended", "attention"]
+
+
+def test_a_post_hoc_rate_check_is_judged_apart_and_shown_in_the_table(study):
+    p = study.protocol(argparse.Namespace(tasks="code", grid=[0.5, 1, 2, 4], select_steps=16, steps=32,
+                                          sensitivity=[("all-linear", 0.5)]))
+    checks = [r for r in sys.modules["study_protocol"].pending(p, []) if r["phase"] == "S"]
+    assert [(r["arm"], r["multiplier"], r["seed"]) for r in checks] == [("all-linear", 0.5, s) for s in p.seeds]
+    rng = np.random.default_rng(2)
+    records = []
+    for s in p.seeds:
+        # all-linear overshoots at its chosen rate (loss 1.4) and does best at x0.5 (loss 0.8)
+        for arm, phase, multiplier, loss in [*((a, "B", None, 1.4 if a == "all-linear" else 1.0) for a in p.arms),
+                                             ("all-linear", "S", 0.5, 0.8)]:
+            items = rng.normal(loss, 0.05, 30).tolist()
+            records.append({"phase": phase, "task": "code", "arm": arm, "multiplier": multiplier, "seed": s,
+                            "steps": 32, "lr": 1e-4, "eval_items_after": items, "eval_loss_after": float(np.mean(items)),
+                            "step_size": {"relative_output_change": 0.01}})
+    result = study.summary(records, p)["code"]
+    name = "all-linear at x0.5 (post hoc)"
+    assert result["verdicts"]["all-linear"]["verdicts"]["mlp"]["beats"]  # phase B's verdicts stand as they were
+    assert result["sensitivity"][name]["mean"] == pytest.approx(0.8, abs=0.02)
+    assert not result["sensitivity"][name]["verdicts"]["verdicts"]["mlp"]["beats"]
+    table = study.table(result["arms"], result["sensitivity"], result["verdicts"], study.SCORE).splitlines()
+    assert table[0].endswith(f"vs {name}: wins, CI, p (Holm) |")
+    cells = table[-1].split(" | ")
+    assert cells[:2] == [f"| {name}", "0.0001"] and float(cells[2].split(" ± ")[0]) == pytest.approx(0.8, abs=0.02)
+    assert "0/5" in next(row for row in table if row.startswith("| mlp |")).split("|")[-2]  # mlp never beats it
