@@ -40,6 +40,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
+
 from study_protocol import (Protocol, Score, begin, chosen_multiplier, done, final_runs, per_arm, plot, post_hoc,
                             selection, sensitivity_arg, sensitivity_runs, table, training_hours, verdicts)
 
@@ -60,7 +62,7 @@ SECONDS_PER_STEP = {"gsm8k": 4.46, "code": 4.11}  # v1's one-thread runs (result
 SECONDS_PER_RUN = 20.0  # a model copy, the evaluations and the step size: a few seconds each
 VALIDATION = 40
 HELD_OUT = 100
-SCORE = Score("held-out loss", "eval_loss_after", False, "relative_output_change",
+SCORE = Score("held-out loss per row", False, "relative_output_change",
               lambda r: [(c["step"], c["loss"]) for c in r["loss_curve"]], "training loss")
 
 
@@ -125,12 +127,18 @@ def run_one(prepared: tuple, run: dict, lr: float, args) -> dict:
 
 
 def summary(finished: list[dict], p: Protocol) -> dict:
-    """Per task: each arm's phase-A validation losses and choice of rate, held-out loss, step size and
-    the rule's verdicts; then the post-hoc rate checks, each judged as a baseline, apart."""
-    return {task: {"arms": per_arm(final_runs(finished, p, task), SCORE),
-                   "selection": selection(finished, p, task, False),
-                   "verdicts": verdicts(final_runs(finished, p, task), p, RULE, BASELINES),
-                   "sensitivity": post_hoc(finished, p, task, RULE, SCORE)} for task in p.tasks}
+    """Per task: each arm's phase-A validation losses and choice of rate, held-out loss (per row, as
+    judged, and ``token_weighted`` beside it), step size and the rule's verdicts; then the post-hoc
+    rate checks, each judged as a baseline, apart."""
+    out = {}
+    for task in p.tasks:
+        runs, checks = final_runs(finished, p, task), sensitivity_runs(finished, p, task)
+        arms, checked = per_arm(runs, SCORE), post_hoc(finished, p, task, RULE, SCORE)
+        for name, entry in [*arms.items(), *checked.items()]:
+            entry["token_weighted"] = float(np.mean([r["eval_loss_after"] for r in {**runs, **checks}[name].values()]))
+        out[task] = {"arms": arms, "selection": selection(finished, p, task, False),
+                     "verdicts": verdicts(runs, p, RULE, BASELINES), "sensitivity": checked}
+    return out
 
 
 def main() -> None:

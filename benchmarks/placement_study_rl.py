@@ -132,7 +132,7 @@ def protocol(args) -> Protocol:
                     sensitivity=tuple(args.sensitivity))
 
 
-SCORE = Score("held-out greedy reward", "eval_reward_after", True, "policy_kl",
+SCORE = Score("held-out greedy reward", True, "policy_kl",
               lambda r: [(0, r["eval_reward_before"])] + [(c["step"], c["reward"]) for c in r["eval_reward_curve"]],
               "held-out greedy reward")
 

@@ -54,12 +54,11 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Score:
-    """What a study judges by: ``final``, a run record's held-out score; ``step_size``, the key of
-    its ``step_size`` dict; ``curve(record)``, its (step, value) points for the plot, which show
-    ``curve_name`` (the held-out score itself for GRPO, the training loss for SFT)."""
+    """What a study judges by: ``name``, its held-out score (a run's is :func:`judged`); ``step_size``,
+    the key of its ``step_size`` dict; ``curve(record)``, its (step, value) points for the plot, which
+    show ``curve_name`` (the held-out score itself for GRPO, the training loss for SFT)."""
 
     name: str
-    final: str
     higher_is_better: bool
     step_size: str
     curve: Callable[[dict], list[tuple[int, float]]]
@@ -172,13 +171,20 @@ def verdicts(runs: dict[str, dict[int, dict]], p: Protocol, rule: DecisionRule,
     return out
 
 
+def judged(run: dict) -> float:
+    """A run's held-out score as the rule judges it: the mean over held-out items, each weighing the
+    same (a GRPO prompt's reward; an SFT row's mean token loss, where the run's own ``eval_loss_after``
+    weighs every token the same and so leans toward long rows)."""
+    return float(np.mean(run["eval_items_after"]))
+
+
 def per_arm(runs: dict[str, dict[int, dict]], score: Score) -> dict[str, dict]:
-    """Each arm's held-out score (mean, std over seeds), learning rate and step size."""
+    """Each arm's held-out score (:func:`judged`; mean, std over seeds), learning rate and step size."""
     out = {}
     for arm, by_seed in runs.items():
         if not by_seed:
             continue
-        values = np.array([r[score.final] for r in by_seed.values()])
+        values = np.array([judged(r) for r in by_seed.values()])
         steps = [r["step_size"][score.step_size] for r in by_seed.values() if r.get("step_size")]
         out[arm] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
                     "seeds": sorted(by_seed), "lr": next(iter(by_seed.values()))["lr"],
@@ -245,7 +251,7 @@ def plot(runs: dict[str, dict[int, dict]], score: Score, title: str, path: Path)
         steps = [s for s, _ in curves[0]]
         same = [[v for _, v in c] for c in curves if [s for s, _ in c] == steps]
         line, = left.plot(steps, np.mean(same, axis=0), label=arm)
-        points = [(r["step_size"][score.step_size], r[score.final]) for r in by_seed.values() if r.get("step_size")]
+        points = [(r["step_size"][score.step_size], judged(r)) for r in by_seed.values() if r.get("step_size")]
         if points:
             right.scatter(*zip(*points), color=line.get_color(), label=arm, s=14)
     left.set_xlabel("step")

@@ -52,11 +52,16 @@ def test_a_lower_validation_loss_chooses_the_rate_and_a_lower_held_out_loss_wins
         for arm in p.arms:
             items = (rng.normal(1.0, 0.05, 30) - (0.2 if arm == "recommended" else 0)).tolist()
             records.append({"phase": "B", "task": "code", "arm": arm, "multiplier": None, "seed": s, "steps": 32,
-                            "lr": 8e-4, "eval_items_after": items, "eval_loss_after": float(np.mean(items)),
+                            # token-weighted: long rows weigh more, so it differs from the rows' mean
+                            "lr": 8e-4, "eval_items_after": items, "eval_loss_after": float(np.mean(items)) + 0.3,
                             "step_size": {"relative_output_change": 0.01}})
     result = study.summary(records, p)
     assert result["code"]["verdicts"]["all-linear"]["verdicts"]["recommended"]["beats"]
     assert not result["code"]["verdicts"]["mlp"]["verdicts"]["attention"]["beats"]
+    assert result["code"]["arms"]["recommended"]["mean"] == pytest.approx(np.mean(
+        [np.mean(r["eval_items_after"]) for r in records if r["phase"] == "B" and r["arm"] == "recommended"]))
+    assert result["code"]["arms"]["recommended"]["token_weighted"] == pytest.approx(
+        result["code"]["arms"]["recommended"]["mean"] + 0.3)
     assert result["code"]["selection"]["recommended"]["multiplier"] == 4
     assert result["code"]["selection"]["recommended"]["validation"][4] == pytest.approx(0.9)
     assert result["gsm8k"]["verdicts"]["mlp"]["pending"] == ["all-linear", "recommended", "attention"]
