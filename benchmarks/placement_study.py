@@ -133,9 +133,9 @@ def summary(finished: list[dict], p: Protocol) -> dict:
     out = {}
     for task in p.tasks:
         runs, checks = final_runs(finished, p, task), sensitivity_runs(finished, p, task)
-        arms, checked = per_arm(runs, SCORE), post_hoc(finished, p, task, RULE, SCORE)
+        arms, checked, every = per_arm(runs, SCORE), post_hoc(runs, checks, p, RULE, SCORE), {**runs, **checks}
         for name, entry in [*arms.items(), *checked.items()]:
-            entry["token_weighted"] = float(np.mean([r["eval_loss_after"] for r in {**runs, **checks}[name].values()]))
+            entry["token_weighted"] = float(np.mean([r["eval_loss_after"] for r in every[name].values()]))
         out[task] = {"arms": arms, "selection": selection(finished, p, task, False),
                      "verdicts": verdicts(runs, p, RULE, BASELINES), "sensitivity": checked}
     return out

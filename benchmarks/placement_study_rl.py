@@ -276,7 +276,7 @@ def summary(finished: list[dict], p: Protocol) -> dict:
     runs = final_runs(finished, p, TASK)
     checks = sensitivity_runs(finished, p, TASK)
     arms = per_arm(runs, SCORE)
-    checked = post_hoc(finished, p, TASK, RULE, SCORE)
+    checked = post_hoc(runs, checks, p, RULE, SCORE)
     every = {**runs, **checks}
     for arm, entry in [*arms.items(), *checked.items()]:
         done_runs = every[arm].values()

@@ -105,8 +105,8 @@ def shard(p: Protocol, finished: list[dict], spec: str) -> list[dict]:
     index, count = (int(v) for v in spec.split("/"))
     if not 0 <= index < count:
         raise SystemExit(f"--shard {spec}: give I/N with 0 <= I < N")
-    keys = {key(r) for r in finished}
-    return [r for r in planned(p)[index::count] if key(r) not in keys]
+    mine = {key(r) for r in planned(p)[index::count]}
+    return [r for r in pending(p, finished) if key(r) in mine]
 
 
 def chosen_multiplier(finished: list[dict], p: Protocol, task: str, arm: str, higher_is_better: bool) -> float | None:
@@ -211,10 +211,11 @@ def sensitivity_arg(value: str) -> list[tuple[str, float]]:
     return [(arm, float(multiplier)) for arm, multiplier in (item.split(":") for item in value.split(","))]
 
 
-def post_hoc(finished: list[dict], p: Protocol, task: str, rule: DecisionRule, score: Score) -> dict[str, dict]:
-    """The post-hoc rate checks of ``task``, each summarised like an arm and judged by the same rule
-    as one more baseline against phase B's arms (its own family), apart from phase B's verdicts."""
-    runs, checks = final_runs(finished, p, task), sensitivity_runs(finished, p, task)
+def post_hoc(runs: dict[str, dict[int, dict]], checks: dict[str, dict[int, dict]], p: Protocol, rule: DecisionRule,
+             score: Score) -> dict[str, dict]:
+    """The post-hoc rate checks (``checks``, from :func:`sensitivity_runs`), each summarised like an
+    arm and judged by the same rule as one more baseline against phase B's arms (``runs``, from
+    :func:`final_runs`; its own family), apart from phase B's verdicts."""
     return {name: {**entry, "verdicts": verdicts({**runs, name: checks[name]}, p, rule, (name,))[name]}
             for name, entry in per_arm(checks, score).items()}
 
@@ -228,7 +229,7 @@ def table(arms: dict[str, dict], checks: dict[str, dict], by_baseline: dict[str,
     for arm, e in [*arms.items(), *checks.items()]:
         versus = [f"{v['wins']}/{len(v['seed_wins'])}, [{v['interval']['low']:+.3f}, {v['interval']['high']:+.3f}], "
                   f"{v['p_adjusted']:.3f}" + (" **beats**" if v["beats"] else "")
-                  if (v := judged["verdicts"].get(arm)) else "–" for judged in against.values()]
+                  if (v := family["verdicts"].get(arm)) else "–" for family in against.values()]
         step = f"{e[score.step_size]:.3g}" if e[score.step_size] is not None else "–"
         rows.append(f"| {arm} | {e['lr']:.2g} | {e['mean']:.3f} ± {e['std']:.3f} | {len(e['seeds'])} | {step} | "
                     + " | ".join(versus) + " |")
